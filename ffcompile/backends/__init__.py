@@ -1,0 +1,1 @@
+"""One file per backend, each mapping the primitives of ``ffcompile.program`` onto its target."""

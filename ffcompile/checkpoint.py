@@ -1,0 +1,79 @@
+"""Checkpoints: parameters and optimizer state in one safetensors file, with the model IR and the
+training position in its metadata. Written atomically (temp file + rename) so an interrupted
+write never leaves a half checkpoint behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+
+from .errors import FFCompileError
+from .spec import Model, model_from_json
+from .lowering.state import param_specs, state_specs
+
+
+@dataclass
+class Checkpoint:
+    model: Model
+    params: dict[str, np.ndarray]
+    state: dict[str, np.ndarray]
+    epoch: int  # epochs completed
+    step: int  # optimizer steps taken
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename over ``path`` in one step."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
+    tensors = {**{f"param/{k}": v for k, v in ckpt.params.items()}, **{f"state/{k}": v for k, v in ckpt.state.items()}}
+    meta = {"model": ckpt.model.dumps(), "epoch": str(ckpt.epoch), "step": str(ckpt.step), "format": "ffcompile-checkpoint-1"}
+    atomic_write(path, lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp), metadata=meta))
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    path = Path(path)
+    if not path.is_file():
+        raise FFCompileError(f"{path}: checkpoint not found")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "np") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise FFCompileError(f"{path}: not a readable safetensors checkpoint ({e})") from None
+    if meta.get("format") != "ffcompile-checkpoint-1":
+        raise FFCompileError(f"{path}: not an ffcompile checkpoint (metadata format {meta.get('format')!r})")
+    model = model_from_json(meta["model"], source=f"{path} (metadata)")
+    params = {k[len("param/"):]: v for k, v in tensors.items() if k.startswith("param/")}
+    state = {k[len("state/"):]: v for k, v in tensors.items() if k.startswith("state/")}
+    for what, got, want in (("parameters", params, param_specs(model)), ("optimizer state", state, state_specs(model))):
+        if set(got) != set(want):
+            raise FFCompileError(f"{path}: {what} do not match the model: missing {sorted(set(want) - set(got))}, "
+                                 f"unexpected {sorted(set(got) - set(want))}")
+        for name, shape in want.items():
+            if tuple(got[name].shape) != tuple(shape):
+                raise FFCompileError(f"{path}: {name} has shape {got[name].shape}, the model needs {shape}")
+    return Checkpoint(model, params, state, int(meta["epoch"]), int(meta["step"]))
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1) + "\n"))

@@ -1,0 +1,41 @@
+"""Label embedding (sec. 3.3) and negative labels: one-of-N in the first N inputs, the neutral
+label, and wrong labels drawn with an explicit uniform random input."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..program.builder import Builder
+from ..program.ir import Value
+from ..spec import Model
+
+
+def with_label(b: Builder, x: Value, label_rows: Value, model: Model) -> Value:
+    """Replace the first N inputs of each row by ``label_rows`` [rows, N]."""
+    classes = model.input.label.classes
+    return b.concat([label_rows, b.slice(x, 1, classes, x.shape[1])], axis=1)
+
+
+def neutral_rows(b: Builder, rows: int, model: Model) -> Value:
+    label = model.input.label
+    return b.constant(np.full((rows, label.classes), label.neutral, np.float32))
+
+
+def sample_wrong_labels(b: Builder, weights: Value, labels: Value, u: Value, min_prob: float) -> Value:
+    """Draw one wrong label per row with probability proportional to ``weights`` (floored at
+    ``min_prob`` so the draw is always defined) among the classes other than ``labels``, by
+    inverse CDF with the uniform draws ``u`` in [0, 1).
+
+    The true label's slot gets weight 0, so its cumulative value equals its predecessor's and
+    ``c[j] < u <= c[j]`` can never select it. Dividing by the last cumulative value (not a
+    separate sum) makes that value exactly 1, so u < 1 always lands in range.
+    """
+    classes = weights.shape[1]
+    with b.scope("wrong_label"):
+        wrong = b.sub(1.0, b.one_hot(labels, classes))
+        q = b.mul(b.add(weights, min_prob), wrong)
+        cdf = b.cumsum(q, axis=1)
+        cdf = b.div(cdf, b.slice(cdf, 1, classes - 1, classes))
+        u = b.maximum(b.reshape(u, [u.shape[0], 1]), 1e-7)  # u = 0 would select class 0 even if true
+        below = b.cast(b.less(cdf, u), "float32")
+        return b.cast(b.reduce_sum(below, [1]), "int64")

@@ -1,0 +1,118 @@
+"""One FF layer: length normalization, forward, goodness, the logistic local rule (eq. 1) and its
+analytic gradient, peer normalization (footnote 9)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import FFCompileError
+from ..program.builder import Builder
+from ..program.ir import Value
+from ..spec import DenseLayer, Model
+
+
+def normalize(b: Builder, x: Value, model: Model) -> Value:
+    """Length normalization without mean subtraction (footnote 5), row-wise."""
+    norm = model.normalization
+    with b.scope("normalize"):
+        if norm.kind == "l1":
+            length = b.reduce_sum(b.abs(x), [1], keepdims=True)
+            return b.div(x, b.add(length, norm.eps))
+        squares = b.reduce_sum(b.mul(x, x), [1], keepdims=True)
+        if norm.kind == "rms":
+            squares = b.mul(squares, 1.0 / x.shape[1])
+        return b.div(x, b.sqrt(b.add(squares, norm.eps)))
+
+
+def layer_input(b: Builder, below: Value, model: Model, i: int) -> Value:
+    """What layer i sees: the raw (optionally normalized) input for i = 0, else the normalized
+    activities of layer i-1 — only their orientation passes upward (sec. 2.1)."""
+    if i == 0 and not model.input.normalize:
+        return below
+    return normalize(b, below, model)
+
+
+def forward(b: Builder, x: Value, params: dict[str, Value], model: Model, i: int) -> tuple[Value, Value]:
+    """Pre-activation z and ReLU activity y of layer i for input rows x."""
+    layer = model.layers[i]
+    if not isinstance(layer, DenseLayer):
+        raise FFCompileError(f"layer {layer.name!r}: the lowering does not support {layer.kind!r} layers yet")
+    z = b.add(b.matmul(x, params[f"{layer.name}.weight"], trans_b=True), params[f"{layer.name}.bias"])
+    return z, b.relu(z)
+
+
+def goodness_sign(model: Model) -> float:
+    """+1: positive data should have high measure (ssq, sum); -1: low ("min ssq", sec. 3.5)."""
+    return -1.0 if model.goodness.kind == "neg_ssq" else 1.0
+
+
+def measure(b: Builder, y: Value, model: Model) -> Value:
+    """Per-row sum of squares (ssq, neg_ssq) or sum of activities (sum) — before normalization."""
+    if model.goodness.kind == "sum":
+        return b.reduce_sum(y, [1])
+    return b.reduce_sum(b.mul(y, y), [1])
+
+
+def goodness(b: Builder, y: Value, model: Model) -> Value:
+    """The goodness as the paper defines it: the measure, or minus it for min-ssq."""
+    m = measure(b, y, model)
+    return b.neg(m) if goodness_sign(model) < 0 else m
+
+
+def logit(b: Builder, m: Value, model: Model, i: int) -> Value:
+    """log-odds that a row is positive: sign * (measure - theta), eq. (1)."""
+    shifted = b.sub(m, model.threshold(i))
+    return b.neg(shifted) if goodness_sign(model) < 0 else shifted
+
+
+@dataclass
+class LocalGradient:
+    weight: Value
+    bias: Value
+    loss: Value
+    goodness_pos: Value
+    goodness_neg: Value
+
+
+def local_gradient(b: Builder, x: Value, z: Value, y: Value, model: Model, i: int, batch: int) -> LocalGradient:
+    """Analytic gradient of the layer's own loss for rows [positives; negatives] (B each).
+
+    loss = mean over the 2B rows of softplus(-logit) for positives and softplus(logit) for
+    negatives; dloss/dlogit = (sigmoid(logit) - target) / 2B, then the chain rule down to the
+    weights: dlogit/dmeasure = sign, dmeasure/dy = 2y (or 1), dy/dz = step(z), dz/dW = x (eq. 3).
+    """
+    with b.scope("local_rule"):
+        m = measure(b, y, model)
+        lg = logit(b, m, model, i)
+        target = b.constant([1.0] * batch + [0.0] * batch)
+        dlogit = b.mul(b.sub(b.sigmoid(lg), target), goodness_sign(model) / (2 * batch))
+        dmeasure_dy = b.constant(1.0) if model.goodness.kind == "sum" else b.mul(y, 2.0)
+        dz = b.mul(b.mul(b.reshape(dlogit, [2 * batch, 1]), dmeasure_dy), b.step(z))
+        per_row = b.softplus(b.mul(lg, b.constant([-1.0] * batch + [1.0] * batch)))
+        loss = b.reduce_mean(per_row, [0])
+        dw = b.matmul(dz, x, trans_a=True)
+        db = b.reduce_sum(dz, [0])
+        sign = goodness_sign(model)
+        g = b.mul(m, sign) if sign < 0 else m
+        g_pos = b.reduce_mean(b.slice(g, 0, 0, batch), [0])
+        g_neg = b.reduce_mean(b.slice(g, 0, batch, 2 * batch), [0])
+    return LocalGradient(dw, db, loss, g_pos, g_neg)
+
+
+def peer_normalization(b: Builder, x_pos: Value, y_pos: Value, old_mean: Value, model: Model):
+    """Footnote 9. m = momentum * m_old + (1 - momentum) * mean_batch(y_pos); loss = weight *
+    mean_j (m_j - mean(m))^2. Its derivative reaches z as if the ReLU passed it everywhere (the
+    "pretend" derivative), so dead units (m_j below the layer mean) get their weights increased.
+    Returns (new running mean, dW, db, loss)."""
+    peer = model.regularizers.peer_norm
+    batch, units = y_pos.shape
+    with b.scope("peer_norm"):
+        new_mean = b.add(b.mul(old_mean, peer.momentum), b.mul(b.reduce_mean(y_pos, [0]), 1.0 - peer.momentum))
+        deviation = b.sub(new_mean, b.reduce_mean(new_mean, [0], keepdims=True))
+        loss = b.mul(b.reduce_mean(b.mul(deviation, deviation), [0]), peer.weight)
+        # dloss/dz for every positive row: weight * 2 (m_j - mean m) / units * (1 - momentum) / batch
+        dz_row = b.mul(deviation, peer.weight * 2.0 / units * (1.0 - peer.momentum) / batch)
+        x_sum = b.reduce_sum(x_pos, [0], keepdims=True)
+        dw = b.matmul(b.reshape(dz_row, [units, 1]), x_sum)
+        db = b.mul(dz_row, float(batch))
+    return new_mean, dw, db, loss

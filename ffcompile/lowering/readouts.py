@@ -1,0 +1,29 @@
+"""Readouts (sec. 3.3): goodness accumulated per label over chosen layers, and the one-pass linear
+softmax over normalized activities of chosen layers (trained without backprop into them)."""
+
+from __future__ import annotations
+
+from ..program.builder import Builder
+from ..program.ir import Value
+from ..spec import Model
+
+
+def softmax(b: Builder, logits: Value) -> Value:
+    shifted = b.sub(logits, b.reduce_max(logits, [1], keepdims=True))
+    e = b.exp(shifted)
+    return b.div(e, b.reduce_sum(e, [1], keepdims=True))
+
+
+def softmax_logits(b: Builder, features: Value, params: dict[str, Value]) -> Value:
+    return b.add(b.matmul(features, params["softmax.weight"], trans_b=True), params["softmax.bias"])
+
+
+def softmax_gradient(b: Builder, features: Value, probs: Value, labels: Value):
+    """Cross-entropy over the batch: dlogits = (p - onehot) / B. Returns (dW, db, loss)."""
+    batch, classes = probs.shape
+    with b.scope("softmax_rule"):
+        onehot = b.one_hot(labels, classes)
+        dlogits = b.mul(b.sub(probs, onehot), 1.0 / batch)
+        picked = b.reduce_sum(b.mul(probs, onehot), [1])
+        loss = b.neg(b.reduce_mean(b.log(b.maximum(picked, 1e-30)), [0]))
+        return b.matmul(dlogits, features, trans_a=True), b.reduce_sum(dlogits, [0]), loss

@@ -1,0 +1,56 @@
+"""Names, shapes and initial values of everything a train step carries from one step to the next.
+
+Parameters: ``{layer}.weight`` [out, in], ``{layer}.bias`` [out], and the softmax readout's
+``softmax.weight`` / ``softmax.bias``. Optimizer state: ``{param}.velocity`` (SGD) or
+``{param}.m`` / ``{param}.v`` (Adam). Peer normalization: ``{layer}.peer_mean``.
+Initial values come from numpy with an explicit seed so no backend's RNG is involved.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..spec import Model
+
+
+def softmax_features(model: Model) -> int:
+    return sum(model.layers[model.layer_index(n)].size for n in model.readout.softmax_layers)
+
+
+def param_specs(model: Model) -> dict[str, tuple[int, ...]]:
+    specs = {}
+    for i, layer in enumerate(model.layers):
+        specs[f"{layer.name}.weight"] = (layer.size, model.fan_in(i))
+        specs[f"{layer.name}.bias"] = (layer.size,)
+    if model.readout.softmax_layers:
+        classes = model.input.label.classes
+        specs["softmax.weight"] = (classes, softmax_features(model))
+        specs["softmax.bias"] = (classes,)
+    return specs
+
+
+def state_specs(model: Model) -> dict[str, tuple[int, ...]]:
+    specs = {}
+    slots = ("velocity",) if model.optimizer.kind == "sgd" else ("m", "v")
+    for name, shape in param_specs(model).items():
+        for slot in slots:
+            specs[f"{name}.{slot}"] = shape
+    if model.regularizers.peer_norm is not None:
+        for layer in model.layers:
+            specs[f"{layer.name}.peer_mean"] = (layer.size,)
+    return specs
+
+
+def init_state(model: Model, seed: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Weights ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)), biases and the softmax readout 0, optimizer
+    state 0. Peer means start at 0 too; they track the first batches within a few steps."""
+    rng = np.random.default_rng(seed)
+    params = {}
+    for name, shape in param_specs(model).items():
+        if name.endswith(".weight") and not name.startswith("softmax."):
+            bound = 1.0 / np.sqrt(shape[1])
+            params[name] = rng.uniform(-bound, bound, size=shape).astype(np.float32)
+        else:
+            params[name] = np.zeros(shape, np.float32)
+    state = {name: np.zeros(shape, np.float32) for name, shape in state_specs(model).items()}
+    return params, state

@@ -1,0 +1,138 @@
+"""The PyTorch reference trainer: runs the lowered ``train_step`` with the torch backend, on CPU or
+CUDA, through the shared training loop; checkpoints, metrics and plots go to a run directory."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .backends.torch_backend import TorchProgram
+from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint, write_json
+from .errors import FFCompileError
+from .evaluate import error_rate
+from .lowering import build_program, init_state
+from .loop import run_epoch
+from .spec import Model
+
+CHECKPOINT = "checkpoint.safetensors"
+METRICS = "metrics.json"
+
+
+class ReferenceStep:
+    """``train_step`` as a loop step function; params and state stay torch tensors on ``device``."""
+
+    def __init__(self, model: Model, device: str = "cpu"):
+        self.program = TorchProgram(build_program(model, "train_step", model.training.batch_size), device)
+        self.device = self.program.device
+        names = [v.name for v in self.program.program.inputs]
+        self.feed_names = {n for n in ("x", "y", "u", "lr", "step") if n in names}
+
+    def to_device(self, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        return {k: torch.as_tensor(np.asarray(v), device=self.device) for k, v in arrays.items()}
+
+    def __call__(self, params, state, feeds):
+        inputs = {**params, **state, **self.to_device({k: v for k, v in feeds.items() if k in self.feed_names})}
+        with torch.no_grad():
+            out = self.program.run(inputs)
+        new_params = {k: out[f"new.{k}"] for k in params}
+        new_state = {k: out[f"new.{k}"] for k in state}
+        scalars = {k: v for k, v in out.items() if not k.startswith("new.") and v.ndim == 0}
+        values = torch.stack(list(scalars.values())).cpu().numpy() if scalars else []
+        return new_params, new_state, dict(zip(scalars, map(float, values)))
+
+
+def numpy_dict(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy() for k, v in tensors.items()}
+
+
+def reference_runner(model: Model, program: str, batch: int, device: str = "cpu"):
+    return TorchProgram(build_program(model, program, batch), device).run_numpy
+
+
+def evaluate_params(model: Model, params: dict[str, np.ndarray], x, y, readout: str, batch: int = 100,
+                    device: str = "cpu", progress: bool = False) -> float:
+    program = {"goodness": "infer_goodness", "softmax": "infer_softmax"}[readout]
+    runner = reference_runner(model, program, batch, device)
+    needed = {v.name for v in runner.__self__.program.inputs}
+    return error_rate(runner, {k: v for k, v in params.items() if k in needed}, x, y, batch, progress, f"eval {readout}")
+
+
+@dataclass
+class Dataset:
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray | None
+    y_val: np.ndarray | None
+    description: str
+
+
+def readouts_of(model: Model) -> list[str]:
+    return [r for r, layers in (("goodness", model.readout.goodness_layers), ("softmax", model.readout.softmax_layers)) if layers]
+
+
+def train(model: Model, data: Dataset, run_dir: Path, epochs: int, resume: bool = False, device: str = "cpu",
+          seed: int | None = None, progress: bool = True, eval_every: int = 1, log=print) -> Checkpoint:
+    run_dir = Path(run_dir)
+    ckpt_path = run_dir / CHECKPOINT
+    history: list[dict] = []
+    if resume:
+        if not ckpt_path.is_file():
+            raise FFCompileError(f"--resume: no checkpoint at {ckpt_path}")
+        ckpt = load_checkpoint(ckpt_path)
+        if ckpt.model != model:
+            raise FFCompileError(f"--resume: {ckpt_path} was trained with a different model spec than {model.name!r}")
+        if (run_dir / METRICS).is_file():
+            history = json.loads((run_dir / METRICS).read_text())["epochs"][: ckpt.epoch]
+        log(f"resuming from {ckpt_path} after epoch {ckpt.epoch} (step {ckpt.step})")
+    else:
+        if ckpt_path.exists():
+            raise FFCompileError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out")
+        seed = model.training.seed if seed is None else seed
+        params, state = init_state(model, seed)
+        ckpt = Checkpoint(model, params, state, 0, 0)
+    seed = model.training.seed if seed is None else seed
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "model.json").write_text(model.dumps() + "\n")
+
+    step_fn = ReferenceStep(model, device)
+    params, state = step_fn.to_device(ckpt.params), step_fn.to_device(ckpt.state)
+    shift = None
+    if model.training.jitter:
+        from .data import shift_images
+        shift = shift_images
+    step = ckpt.step
+    for epoch in range(ckpt.epoch, epochs):
+        started = time.perf_counter()
+        params, state, step, metrics = run_epoch(model, step_fn, params, state, data.x_train, data.y_train,
+                                                 epoch, epochs, step, seed, progress, shift=shift)
+        record = {"epoch": epoch + 1, "step": step, "seconds": round(time.perf_counter() - started, 3), **metrics}
+        np_params = numpy_dict(params)
+        if data.x_val is not None and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs):
+            for readout in readouts_of(model):
+                record[f"val_error.{readout}"] = evaluate_params(model, np_params, data.x_val, data.y_val, readout,
+                                                                 device=device)
+        history.append(record)
+        ckpt = Checkpoint(model, np_params, numpy_dict(state), epoch + 1, step)
+        save_checkpoint(ckpt_path, ckpt)
+        write_json(run_dir / METRICS, {"model": model.name, "data": data.description, "epochs": history})
+        log(_epoch_line(record))
+    return ckpt
+
+
+def _epoch_line(record: dict) -> str:
+    parts = [f"epoch {record['epoch']}"]
+    losses = [v for k, v in record.items() if k.startswith("loss.") and k != "loss.softmax"]
+    if losses:
+        parts.append(f"ff loss {sum(losses):.4f}")
+    for k, v in record.items():
+        if k.startswith("separation."):
+            parts.append(f"{k.split('.', 1)[1]} sep {v:.1f}")
+        if k.startswith("val_error."):
+            parts.append(f"val {k.split('.', 1)[1]} {v:.2f}%")
+    parts.append(f"{record['seconds']:.1f}s")
+    return "  ".join(parts)
