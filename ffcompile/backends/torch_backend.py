@@ -45,7 +45,7 @@ PRIMITIVES = {
     "add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div,
     "maximum": torch.maximum, "minimum": torch.minimum,
     "neg": torch.neg, "relu": torch.relu, "sigmoid": torch.sigmoid,
-    "softplus": torch.nn.functional.softplus, "exp": torch.exp, "log": torch.log,
+    "exp": torch.exp, "log": torch.log,
     "sqrt": torch.sqrt, "abs": torch.abs,
     "step": lambda x: (x > 0).to(x.dtype),
     "reduce_sum": _reduce_sum, "reduce_max": _reduce_max,

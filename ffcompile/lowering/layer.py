@@ -41,6 +41,12 @@ def forward(b: Builder, x: Value, params: dict[str, Value], model: Model, i: int
     return z, b.relu(z)
 
 
+def softplus(b: Builder, x: Value) -> Value:
+    """log(1 + exp(x)) written so it never overflows: relu(x) + log(1 + exp(-|x|)). Goodness far
+    from the threshold gives logits in the hundreds, where a naive exp overflows fp32."""
+    return b.add(b.relu(x), b.log(b.add(b.exp(b.neg(b.abs(x))), 1.0)))
+
+
 def goodness_sign(model: Model) -> float:
     """+1: positive data should have high measure (ssq, sum); -1: low ("min ssq", sec. 3.5)."""
     return -1.0 if model.goodness.kind == "neg_ssq" else 1.0
@@ -88,7 +94,7 @@ def local_gradient(b: Builder, x: Value, z: Value, y: Value, model: Model, i: in
         dlogit = b.mul(b.sub(b.sigmoid(lg), target), goodness_sign(model) / (2 * batch))
         dmeasure_dy = b.constant(1.0) if model.goodness.kind == "sum" else b.mul(y, 2.0)
         dz = b.mul(b.mul(b.reshape(dlogit, [2 * batch, 1]), dmeasure_dy), b.step(z))
-        per_row = b.softplus(b.mul(lg, b.constant([-1.0] * batch + [1.0] * batch)))
+        per_row = softplus(b, b.mul(lg, b.constant([-1.0] * batch + [1.0] * batch)))
         loss = b.reduce_mean(per_row, [0])
         dw = b.matmul(dz, x, trans_a=True)
         db = b.reduce_sum(dz, [0])

@@ -16,7 +16,7 @@ from .ir import Node, Program, Value
 
 PRIMITIVES = (
     "identity", "matmul", "add", "sub", "mul", "div", "neg", "maximum", "minimum",
-    "relu", "sigmoid", "softplus", "exp", "log", "sqrt", "abs", "step",
+    "relu", "sigmoid", "exp", "log", "sqrt", "abs", "step",
     "reduce_sum", "reduce_max", "reshape", "transpose", "concat", "slice",
     "less", "equal", "where", "cast", "cumsum", "argmax", "one_hot", "constant",
 )
@@ -118,7 +118,6 @@ class Builder:
     def neg(self, x): return self._unary("neg", x)
     def relu(self, x): return self._unary("relu", x)
     def sigmoid(self, x): return self._unary("sigmoid", x)
-    def softplus(self, x): return self._unary("softplus", x)
     def exp(self, x): return self._unary("exp", x)
     def log(self, x): return self._unary("log", x)
     def sqrt(self, x): return self._unary("sqrt", x)

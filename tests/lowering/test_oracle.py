@@ -1,0 +1,84 @@
+"""Analytic local gradients (the lowering) against the autograd oracle, for every goodness,
+normalization, regularizer, optimizer and negative-label combination. Both run in float64 so the
+1e-6 relative tolerance measures the math, not fp32 rounding."""
+
+import dataclasses
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from ffcompile.backends.torch_backend import TorchProgram
+from ffcompile.lowering import build_program, init_state
+from ffcompile.oracle import oracle_train_step
+from ffcompile.spec import DenseLayer, Goodness, Model, Negatives, Normalization, Optimizer, PeerNorm, Readout, Regularizers, Training, InputSpec
+
+GOODNESS = [("ssq", "rms"), ("ssq", "l2"), ("neg_ssq", "rms"), ("sum", "l1")]
+REGULARIZERS = [Regularizers(), Regularizers(weight_decay=1e-2, peer_norm=PeerNorm(weight=0.5, momentum=0.8))]
+OPTIMIZERS = [Optimizer(kind="sgd", lr=0.05, momentum=0.9), Optimizer(kind="adam", lr=0.01)]
+NEGATIVES = ["hard_label", "random_label"]
+
+
+def tiny_model(goodness, norm, regularizers, optimizer, negatives, normalize_input=True) -> Model:
+    return Model(
+        name="tiny",
+        input=InputSpec(size=64, image_shape=(8, 8), normalize=normalize_input),
+        layers=(DenseLayer("h1", 12), DenseLayer("h2", 9), DenseLayer("h3", 7)),
+        normalization=Normalization(kind=norm),
+        goodness=Goodness(kind=goodness, threshold_per_unit=0.5),
+        regularizers=regularizers, optimizer=optimizer, negatives=Negatives(kind=negatives),
+        readout=Readout(goodness_layers=("h2", "h3"), softmax_layers=("h2", "h3")),
+        training=Training(batch_size=6),
+    )
+
+
+def random_step_inputs(model, rng):
+    params, state = init_state(model, seed=3)
+    params = {k: v + rng.normal(0, 0.1, v.shape) for k, v in params.items()}  # nonzero softmax/biases
+    state = {k: np.abs(rng.normal(0, 0.05, v.shape)) for k, v in state.items()}  # Adam's v must be >= 0
+    batch = model.training.batch_size
+    x = rng.random((batch, model.input.size))
+    y = rng.integers(0, model.input.label.classes, batch)
+    u = rng.random(batch)
+    t64 = lambda d: {k: torch.tensor(v, dtype=torch.float64) for k, v in d.items()}
+    return t64(params), t64(state), torch.tensor(x), torch.tensor(y), torch.tensor(u)
+
+
+@pytest.mark.parametrize("goodness,norm", GOODNESS)
+@pytest.mark.parametrize("reg", range(len(REGULARIZERS)))
+@pytest.mark.parametrize("opt", range(len(OPTIMIZERS)))
+@pytest.mark.parametrize("negatives", NEGATIVES)
+def test_analytic_update_matches_autograd(goodness, norm, reg, opt, negatives):
+    model = tiny_model(goodness, norm, REGULARIZERS[reg], OPTIMIZERS[opt], negatives)
+    rng = np.random.default_rng(7)
+    params, state, x, y, u = random_step_inputs(model, rng)
+    step, lr = 4, OPTIMIZERS[opt].lr
+    program = TorchProgram(build_program(model, "train_step", model.training.batch_size))
+    feeds = {**params, **state, "x": x, "y": y, "u": u, "lr": torch.tensor(lr, dtype=torch.float64),
+             "step": torch.tensor(float(step), dtype=torch.float64)}
+    with torch.no_grad():
+        out = program.run({v.name: feeds[v.name] for v in program.program.inputs})
+    want_params, want_state, want_negatives = oracle_train_step(model, params, state, x, y, u, lr, step)
+    assert torch.equal(out["negative_labels"], want_negatives)
+    for name, want in {**want_params, **want_state}.items():
+        got = out[f"new.{name}"]
+        # parameters: relative to the size of their update, so a wrong update cannot hide behind large
+        # weights; optimizer state: relative to its size (fp32 decay constants like 0.999 are the floor)
+        reference = want - feeds[name] if name in want_params else want
+        scale = max(float(reference.abs().max()), 1e-12)
+        err = float((got - want).abs().max())
+        assert err <= 1e-6 * scale, f"{name}: max abs err {err:.3g} vs update scale {scale:.3g}"
+
+
+def test_unnormalized_input_matches_autograd():
+    model = tiny_model("ssq", "rms", REGULARIZERS[1], OPTIMIZERS[0], "hard_label", normalize_input=False)
+    params, state, x, y, u = random_step_inputs(model, np.random.default_rng(1))
+    program = TorchProgram(build_program(model, "train_step", 6))
+    feeds = {**params, **state, "x": x, "y": y, "u": u, "lr": torch.tensor(0.05, dtype=torch.float64)}
+    with torch.no_grad():
+        out = program.run({v.name: feeds[v.name] for v in program.program.inputs})
+    want_params, _, _ = oracle_train_step(model, params, state, x, y, u, 0.05, 1)
+    for name, want in want_params.items():
+        scale = float((want - feeds[name]).abs().max())
+        assert float((out[f"new.{name}"] - want).abs().max()) <= 1e-6 * scale
