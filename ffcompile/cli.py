@@ -1,0 +1,184 @@
+"""The ``ffcompile`` command line. User errors print one line and exit non-zero; no tracebacks."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import FFCompileError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except FFCompileError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted: the last completed epoch is saved; continue with --resume", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ffcompile")
+def main():
+    """ffcompile: train Forward-Forward networks, compile them (inference AND training steps) to
+    ONNX Runtime and TVM, verify them against the PyTorch reference, and fine-tune on device.
+
+    \b
+    Typical flow:
+      ffcompile train models/mnist-small.toml --out runs/small
+      ffcompile eval runs/small --readout goodness
+    """
+
+
+DATA_DIR = click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                        help="Folder with MNIST IDX files (gz or raw). Default: $FFCOMPILE_DATA_DIR, "
+                             "else the built-in subset shipped with ffcompile.")
+
+
+def _echo(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+def load_split(data_dir, split: str):
+    from .data import DataSource, load_mnist, resolve_data_dir
+
+    source = data_dir if isinstance(data_dir, DataSource) else resolve_data_dir(data_dir)
+    x, y = load_mnist(source, split)
+    return source, x, y
+
+
+@main.command()
+@click.argument("model_path", metavar="MODEL.toml", type=click.Path(path_type=Path))
+@DATA_DIR
+@click.option("--epochs", type=int, default=None, help="Epochs to train in total (default: the spec's training.epochs).")
+@click.option("--out", "run_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Run directory: checkpoint.safetensors, metrics.json, curves.png, receptive_fields.png.")
+@click.option("--resume", is_flag=True, help="Continue from RUN_DIR/checkpoint.safetensors (bit-identical continuation).")
+@click.option("--device", default="cpu", show_default=True, help="torch device for the reference backend (cpu, cuda).")
+@click.option("--split", type=click.Choice(["train", "trainval"]), default="train", show_default=True,
+              help="train = 5/6 of the training file (paper: 50k) with the rest for validation; trainval = all.")
+@click.option("--limit", type=int, default=None, help="Use only the first N training examples (quick runs).")
+@click.option("--eval-every", type=int, default=1, show_default=True, help="Validate every N epochs (and at the end).")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar.")
+def train(model_path, data_dir, epochs, run_dir, resume, device, split, limit, eval_every, progress):
+    """Train MODEL.toml with the PyTorch reference backend (every layer learns every minibatch
+    from its own local objective)."""
+    from .plots import learning_curves, receptive_fields
+    from .spec import load_model
+    from .train import Dataset, train as run_training
+
+    model = load_model(model_path)
+    epochs = model.training.epochs if epochs is None else epochs
+    if epochs < 0:
+        raise FFCompileError(f"--epochs must be >= 0, got {epochs}")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise FFCompileError("--device cuda: torch sees no CUDA GPU on this machine")
+    source, x, y = load_split(data_dir, split)
+    if limit is not None:
+        x, y = x[:limit], y[:limit]
+    x_val = y_val = None
+    if split == "train":
+        _, x_val, y_val = load_split(source, "val")
+    _echo(f"data: {source.describe()}; training on {len(x)} examples ({split})"
+          + (f", validating on {len(x_val)}" if x_val is not None else ""))
+    data = Dataset(x, y, x_val, y_val, source.describe())
+    ckpt = run_training(model, data, run_dir, epochs, resume=resume, device=device, progress=progress,
+                        eval_every=eval_every, log=_echo)
+    history = json.loads((run_dir / "metrics.json").read_text())["epochs"] if (run_dir / "metrics.json").exists() else []
+    if history:
+        learning_curves(history, run_dir / "curves.png", f"{model.name} ({source.describe()})")
+    first = model.layers[0]
+    receptive_fields(ckpt.params[f"{first.name}.weight"], model.input.image_shape, run_dir / "receptive_fields.png",
+                     title=f"{model.name}: first-layer receptive fields (label in the first pixels)")
+    _echo(f"wrote {run_dir}/checkpoint.safetensors, metrics.json, curves.png, receptive_fields.png")
+
+
+@main.command("eval")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@DATA_DIR
+@click.option("--readout", type=click.Choice(["goodness", "softmax", "all"]), default="all", show_default=True)
+@click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--batch", type=int, default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def eval_cmd(run_dir, data_dir, readout, split, device, batch, as_json):
+    """Test error of a trained run with the goodness readout (every label scored in one batched
+    pass) and/or the one-pass softmax readout."""
+    from .checkpoint import load_checkpoint
+    from .train import CHECKPOINT, evaluate_params, readouts_of
+
+    path = run_dir / CHECKPOINT if run_dir.is_dir() else run_dir
+    ckpt = load_checkpoint(path)
+    source, x, y = load_split(data_dir, split)
+    readouts = readouts_of(ckpt.model) if readout == "all" else [readout]
+    result = {"run": str(run_dir), "model": ckpt.model.name, "epochs_trained": ckpt.epoch, "data": source.describe(),
+              "split": split, "examples": int(len(x)), "error_percent": {}}
+    for r in readouts:
+        if r not in readouts_of(ckpt.model):
+            raise FFCompileError(f"model {ckpt.model.name!r} has no {r} readout")
+        result["error_percent"][r] = round(evaluate_params(ckpt.model, ckpt.params, x, y, r, batch, device, progress=not as_json), 4)
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        for r, err in result["error_percent"].items():
+            click.echo(f"{ckpt.model.name} {split} error ({r} readout): {err:.2f}% of {len(x)}")
+
+
+@main.group()
+def data():
+    """Get and check MNIST."""
+
+
+@data.command("download")
+@click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
+def data_download(dest):
+    """Download MNIST into DEST from the public mirrors, verifying every SHA256."""
+    from .data import download_mnist
+
+    source = download_mnist(dest, progress=True, log=_echo)
+    _echo(f"ok: {source.describe()}")
+
+
+@data.command("verify")
+@DATA_DIR
+def data_verify(data_dir):
+    """Check every MNIST file's checksum."""
+    from .data import resolve_data_dir
+
+    source = resolve_data_dir(data_dir)
+    source.verify()
+    click.echo(f"ok: {source.describe()}")
+
+
+@main.command()
+@click.argument("model_path", metavar="MODEL.toml", type=click.Path(path_type=Path))
+@click.option("--batch", type=int, default=None, help="Static batch of the programs (default: training.batch_size).")
+def inspect(model_path, batch):
+    """Validate MODEL.toml and print its IR (JSON) and a summary of each lowered program."""
+    from .lowering import PROGRAMS, build_program
+    from .spec import load_model
+
+    model = load_model(model_path)
+    batch = batch or model.training.batch_size
+    click.echo(model.dumps())
+    for name in PROGRAMS:
+        try:
+            program = build_program(model, name, batch)
+        except FFCompileError as e:
+            click.echo(f"{name}: not available ({e})")
+            continue
+        sig = program.signature()
+        click.echo(f"{name}: {len(program.nodes)} ops, {len(sig['inputs'])} inputs, {len(sig['outputs'])} outputs")
+
+
+if __name__ == "__main__":
+    main()
