@@ -74,6 +74,8 @@ def train(model_path, data_dir, epochs, run_dir, resume, device, split, limit, e
     from .train import Dataset, train as run_training
 
     model = load_model(model_path)
+    if not resume and (run_dir / "checkpoint.safetensors").exists():
+        raise FFCompileError(f"{run_dir}/checkpoint.safetensors exists: pass --resume to continue it, or choose another --out")
     epochs = model.training.epochs if epochs is None else epochs
     if epochs < 0:
         raise FFCompileError(f"--epochs must be >= 0, got {epochs}")

@@ -162,8 +162,8 @@ class Training:
 @dataclass(frozen=True)
 class Model:
     name: str
-    input: InputSpec
     layers: tuple[Layer, ...]
+    input: InputSpec = InputSpec()
     normalization: Normalization = Normalization()
     goodness: Goodness = Goodness()
     regularizers: Regularizers = Regularizers()
@@ -389,12 +389,6 @@ def validate(model: Model, source: str = "<model>") -> None:
         fail("schedule.cooldown_start", f"must be in [0, 1], got {model.schedule.cooldown_start}")
 
     supervised = inp.label.kind != "none"
-    neg = model.negatives.kind
-    if neg in ("random_label", "hard_label") and not supervised:
-        fail("negatives.kind", f"{neg!r} needs labels in the input (input.label.kind = \"first_pixels\")")
-    if neg == "hard_label" and not model.readout.softmax_layers:
-        fail("negatives.kind", "\"hard_label\" samples from the softmax readout: set readout.softmax_layers")
-
     for field_name in ("goodness_layers", "softmax_layers"):
         chosen = getattr(model.readout, field_name)
         for j, name in enumerate(chosen):
@@ -402,6 +396,12 @@ def validate(model: Model, source: str = "<model>") -> None:
                 fail(f"readout.{field_name}[{j}]", f"no layer named {name!r} (layers: {', '.join(l.name for l in model.layers)})")
         if len(set(chosen)) != len(chosen):
             fail(f"readout.{field_name}", "lists a layer twice")
+    neg = model.negatives.kind
+    if neg in ("random_label", "hard_label") and not supervised:
+        fail("negatives.kind", f"{neg!r} needs labels in the input (input.label.kind = \"first_pixels\")")
+    if neg == "hard_label" and not model.readout.softmax_layers:
+        fail("negatives.kind", "\"hard_label\" samples from the softmax readout: set readout.softmax_layers")
+
     if model.readout.goodness_layers and not supervised:
         fail("readout.goodness_layers", "the goodness readout needs labels in the input")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +69,7 @@ class Dataset:
     x_val: np.ndarray | None
     y_val: np.ndarray | None
     description: str
+    monitor: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # reported, never tuned on
 
 
 def readouts_of(model: Model) -> list[str]:
@@ -112,10 +113,12 @@ def train(model: Model, data: Dataset, run_dir: Path, epochs: int, resume: bool 
                                                  epoch, epochs, step, seed, progress, shift=shift)
         record = {"epoch": epoch + 1, "step": step, "seconds": round(time.perf_counter() - started, 3), **metrics}
         np_params = numpy_dict(params)
-        if data.x_val is not None and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs):
-            for readout in readouts_of(model):
-                record[f"val_error.{readout}"] = evaluate_params(model, np_params, data.x_val, data.y_val, readout,
-                                                                 device=device)
+        if (epoch + 1) % eval_every == 0 or epoch + 1 == epochs:
+            sets = {"val": (data.x_val, data.y_val), **data.monitor} if data.x_val is not None else data.monitor
+            for set_name, (xs, ys) in sets.items():
+                for readout in readouts_of(model):
+                    record[f"{set_name}_error.{readout}"] = evaluate_params(model, np_params, xs, ys, readout,
+                                                                            device=device)
         history.append(record)
         ckpt = Checkpoint(model, np_params, numpy_dict(state), epoch + 1, step)
         save_checkpoint(ckpt_path, ckpt)

@@ -1,0 +1,131 @@
+"""The FF math of the lowering against hand-computed values: label embedding, length
+normalization, goodness and the logistic loss (eq. 1), and negative-label sampling."""
+
+import math
+
+import numpy as np
+import pytest
+
+from ffcompile.backends.torch_backend import TorchProgram
+from ffcompile.lowering import labels as lbl
+from ffcompile.lowering.layer import local_gradient, normalize
+from ffcompile.program.builder import Builder
+from ffcompile.spec import DenseLayer, Goodness, InputSpec, Model, Normalization, Readout
+
+SMALL = Model(name="m", input=InputSpec(size=16, image_shape=(4, 4)), layers=(DenseLayer("h1", 3),),
+              goodness=Goodness(threshold_per_unit=1.0), readout=Readout(softmax_layers=("h1",)))
+
+
+def run(build, feeds):
+    b = Builder("t")
+    build(b)
+    return TorchProgram(b.build()).run_numpy(feeds)
+
+
+def test_label_embedding_replaces_first_pixels():
+    x = np.random.default_rng(0).random((3, 16), dtype=np.float32)
+    y = np.array([0, 9, 4])
+    model = Model(name="m", input=InputSpec(size=16, image_shape=(4, 4)), layers=SMALL.layers)
+
+    def build(b):
+        xv, yv = b.input("x", (3, 16)), b.input("y", (3,), "int64")
+        b.output("pos", lbl.with_label(b, xv, b.one_hot(yv, 10), model))
+        b.output("neutral", lbl.with_label(b, xv, lbl.neutral_rows(b, 3, model), model))
+
+    out = run(build, {"x": x, "y": y})
+    assert np.array_equal(out["pos"][:, :10], np.eye(10, dtype=np.float32)[y])
+    assert np.array_equal(out["pos"][:, 10:], x[:, 10:])
+    assert np.array_equal(out["neutral"][:, :10], np.full((3, 10), 0.1, np.float32))
+
+
+@pytest.mark.parametrize("kind,check", [
+    ("rms", lambda o: np.mean(o ** 2, axis=1)),
+    ("l2", lambda o: np.sum(o ** 2, axis=1)),
+    ("l1", lambda o: np.sum(np.abs(o), axis=1)),
+])
+def test_length_normalization_keeps_direction_and_mean(kind, check):
+    x = np.array([[3.0, 4.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]], np.float32)
+    model = Model(name="m", layers=SMALL.layers, normalization=Normalization(kind=kind, eps=1e-12))
+
+    def build(b):
+        b.output("n", normalize(b, b.input("x", (2, 4)), model))
+
+    n = run(build, {"x": x})["n"]
+    np.testing.assert_allclose(check(n), [1.0, 1.0], rtol=1e-6)
+    # no mean subtraction (footnote 5): a constant row stays constant and positive
+    np.testing.assert_allclose(n[1], [n[1, 0]] * 4)
+    assert n[1, 0] > 0
+    # same orientation: n is a positive multiple of x
+    ratio = n[0][x[0] != 0] / x[0][x[0] != 0]
+    np.testing.assert_allclose(ratio, ratio[0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind,want_loss,want_g", [
+    # theta = 3 units x 1.0. pos y = [1, 2, 0]: ssq 5; neg y = [0, 0, 1]: ssq 1.
+    ("ssq", math.log1p(math.exp(-2.0)), (5.0, 1.0)),      # logits +2 (pos), -2 (neg): both right
+    ("neg_ssq", math.log1p(math.exp(2.0)), (-5.0, -1.0)),  # min ssq: both wrong by the same margin
+])
+def test_goodness_and_loss_by_hand(kind, want_loss, want_g):
+    model = Model(name="m", input=SMALL.input, layers=SMALL.layers, goodness=Goodness(kind=kind, threshold_per_unit=1.0))
+    y = np.array([[1.0, 2.0, 0.0], [0.0, 0.0, 1.0]], np.float32)
+    x = np.array([[1.0, 0.0], [0.0, 2.0]], np.float32)
+
+    def build(b):
+        xv, zv = b.input("x", (2, 2)), b.input("z", (2, 3))
+        rule = local_gradient(b, xv, zv, b.relu(zv), model, 0, batch=1)
+        for name in ("loss", "goodness_pos", "goodness_neg", "weight", "bias"):
+            b.output(name, getattr(rule, name))
+
+    out = run(build, {"x": x, "z": y})
+    assert out["loss"] == pytest.approx(want_loss, rel=1e-6)
+    assert (float(out["goodness_pos"]), float(out["goodness_neg"])) == pytest.approx(want_g)
+    # eq. (3) generalised: dloss/dW[j] = sum over rows of (sigmoid(l) - t)/2B * sign * 2 y_j * x
+    sign = -1.0 if kind == "neg_ssq" else 1.0
+    sig = lambda v: 1 / (1 + math.exp(-v))
+    d_pos = (sig(sign * 2.0) - 1) / 2 * sign
+    d_neg = (sig(sign * -2.0) - 0) / 2 * sign
+    want_dw = np.outer(d_pos * 2 * y[0], x[0]) + np.outer(d_neg * 2 * y[1], x[1])
+    np.testing.assert_allclose(out["weight"], want_dw, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(out["bias"], d_pos * 2 * y[0] + d_neg * 2 * y[1], rtol=1e-6, atol=1e-7)
+
+
+def sample(probs, labels, u, min_prob=1e-6):
+    n, c = probs.shape
+
+    def build(b):
+        b.output("k", lbl.sample_wrong_labels(b, b.input("p", (n, c)), b.input("y", (n,), "int64"), b.input("u", (n,)), min_prob))
+
+    return run(build, {"p": probs, "y": labels, "u": u})["k"]
+
+
+def test_hard_negatives_never_true_label_and_follow_the_distribution():
+    rng = np.random.default_rng(0)
+    n = 200_000
+    p = np.array([0.02, 0.5, 0.03, 0.05, 0.1, 0.05, 0.05, 0.1, 0.05, 0.05], np.float32)
+    labels = np.full(n, 1)  # the most probable class is the true one: it must never be drawn
+    k = sample(np.tile(p, (n, 1)), labels, rng.random(n, dtype=np.float32))
+    assert not np.any(k == labels)
+    want = (p + 1e-6) * (np.arange(10) != 1)
+    want /= want.sum()
+    freq = np.bincount(k, minlength=10) / n
+    # binomial standard error is at most 0.0011 here; 5 sigma
+    np.testing.assert_allclose(freq, want, atol=5 * math.sqrt(0.25 / n))
+
+
+@pytest.mark.parametrize("u", [0.0, 1e-9, 0.5, np.nextafter(np.float32(1), np.float32(0))])
+def test_sampling_extremes_stay_valid(u):
+    for true in range(10):
+        p = np.zeros((1, 10), np.float32)
+        p[0, true] = 1.0  # confident and right: every wrong class has only the floor
+        k = int(sample(p, np.array([true]), np.array([u], np.float32))[0])
+        assert 0 <= k < 10 and k != true
+
+
+def test_random_negatives_are_uniform_over_wrong_labels():
+    rng = np.random.default_rng(1)
+    n = 100_000
+    labels = rng.integers(0, 10, n)
+    k = sample(np.zeros((n, 10), np.float32), labels, rng.random(n, dtype=np.float32))
+    assert not np.any(k == labels)
+    offsets = (k - labels) % 10
+    np.testing.assert_allclose(np.bincount(offsets, minlength=10)[1:] / n, 1 / 9, atol=5 * math.sqrt(0.25 / n))
