@@ -182,5 +182,8 @@ def inspect(model_path, batch):
         click.echo(f"{name}: {len(program.nodes)} ops, {len(sig['inputs'])} inputs, {len(sig['outputs'])} outputs")
 
 
+from . import cli_bundle  # noqa: E402,F401  (registers build/run/verify/finetune/targets)
+
+
 if __name__ == "__main__":
     main()

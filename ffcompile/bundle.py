@@ -1,0 +1,206 @@
+"""The bundle compiler: a model (spec or trained checkpoint) + a target -> a self-contained,
+verified bundle directory (layout in ``ffcompile.runtime.manifest``).
+
+The bundle is assembled in a temporary sibling directory and renamed into place only once
+everything, the parity report included, is written: an interrupted build leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import __version__
+from .checkpoint import load_checkpoint
+from .errors import FFCompileError
+from .lowering import PROGRAMS, build_program, init_state
+from .runtime.host import why_not_here
+from .runtime.manifest import (FORMAT, FORMAT_VERSION, MANIFEST, OPTIMIZER, PARITY, PROGRAMS_DIR, WEIGHTS,
+                               checksums, is_bundle_dir)
+from .runtime.programs import load_program
+from .runtime.weights import save_tensors
+from .spec import Model, load_model
+from .targets import Target, find_target
+
+DEFAULT_INFER_BATCH = 100
+
+
+@dataclasses.dataclass
+class Source:
+    model: Model
+    params: dict
+    state: dict
+    epoch: int
+    step: int
+    description: str
+
+
+def load_source(source, seed: int | None = None) -> Source:
+    """A model spec (.toml/.json: fresh weights from ``init_state``), a run directory, or a
+    checkpoint file."""
+    path = Path(source)
+    if path.is_dir():
+        path = path / "checkpoint.safetensors"
+        if not path.is_file():
+            raise FFCompileError(f"{source}: a run directory needs checkpoint.safetensors (none found)")
+    if path.suffix == ".safetensors":
+        ckpt = load_checkpoint(path)
+        return Source(ckpt.model, ckpt.params, ckpt.state, ckpt.epoch, ckpt.step,
+                      f"checkpoint {path} (epoch {ckpt.epoch}, step {ckpt.step})")
+    if path.suffix in (".toml", ".json"):
+        model = load_model(path)
+        seed = model.training.seed if seed is None else seed
+        params, state = init_state(model, seed)
+        return Source(model, params, state, 0, 0, f"model spec {path}, initial weights (seed {seed})")
+    raise FFCompileError(f"{source}: expected a model spec (.toml/.json), a run directory or a checkpoint .safetensors")
+
+
+def _compile_onnx(program, model: Model, target: Target, out_dir: Path) -> str:
+    from .backends.onnx_backend import to_onnx
+
+    rel = f"{PROGRAMS_DIR}/{program.name}.onnx"
+    proto = to_onnx(program, doc=f"ffcompile {program.name} for {model.name} ({target.name})")
+    (out_dir / rel).write_bytes(proto.SerializeToString())
+    return rel
+
+
+# One compiler per target backend: (program, model, target, bundle dir) -> the file's relative path.
+COMPILERS = {"onnxruntime": _compile_onnx}
+
+
+def versions() -> dict:
+    import numpy
+    import onnx
+    import onnxruntime
+    import safetensors
+
+    return {"ffcompile": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "numpy": numpy.__version__, "safetensors": safetensors.__version__, "python": platform.python_version()}
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
+        raise FFCompileError(f"{out_dir}: exists and is not a directory; refusing to overwrite it")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not is_bundle_dir(out_dir):
+        raise FFCompileError(f"{out_dir}: exists and is not a bundle; refusing to overwrite it (choose another -o)")
+
+
+def _readable(root: Path) -> None:
+    """mkdtemp and safetensors create owner-only files; a bundle gets ordinary permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [root, *root.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def _replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Move the finished bundle into place; an older bundle there is replaced as a whole."""
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
+        os.replace(out_dir, old / "bundle")
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
+
+
+def build_bundle(source, target, out_dir, batch: int | None = None, infer_batch: int = DEFAULT_INFER_BATCH,
+                 verify_steps: int = 100, data_dir=None, seed: int | None = None, progress: bool = True,
+                 log=print) -> dict:
+    """Compile, write and verify a bundle; returns its manifest. The parity report is written as
+    parity.json; a failed parity check aborts the build (its report is kept at OUT.parity-failed.json)."""
+    target = find_target(target)
+    if target.backend not in COMPILERS:
+        raise FFCompileError(f"target {target.name!r}: this ffcompile cannot compile for backend {target.backend!r} "
+                             f"(available: {', '.join(COMPILERS)})")
+    out_dir = Path(out_dir)
+    _check_out_dir(out_dir)
+    src = load_source(source, seed)
+    model = src.model
+    if batch is not None:
+        if batch <= 0:
+            raise FFCompileError(f"--batch must be positive, got {batch}")
+        model = dataclasses.replace(model, training=dataclasses.replace(model.training, batch_size=batch))
+    if infer_batch <= 0:
+        raise FFCompileError(f"--infer-batch must be positive, got {infer_batch}")
+    batches = {"train": model.training.batch_size, "infer": infer_batch}
+
+    programs = []
+    for name in PROGRAMS:
+        if name == "infer_goodness" and not model.readout.goodness_layers:
+            continue
+        if name == "infer_softmax" and not model.readout.softmax_layers:
+            continue
+        programs.append(build_program(model, name, batches["train"] if name == "train_step" else infer_batch))
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.building-"))
+    try:
+        (tmp / PROGRAMS_DIR).mkdir()
+        entries = {}
+        for program in programs:
+            program_batch = batches["train"] if program.name == "train_step" else infer_batch
+            log(f"compile {program.name} (batch {program_batch}, {len(program.nodes)} ops) for {target.name}")
+            rel = COMPILERS[target.backend](program, model, target, tmp)
+            entries[program.name] = {"file": rel, "backend": target.backend, **program.signature()}
+        save_tensors(tmp / WEIGHTS, src.params, model=model.name)
+        save_tensors(tmp / OPTIMIZER, src.state, model=model.name, epoch=src.epoch, step=src.step,
+                     optimizer=model.optimizer.kind)
+        report = _parity(model, target.to_json(), tmp, entries, src, infer_batch, verify_steps, data_dir, seed,
+                         progress, log)
+        (tmp / PARITY).write_text(json.dumps(report, indent=1) + "\n")
+        if report.get("passed") is False:
+            failed = out_dir.parent / f"{out_dir.name}.parity-failed.json"
+            shutil.copyfile(tmp / PARITY, failed)
+            from .parity import summary_lines
+
+            raise FFCompileError(f"parity check failed, bundle not written; report: {failed} "
+                                 f"({' | '.join(line.strip() for line in summary_lines(report)[1:] if 'FAIL' in line)})")
+        manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION,
+            "model": model.to_json(), "target": target.to_json(),
+            "batch": batches, "programs": entries,
+            "weights": WEIGHTS, "optimizer": OPTIMIZER, "parity": PARITY,
+            "training": {"epoch": src.epoch, "step": src.step},
+            "source": src.description,
+            "created": {"at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "by": "ffcompile build",
+                        "host": {"arch": platform.machine(), "system": platform.system(), "python": sys.version.split()[0]}},
+            "versions": versions(),
+            "parity_passed": report.get("passed"),
+        }
+        _readable(tmp)
+        manifest["files"] = checksums(tmp)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _parity(model, target: dict, root: Path, entries: dict, src: Source, infer_batch: int, steps: int, data_dir,
+            seed, progress, log) -> dict:
+    """Run the parity harness on the files just written, if this machine can run the target."""
+    reason = why_not_here(target)
+    if reason:
+        log(f"parity check skipped: {reason}; run `ffcompile verify` on a machine of the target")
+        return {"format": "ffcompile-parity-1", "passed": None, "model": model.name, "target": target["name"],
+                "backend": target["backend"], "device": target["device"], "skipped": reason}
+    from .data import load_mnist, resolve_data_dir
+    from .parity import summary_lines, verify
+
+    source = resolve_data_dir(data_dir)
+    x, y = load_mnist(source, "train")
+    runners = {name: load_program(root / e["file"], target, e["file"], e) for name, e in entries.items()}
+    report = verify(model, target, runners, src.params, src.state, src.step, x, y, infer_batch, steps, seed,
+                    data=source.describe(), progress=progress, log=None)
+    for line in summary_lines(report):
+        log(line)
+    return report

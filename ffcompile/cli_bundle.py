@@ -1,0 +1,191 @@
+"""CLI commands for bundles: ``build``, ``run``, ``verify``, ``finetune``, ``targets``.
+
+Registered on ``ffcompile.cli.main`` when that module is imported. ``run`` and ``finetune`` use
+only the torch-free runtime; ``build`` and ``verify`` need the compiler side (torch reference).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import numpy as np
+
+from .cli import DATA_DIR, _echo, load_split, main
+from .errors import FFCompileError
+
+
+@main.command()
+def targets():
+    """List the compilation targets (targets/*.toml, plus $FFCOMPILE_TARGETS folders)."""
+    from .targets import known_targets
+
+    rows = [(t.name, t.backend, t.device, t.arch, t.description) for t in known_targets()]
+    header = ("name", "backend", "device", "arch", "description")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(4)]
+    for row in [header, *rows]:
+        click.echo("  ".join(str(v).ljust(w) for v, w in zip(row[:4], widths)) + "  " + row[4])
+
+
+@main.command()
+@click.argument("source", metavar="RUN_DIR|CHECKPOINT|MODEL.toml", type=click.Path(path_type=Path))
+@click.option("--target", "target_name", default="x86-cpu", show_default=True,
+              help="Target name (see `ffcompile targets`) or path to a target .toml.")
+@click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Bundle directory to write.")
+@click.option("--batch", type=int, default=None, help="Static batch of train_step (default: the model's training.batch_size).")
+@click.option("--infer-batch", type=int, default=100, show_default=True, help="Static batch of the inference programs.")
+@click.option("--verify-steps", type=int, default=100, show_default=True,
+              help="Training-trajectory steps checked against the reference at build time (0: programs only).")
+@DATA_DIR
+@click.option("--seed", type=int, default=None, help="Seed of the initial weights when SOURCE is a model spec.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def build(source, target_name, out_dir, batch, infer_batch, verify_steps, data_dir, seed, progress):
+    """Compile a trained run (or a model spec, with fresh weights) into a self-contained bundle:
+    train_step + inference programs, weights, optimizer state, manifest with checksums, and the
+    parity report of the compiled programs against the PyTorch reference."""
+    from .bundle import build_bundle
+
+    if verify_steps < 0:
+        raise FFCompileError(f"--verify-steps must be >= 0, got {verify_steps}")
+    manifest = build_bundle(source, target_name, out_dir, batch=batch, infer_batch=infer_batch,
+                            verify_steps=verify_steps, data_dir=data_dir, seed=seed, progress=progress, log=_echo)
+    click.echo(f"wrote bundle {out_dir}: {', '.join(manifest['programs'])} for {manifest['target']['name']}"
+               f" (parity {'passed' if manifest['parity_passed'] else 'not run here' if manifest['parity_passed'] is None else 'FAILED'})")
+
+
+def _load_data(data_dir, split: str, input_path: Path | None, labels_path: Path | None):
+    """(x, y or None, description) from MNIST or from .npy files."""
+    if input_path is None:
+        if labels_path is not None:
+            raise FFCompileError("--labels needs --input")
+        source, x, y = load_split(data_dir, split)
+        return x, y, f"{source.describe()}, {split} split"
+    x = _load_npy(input_path, "--input")
+    y = _load_npy(labels_path, "--labels") if labels_path is not None else None
+    return x, y, str(input_path)
+
+
+def _load_npy(path: Path, option: str) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise FFCompileError(f"{option} {path}: file not found") from None
+    except (ValueError, OSError) as e:
+        raise FFCompileError(f"{option} {path}: not a readable .npy array without pickles ({str(e).splitlines()[0]})") from None
+
+
+@main.command()
+@click.argument("bundle_dir", metavar="BUNDLE", type=click.Path(path_type=Path))
+@DATA_DIR
+@click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True)
+@click.option("--input", "input_path", type=click.Path(path_type=Path), default=None,
+              help="Images as a .npy array [N, 784] instead of MNIST (predictions only, unless --labels).")
+@click.option("--labels", "labels_path", type=click.Path(path_type=Path), default=None, help="Labels .npy [N] for --input.")
+@click.option("--readout", type=click.Choice(["goodness", "softmax", "all"]), default="all", show_default=True)
+@click.option("--weights", "weights", type=click.Path(path_type=Path), default=None,
+              help="Use a checkpoint's weights (e.g. BUNDLE.finetune/checkpoint.safetensors) instead of the bundle's.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def run(bundle_dir, data_dir, split, input_path, labels_path, readout, weights, as_json):
+    """Run a bundle's inference programs: error rate and latency (median ms per batch, throughput)."""
+    from .runtime.bundle import load_bundle
+
+    bundle = load_bundle(bundle_dir)
+    if weights is not None:
+        bundle = bundle.with_weights(weights)
+    x, y, described = _load_data(data_dir, split, input_path, labels_path)
+    readouts = bundle.readouts if readout == "all" else [readout]
+    result = {"bundle": str(bundle_dir), "model": bundle.model.name, "target": bundle.target["name"],
+              "weights": bundle.weights_from, "data": described, "examples": int(len(x)), "readouts": {}}
+    for r in readouts:
+        if y is None:
+            predictions = bundle.predict(x, r)
+            result["readouts"][r] = {"predictions": predictions.tolist()}
+            continue
+        ev = bundle.evaluate(x, y, r)
+        result["readouts"][r] = {"error_percent": round(ev.error_percent, 4), "accuracy_percent": round(ev.accuracy_percent, 4),
+                                 "batch": ev.batch, "median_batch_ms": round(ev.median_batch_ms, 3),
+                                 "examples_per_second": round(ev.examples_per_second, 1)}
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    for r, res in result["readouts"].items():
+        if "predictions" in res:
+            counts = np.bincount(np.asarray(res["predictions"], np.int64), minlength=bundle.model.input.label.classes)
+            click.echo(f"{bundle.model.name} ({r} readout): {len(x)} predictions; per class {counts.tolist()}")
+        else:
+            click.echo(f"{bundle.model.name} on {bundle.target['name']} ({r} readout): error {res['error_percent']:.2f}% "
+                       f"of {len(x)}; {res['median_batch_ms']:.2f} ms per batch of {res['batch']} (median), "
+                       f"{res['examples_per_second']:.0f} examples/s")
+
+
+@main.command()
+@click.argument("bundle_dir", metavar="BUNDLE", type=click.Path(path_type=Path))
+@DATA_DIR
+@click.option("--steps", type=int, default=100, show_default=True, help="Training-trajectory steps.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the full JSON report here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full JSON report on stdout.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def verify(bundle_dir, data_dir, steps, report_path, as_json, progress):
+    """Check every compiled program against the PyTorch reference (random inputs and real data)
+    and a STEPS-step training trajectory; exit 1 if any tensor is outside its tolerance."""
+    from .checkpoint import write_json
+    from .data import load_mnist, resolve_data_dir
+    from .parity import summary_lines, verify as run_verify
+    from .runtime.bundle import load_bundle
+
+    if steps < 0:
+        raise FFCompileError(f"--steps must be >= 0, got {steps}")
+    bundle = load_bundle(bundle_dir)
+    source = resolve_data_dir(data_dir)
+    x, y = load_mnist(source, "train")
+    report = run_verify(bundle.model, bundle.target, bundle.programs, bundle.params, bundle.state, bundle.step, x, y,
+                        bundle.manifest["batch"]["infer"], steps, data=source.describe(), progress=progress and not as_json)
+    report["bundle"] = str(bundle_dir)
+    if report_path is not None:
+        write_json(report_path, report)
+    if as_json:
+        click.echo(json.dumps(report))
+    else:
+        for line in summary_lines(report):
+            click.echo(line)
+    if not report["passed"]:
+        raise SystemExit(1)
+
+
+@main.command()
+@click.argument("bundle_dir", metavar="BUNDLE", type=click.Path(path_type=Path))
+@DATA_DIR
+@click.option("--epochs", type=int, required=True, help="Epochs of fine-tuning in total (with --resume: including those done).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output folder for checkpoint.safetensors and metrics.json (default: BUNDLE.finetune beside the bundle).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted fine-tuning run in --out.")
+@click.option("--split", type=click.Choice(["train", "trainval"]), default="train", show_default=True,
+              help="train: validate on the held-out sixth each epoch; trainval: all training images.")
+@click.option("--limit", type=int, default=None, help="Use only the first N training examples.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def finetune(bundle_dir, data_dir, epochs, out_dir, resume, split, limit, progress):
+    """Forward-Forward training on this machine with the bundle's compiled train_step (no torch):
+    starts from the bundle's weights, never writes into the bundle."""
+    from .runtime.bundle import load_bundle
+
+    bundle = load_bundle(bundle_dir)
+    out_dir = out_dir or bundle_dir.parent / f"{bundle_dir.name}.finetune"
+    source, x, y = load_split(data_dir, split)
+    if limit is not None:
+        x, y = x[:limit], y[:limit]
+    val = load_split(source, "val")[1:] if split == "train" else None
+    _echo(f"fine-tuning {bundle.model.name} on {bundle.target['name']} with {len(x)} examples ({source.describe()}); "
+          f"writing {out_dir}")
+    ckpt = bundle.finetune(x, y, epochs, out_dir, resume=resume, progress=progress, val=val, log=_echo)
+    tuned = bundle.with_weights(out_dir / "checkpoint.safetensors")
+    _, x_test, y_test = load_split(source, "test")
+    for readout in tuned.readouts:
+        parts = []
+        if val is not None:
+            parts.append(f"val error {tuned.evaluate(val[0], val[1], readout).error_percent:.2f}%")
+        parts.append(f"test error {tuned.evaluate(x_test, y_test, readout).error_percent:.2f}%")
+        click.echo(f"{bundle.model.name} after {ckpt.epoch} epoch(s) ({readout} readout): {', '.join(parts)}")
+    click.echo(f"wrote {out_dir / 'checkpoint.safetensors'} and metrics.json; "
+               f"use it with `ffcompile run {bundle_dir} --weights {out_dir / 'checkpoint.safetensors'}`")

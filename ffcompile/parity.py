@@ -1,0 +1,398 @@
+"""The parity harness: a bundle's compiled programs against the PyTorch reference.
+
+Three checks, each reporting max abs and max rel error per tensor (rel = abs error / max |ref|
+of that tensor, or the abs error where the reference is all zeros):
+
+1. **Programs on random inputs** (random weights, optimizer state, images, labels, uniforms, step).
+2. **Programs on real data** with the bundle's own weights and state.
+3. **A k-step training trajectory** in which each side feeds its own outputs back into its next
+   step, with the batches, uniforms and learning rates of ``ffcompile.loop``.
+
+Tolerances (fp32):
+
+- programs: ``max|out - ref| <= 1e-5 + 1e-5 * max|ref|`` per tensor;
+- trajectory: ``max|out - ref| <= 1e-4 * max|ref|`` per parameter and optimizer-state tensor
+  after every step;
+- integer outputs (``prediction``, ``negative_labels``) must match exactly, except rows where the
+  choice is a tie under fp32 rounding: argmax gaps within the float tolerance, or a uniform within
+  1e-5 of a boundary of the wrong-label CDF (computed in float64). Such rows are listed.
+
+When a tensor misses its fp32 tolerance, the harness asks whether the *reference itself* is that
+far from exact arithmetic: it evaluates the same program in float64 and accepts the tensor when
+``max|out - ref64| <= tol + 3 * max|ref32 - ref64|``, i.e. the compiled program is at most 3x as
+far from the float64 result as the fp32 reference is. Such tensors are reported with both numbers.
+Why this is needed: some FF steps are ill-conditioned in fp32 for *every* implementation. Adam's
+first step from zero state moves each weight by ``lr * g / (|g| + eps)``: a gradient that is zero
+in exact arithmetic (e.g. the softmax bias of a zero-initialised readout on a class-balanced
+batch) comes out as +-1e-8 rounding noise, whose sign then decides a move of +-lr; and weights fed
+by rarely-lit pixels get Adam steps normalised by a tiny second moment. Measured on
+mnist-small, the fp32 reference's own trajectory drifts ~1e-3 (rel) from the float64 one within
+15 steps, so no fp32 backend can stay within 1e-4 of it there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .backends.torch_backend import TorchProgram
+from .lowering import build_program
+from .loop import epoch_plan, learning_rate
+from .spec import Model
+
+FORMAT = "ffcompile-parity-1"
+PROGRAM_ATOL = 1e-5
+PROGRAM_RTOL = 1e-5
+TRAJECTORY_RTOL = 1e-4
+FLOAT64_FACTOR = 3.0
+LABEL_TIE = 1e-5
+INTEGER_OUTPUTS = ("prediction", "negative_labels")
+TRAIN_FEEDS = ("x", "y", "u", "lr", "step")
+
+TOLERANCES = {
+    "programs": f"max|out - ref| <= {PROGRAM_ATOL:g} + {PROGRAM_RTOL:g} * max|ref| per float tensor",
+    "trajectory": f"max|out - ref| <= {TRAJECTORY_RTOL:g} * max|ref| per parameter/optimizer tensor after every step",
+    "integers": f"exact, except ties: argmax gap within the float tolerance, or |u - CDF boundary| <= {LABEL_TIE:g}",
+    "float64_floor": f"a float tensor outside its tolerance still passes if max|out - ref64| <= tolerance + "
+                     f"{FLOAT64_FACTOR:g} * max|ref32 - ref64| (no less accurate than the fp32 reference, within "
+                     f"{FLOAT64_FACTOR:g}x, against the float64 evaluation of the same program)",
+}
+
+
+class Reference:
+    """One program in the torch reference, in float32 and in float64."""
+
+    def __init__(self, model: Model, name: str, batch: int):
+        program = build_program(model, name, batch)
+        self.f32 = TorchProgram(program)
+        self.f64 = TorchProgram(program)
+        self.f64.constants = {k: v.double() if v.is_floating_point() else v for k, v in self.f32.constants.items()}
+
+    def run32(self, feeds: dict) -> dict[str, np.ndarray]:
+        return self.f32.run_numpy({k: np.asarray(v) for k, v in feeds.items()})
+
+    def run64(self, feeds: dict) -> dict[str, np.ndarray]:
+        tensors = {k: torch.as_tensor(np.asarray(v, np.float64) if np.asarray(v).dtype.kind == "f" else np.asarray(v))
+                   for k, v in feeds.items()}
+        with torch.no_grad():
+            out = self.f64.run(tensors)
+        return {k: v.numpy() for k, v in out.items()}
+
+
+def _max_abs(a, b) -> float:
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))) if np.size(a) else 0.0
+
+
+def _max(a) -> float:
+    return float(np.max(np.abs(np.asarray(a, np.float64)))) if np.size(a) else 0.0
+
+
+def compare_float(out, ref32, ref64, atol: float, rtol: float) -> dict:
+    abs_err, ref_max = _max_abs(out, ref32), _max(ref32)
+    entry = {"max_abs": abs_err, "max_rel": abs_err / ref_max if ref_max > 0 else abs_err, "ref_max": ref_max,
+             "tolerance": atol + rtol * ref_max}
+    entry["passed"] = abs_err <= entry["tolerance"]
+    if not entry["passed"] and ref64 is not None:
+        floor, err64 = _max_abs(ref32, ref64), _max_abs(out, ref64)
+        entry["float64"] = {"max_abs_vs_float64": err64, "reference_max_abs_vs_float64": floor,
+                            "tolerance": atol + rtol * _max(ref64) + FLOAT64_FACTOR * floor}
+        entry["passed"] = err64 <= entry["float64"]["tolerance"]
+    return entry
+
+
+def wrong_label_margin(probs: np.ndarray | None, labels, u, classes: int, min_prob: float) -> np.ndarray:
+    """Per row, the distance (float64) from the uniform draw to the nearest boundary of the
+    wrong-label CDF that ``lowering.labels.sample_wrong_labels`` inverts: a small margin means
+    fp32 rounding may decide the draw."""
+    weights = np.zeros((len(labels), classes)) if probs is None else np.asarray(probs, np.float64)
+    q = (weights + min_prob) * (1.0 - np.eye(classes)[labels])
+    cdf = np.cumsum(q, axis=1)
+    cdf /= cdf[:, -1:]
+    uu = np.maximum(np.asarray(u, np.float64), 1e-7)[:, None]
+    return np.min(np.abs(cdf[:, :-1] - uu), axis=1)
+
+
+class _LabelTies:
+    """Decides whether a wrong-label mismatch is a sampling tie, from float64 probabilities."""
+
+    def __init__(self, model: Model, batch: int):
+        self.model = model
+        self.softmax = Reference(model, "infer_softmax", batch) if model.negatives.kind == "hard_label" else None
+
+    def margins(self, params: dict, feeds: dict) -> np.ndarray:
+        probs = None
+        if self.softmax is not None:
+            needed = {v.name for v in self.softmax.f32.program.inputs}
+            probs = self.softmax.run64({**{k: v for k, v in params.items() if k in needed}, "x": feeds["x"]})["probs"]
+        return wrong_label_margin(probs, feeds["y"], feeds["u"], self.model.input.label.classes,
+                                  self.model.negatives.min_prob)
+
+
+def _prediction_ties(out: dict, ref32: dict, score_name: str, float_entry: dict) -> tuple[list, bool]:
+    got, want = out["prediction"], ref32["prediction"]
+    rows, ok = [], True
+    for r in np.flatnonzero(got != want):
+        scores = np.asarray(ref32[score_name][r], np.float64)
+        gap = float(abs(scores[want[r]] - scores[got[r]]))
+        tie = gap <= float_entry["tolerance"] + float_entry["max_abs"]
+        ok &= tie
+        rows.append({"row": int(r), "reference": int(want[r]), "backend": int(got[r]), "score_gap": gap, "tie": bool(tie)})
+    return rows, ok
+
+
+def compare_program(name: str, out: dict, ref32: dict, ref64: dict, ties: _LabelTies | None = None,
+                    params: dict | None = None, feeds: dict | None = None) -> dict:
+    tensors, mismatches, passed = {}, {}, True
+    for key, want in ref32.items():
+        if key in INTEGER_OUTPUTS:
+            continue
+        tensors[key] = compare_float(out[key], want, ref64.get(key), PROGRAM_ATOL, PROGRAM_RTOL)
+        passed &= tensors[key]["passed"]
+    if "prediction" in ref32:
+        score = "scores" if "scores" in ref32 else "probs"
+        rows, ok = _prediction_ties(out, ref32, score, tensors[score])
+        passed &= ok
+        if rows:
+            mismatches["prediction"] = rows
+    if "negative_labels" in ref32:
+        wrong = np.flatnonzero(out["negative_labels"] != ref32["negative_labels"])
+        if len(wrong):
+            margins = ties.margins(params, feeds)
+            rows = [{"row": int(r), "reference": int(ref32["negative_labels"][r]), "backend": int(out["negative_labels"][r]),
+                     "cdf_margin": float(margins[r]), "tie": bool(margins[r] <= LABEL_TIE)} for r in wrong]
+            passed &= all(row["tie"] for row in rows)
+            mismatches["negative_labels"] = rows
+    return {"program": name, "passed": bool(passed), "tensors": tensors, "integer_mismatches": mismatches}
+
+
+def random_feeds(model: Model, signature_inputs, params: dict, state: dict, rng: np.random.Generator) -> dict:
+    """Random but plausible inputs: weights near the given ones, non-negative optimizer state
+    (Adam's second moment must be), images in [0, 1), any labels, any step."""
+    feeds = {}
+    for value in signature_inputs:
+        name, shape = value.name, value.shape
+        if name in params:
+            feeds[name] = (params[name] + rng.normal(0, 0.05, shape)).astype(np.float32)
+        elif name in state:
+            feeds[name] = np.abs(rng.normal(0, 0.05, shape)).astype(np.float32)
+        elif name == "x":
+            feeds[name] = rng.random(shape, dtype=np.float32)
+        elif name == "y":
+            feeds[name] = rng.integers(0, model.input.label.classes, shape).astype(np.int64)
+        elif name == "u":
+            feeds[name] = rng.random(shape, dtype=np.float32)
+        elif name == "lr":
+            feeds[name] = np.float32(model.optimizer.lr)
+        elif name == "step":
+            feeds[name] = np.float32(1)  # Adam's bias correction is largest at the first step
+        else:
+            raise ValueError(f"no random input for {name!r}")
+    return feeds
+
+
+def _batches(model: Model, x, y, seed: int, first_step: int):
+    """The training loop's feeds, epoch after epoch, forever."""
+    epoch = 0
+    while True:
+        plan = epoch_plan(model, len(x), epoch, seed)
+        lr = np.float32(learning_rate(model, epoch, model.training.epochs))
+        for k, rows in enumerate(plan.order):
+            xb = x[rows]
+            if plan.shifts is not None:
+                from .data import shift_images
+                xb = shift_images(xb, plan.shifts[k, :, 0], plan.shifts[k, :, 1])
+            yield {"x": xb, "y": y[rows], "u": plan.u[k], "lr": lr, "step": np.float32(first_step)}
+            first_step += 1
+        epoch += 1
+
+
+WARMUP_STEPS = 2
+
+
+def _warm_up(model: Model, reference: Reference | None, params, state, step: int, feeds_iter):
+    """Adam from zero state (a fresh bundle) first takes ``WARMUP_STEPS`` reference steps, shared
+    by both sides, before the real-data and trajectory checks: its first step moves each weight by
+    ``lr * g / (|g| + eps)``, where rounding noise decides the sign of gradients that are exactly
+    zero in exact arithmetic (see the module doc). The random-input checks still run step 1."""
+    if reference is None or model.optimizer.kind != "adam" or step != 0:
+        return params, state, None
+    needed = {v.name for v in reference.f32.program.inputs}
+    for _ in range(WARMUP_STEPS):
+        feeds = next(feeds_iter)
+        out = reference.run32({**params, **state, **{k: v for k, v in feeds.items() if k in needed}})
+        params, state = _split(params, state, out)
+    return params, state, {"steps": WARMUP_STEPS, "by": "torch fp32 reference",
+                           "why": "Adam's first step from zero optimizer state is ill-conditioned in fp32 for "
+                                  "gradients that are zero in exact arithmetic"}
+
+
+def _chain(first, rest):
+    yield from first
+    yield from rest
+
+
+def _split(model_params, model_state, out: dict):
+    return {k: out[f"new.{k}"] for k in model_params}, {k: out[f"new.{k}"] for k in model_state}
+
+
+def trajectory_parity(run, reference: Reference, ties: _LabelTies, params: dict, state: dict, feeds_iter,
+                      steps: int, progress: bool = False) -> dict:
+    """``steps`` train steps with the loop's feeds, each side feeding its own outputs back."""
+    needed = [v.name for v in reference.f32.program.inputs]
+    sides = {"backend": (params, state), "ref32": (params, state), "ref64": (params, state)}
+    per_step, worst, label_events, passed, strict = [], {}, [], True, True
+    first_step = None
+    for _ in tqdm(range(steps), desc="verify trajectory", disable=not progress, leave=False):
+        feeds = next(feeds_iter)
+        first_step = int(feeds["step"]) if first_step is None else first_step
+        run_feeds = {k: v for k, v in feeds.items() if k in needed}
+        before = sides["backend"]
+        outs = {"backend": run({**before[0], **before[1], **run_feeds}),
+                "ref32": reference.run32({**sides["ref32"][0], **sides["ref32"][1], **run_feeds}),
+                "ref64": reference.run64({**sides["ref64"][0], **sides["ref64"][1], **run_feeds})}
+        for side, out in outs.items():
+            sides[side] = _split(params, state, out)
+        record = {"step": int(feeds["step"]), "tensors": {}}
+        for group in (0, 1):
+            for name in sides["ref32"][group]:
+                entry = compare_float(sides["backend"][group][name], sides["ref32"][group][name],
+                                      sides["ref64"][group][name], 0.0, TRAJECTORY_RTOL)
+                record["tensors"][name] = [entry["max_abs"], entry["max_rel"]]
+                worst[name] = max(worst.get(name, 0.0), entry["max_rel"])
+                if "float64" in entry:
+                    strict = False
+                    record.setdefault("float64_floor", {})[name] = {**entry["float64"], "passed": entry["passed"]}
+                passed &= entry["passed"]
+        got, want = outs["backend"]["negative_labels"], outs["ref32"]["negative_labels"]
+        wrong = np.flatnonzero(got != want)
+        if len(wrong):
+            shadow = reference.run32({**before[0], **before[1], **run_feeds})["negative_labels"]
+            margins = ties.margins(before[0], feeds)
+            for r in wrong:
+                if shadow[r] == got[r]:
+                    cause = "trajectory drift: the reference draws the same label from the backend's own weights"
+                elif margins[r] <= LABEL_TIE:
+                    cause = "sampling tie: the uniform is within fp32 rounding of a CDF boundary"
+                else:
+                    cause = "mismatch"
+                    passed = False
+                event = {"step": record["step"], "row": int(r), "reference": int(want[r]), "backend": int(got[r]),
+                         "cdf_margin": float(margins[r]), "cause": cause}
+                label_events.append(event)
+            record["negative_label_mismatches"] = len(wrong)
+        per_step.append(record)
+    return {"steps": steps, "first_step": first_step, "passed": bool(passed), "within_strict_tolerance": bool(strict),
+            "worst_rel": worst, "negative_label_events": label_events, "columns": ["max_abs", "max_rel"],
+            "per_step": per_step}
+
+
+@contextlib.contextmanager
+def _one_torch_thread():
+    """The reference runs one small primitive at a time; waking a second thread per op costs more
+    than it saves (25x slower matmuls measured on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def verify(model: Model, target: dict, runners: dict, params: dict, state: dict, step: int, x, y,
+           infer_batch: int, steps: int = 100, seed: int | None = None, data: str = "", progress: bool = False,
+           log=None) -> dict:
+    """The full parity report for the compiled ``runners`` (program name -> object with ``run``)."""
+    with _one_torch_thread():
+        return _verify(model, target, runners, params, state, step, x, y, infer_batch, steps, seed, data, progress, log)
+
+
+def _verify(model, target, runners, params, state, step, x, y, infer_batch, steps, seed, data, progress, log) -> dict:
+    started = time.perf_counter()
+    seed = model.training.seed if seed is None else seed
+    batch = model.training.batch_size
+    rng = np.random.default_rng([seed, 1234])
+    ties = _LabelTies(model, batch) if "train_step" in runners else None
+    references = {name: Reference(model, name, batch if name == "train_step" else infer_batch) for name in runners}
+    feeds_iter = _batches(model, x, y, seed, step + 1)
+    params, state, warmup = _warm_up(model, references.get("train_step"), params, state, step, feeds_iter)
+    real = next(feeds_iter)
+    results = []
+    for name, runner in runners.items():
+        ref = references[name]
+        inputs = ref.f32.program.inputs
+        for kind in ("random", "real"):
+            if kind == "random":
+                feeds = random_feeds(model, inputs, params, state, rng)
+            elif name == "train_step":
+                feeds = {v.name: {**params, **state, **real}[v.name] for v in inputs}
+            elif len(x) >= infer_batch:
+                feeds = {v.name: {**params, "x": x[:infer_batch]}[v.name] for v in inputs}
+            else:
+                continue
+            if log:
+                log(f"verify: {name} on {kind} inputs")
+            out = runner.run(feeds)
+            entry = compare_program(name, out, ref.run32(feeds), ref.run64(feeds), ties,
+                                    {k: feeds[k] for k in params if k in feeds}, feeds)
+            entry["inputs"] = kind
+            results.append(entry)
+    trajectory = None
+    if steps > 0 and "train_step" in runners:
+        if log:
+            log(f"verify: {steps}-step training trajectory")
+        trajectory = trajectory_parity(runners["train_step"].run, references["train_step"], ties, params, state,
+                                       _chain([real], feeds_iter), steps, progress)
+    passed = all(r["passed"] for r in results) and (trajectory is None or trajectory["passed"])
+    report = {
+        "format": FORMAT, "passed": bool(passed), "model": model.name, "target": target.get("name"),
+        "backend": target.get("backend"), "device": target.get("device"), "data": data,
+        "batch": {"train": batch, "infer": infer_batch}, "tolerances": TOLERANCES, "warmup": warmup,
+        "summary": summarize(results, trajectory), "programs": results, "trajectory": trajectory,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    return report
+
+
+def summarize(results: list[dict], trajectory: dict | None) -> dict:
+    out = {"programs": {}}
+    for r in results:
+        worst = max(r["tensors"].items(), key=lambda kv: kv[1]["max_rel"], default=(None, {"max_rel": 0.0, "max_abs": 0.0}))
+        floor = sorted(k for k, v in r["tensors"].items() if "float64" in v)
+        out["programs"][f"{r['program']}/{r['inputs']}"] = {
+            "passed": r["passed"], "worst_tensor": worst[0], "max_rel": worst[1]["max_rel"], "max_abs": worst[1]["max_abs"],
+            "max_abs_all": max((v["max_abs"] for v in r["tensors"].values()), default=0.0),
+            "passed_by_float64_floor": floor,
+            "integer_mismatches": {k: len(v) for k, v in r["integer_mismatches"].items()}}
+    if trajectory is not None:
+        worst = max(trajectory["worst_rel"].items(), key=lambda kv: kv[1], default=(None, 0.0))
+        out["trajectory"] = {"passed": trajectory["passed"], "steps": trajectory["steps"],
+                             "within_strict_tolerance": trajectory["within_strict_tolerance"],
+                             "worst_tensor": worst[0], "max_rel": worst[1],
+                             "negative_label_events": len(trajectory["negative_label_events"])}
+    return out
+
+
+def summary_lines(report: dict) -> list[str]:
+    lines = [f"parity {'PASSED' if report['passed'] else 'FAILED'}: {report['model']} on {report['target']} "
+             f"({report['backend']}, {report['device']})"]
+    for key, s in report["summary"]["programs"].items():
+        extra = ""
+        if s["passed_by_float64_floor"]:
+            extra += f"; within the float64 floor: {', '.join(s['passed_by_float64_floor'])}"
+        if any(s["integer_mismatches"].values()):
+            extra += f"; integer mismatches {s['integer_mismatches']}"
+        lines.append(f"  {key:28s} {'ok  ' if s['passed'] else 'FAIL'} max rel {s['max_rel']:.2e} ({s['worst_tensor']}), "
+                     f"max abs {s['max_abs_all']:.2e}{extra}")
+    t = report["summary"].get("trajectory")
+    if t:
+        strict = "all within 1e-4 of the fp32 reference" if t["within_strict_tolerance"] else \
+            "some tensors beyond 1e-4 of the fp32 reference, within the float64 floor"
+        lines.append(f"  trajectory {t['steps']} steps        {'ok  ' if t['passed'] else 'FAIL'} max rel "
+                     f"{t['max_rel']:.2e} ({t['worst_tensor']}); {strict}; negative-label events {t['negative_label_events']}")
+    elif report.get("skipped"):
+        lines.append(f"  skipped: {report['skipped']}")
+    return lines

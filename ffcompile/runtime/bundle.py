@@ -1,0 +1,158 @@
+"""Loading and using a bundle on a device: inference, evaluation, fine-tuning. Needs numpy,
+safetensors and the target's runtime (onnxruntime), never torch.
+
+    bundle = load_bundle("bundles/small-x86")
+    bundle.predict(x)                      # [N] int64, goodness readout
+    bundle.evaluate(x, y, "softmax")       # error and latency
+    bundle.finetune(x, y, epochs=2, out_dir="bundles/small-x86.finetune")
+    bundle.with_weights("bundles/small-x86.finetune/checkpoint.safetensors").evaluate(x, y)
+
+A loaded bundle's files have all been checked against the manifest's sha256; nothing is ever
+written into the bundle directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..checkpoint import Checkpoint, load_checkpoint
+from ..errors import FFCompileError
+from ..evaluate import predict as predict_batched
+from ..spec import Model, Training, model_from_dict
+from .host import check_runs_here
+from .inputs import as_images, as_labels
+from .manifest import OPTIMIZER, WEIGHTS, BundleError, read_manifest, verify_files
+from .programs import Runnable, load_program
+from .weights import check_tensors, read_tensors
+
+READOUT_PROGRAMS = {"goodness": "infer_goodness", "softmax": "infer_softmax"}
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    readout: str
+    examples: int
+    error_percent: float
+    batch: int
+    median_batch_ms: float  # wall time of one compiled program call, median over batches
+    examples_per_second: float
+
+    @property
+    def accuracy_percent(self) -> float:
+        return 100.0 - self.error_percent
+
+
+@dataclass
+class Bundle:
+    path: Path
+    manifest: dict
+    model: Model
+    target: dict
+    programs: dict[str, Runnable]
+    params: dict[str, np.ndarray]
+    state: dict[str, np.ndarray]
+    epoch: int  # epochs behind the weights in use
+    step: int  # optimizer steps behind them
+    weights_from: str  # the file the weights in use came from
+
+    @property
+    def readouts(self) -> list[str]:
+        return [r for r, program in READOUT_PROGRAMS.items() if program in self.programs]
+
+    def signature(self, program: str) -> dict:
+        return self.manifest["programs"][program]
+
+    def program_params(self, program: str) -> dict[str, np.ndarray]:
+        names = {v["name"] for v in self.signature(program)["inputs"]}
+        return {k: v for k, v in self.params.items() if k in names}
+
+    def _readout_program(self, readout: str) -> str:
+        if readout not in READOUT_PROGRAMS:
+            raise FFCompileError(f"unknown readout {readout!r} (known: {', '.join(READOUT_PROGRAMS)})")
+        if READOUT_PROGRAMS[readout] not in self.programs:
+            raise FFCompileError(f"bundle {self.path} has no {readout} readout (it has: {', '.join(self.readouts)})")
+        return READOUT_PROGRAMS[readout]
+
+    def predict(self, x, readout: str = "goodness") -> np.ndarray:
+        """Predicted class per row of ``x`` [N, input size]."""
+        return self._predict(x, readout)[0]
+
+    def evaluate(self, x, y, readout: str = "goodness") -> Evaluation:
+        images = as_images(x, self.model.input.size)
+        labels = as_labels(y, len(images), self.model.input.label.classes)
+        predictions, times = self._predict(images, readout)
+        batch = self.manifest["batch"]["infer"]
+        median = statistics.median(times)
+        return Evaluation(readout=readout, examples=len(images),
+                          error_percent=float(np.mean(predictions != labels) * 100.0), batch=batch,
+                          median_batch_ms=median * 1e3, examples_per_second=batch / median if median > 0 else float("inf"))
+
+    def _predict(self, x, readout: str) -> tuple[np.ndarray, list[float]]:
+        name = self._readout_program(readout)
+        images = as_images(x, self.model.input.size)
+        program, times = self.programs[name], []
+
+        def timed_run(feeds):
+            started = time.perf_counter()
+            out = program.run(feeds)
+            times.append(time.perf_counter() - started)
+            return out
+
+        predictions = predict_batched(timed_run, self.program_params(name), images, self.manifest["batch"]["infer"])
+        return predictions, times
+
+    def finetune(self, x, y, epochs: int, out_dir, resume: bool = False, progress: bool = True, val=None,
+                 seed: int | None = None, log=print) -> Checkpoint:
+        """FF training driven by the compiled ``train_step``; see ``ffcompile.runtime.finetune``."""
+        from .finetune import finetune
+
+        return finetune(self, x, y, epochs, out_dir, resume=resume, progress=progress, val=val, seed=seed, log=log)
+
+    def with_weights(self, checkpoint) -> "Bundle":
+        """This bundle's programs with the weights (and optimizer state) of a checkpoint, e.g. a
+        fine-tuning run's ``checkpoint.safetensors`` (or the folder holding it)."""
+        path = Path(checkpoint)
+        if path.is_dir():
+            path = path / "checkpoint.safetensors"
+        ckpt = load_checkpoint(path)
+        if not same_network(ckpt.model, self.model):
+            raise FFCompileError(f"{path}: checkpoint of model {ckpt.model.name!r} does not fit bundle {self.path} "
+                                 f"(model {self.model.name!r}): the networks or learning rules differ")
+        return self.with_params(ckpt.params, ckpt.state, ckpt.epoch, ckpt.step, str(path))
+
+    def with_params(self, params, state, epoch: int, step: int, weights_from: str = "(in memory)") -> "Bundle":
+        return dataclasses.replace(self, params=params, state=state, epoch=epoch, step=step, weights_from=weights_from)
+
+
+def same_network(a: Model, b: Model) -> bool:
+    """Same architecture and learning rule; the training section (batch size, epochs) may differ."""
+    return dataclasses.replace(a, training=Training()) == dataclasses.replace(b, training=Training())
+
+
+def load_bundle(path) -> Bundle:
+    """Load a bundle after checking its format, every file's sha256, and that this machine can
+    run its target."""
+    root = Path(path)
+    manifest = read_manifest(root)
+    verify_files(root, manifest)
+    model = model_from_dict(manifest["model"], source=f"{root / 'manifest.json'} (model)")
+    target = manifest["target"]
+    check_runs_here(target)
+    params, _ = read_tensors(root / WEIGHTS)
+    state, meta = read_tensors(root / OPTIMIZER)
+    check_tensors(f"bundle {root}", model, params, state)
+    try:
+        epoch, step = int(meta["epoch"]), int(meta["step"])
+    except (KeyError, ValueError):
+        raise BundleError(f"{root / OPTIMIZER}: metadata lacks the training position (epoch, step)") from None
+    programs = {}
+    for name, entry in manifest["programs"].items():
+        programs[name] = load_program(root / entry["file"], target, f"{root.name}/{entry['file']}", entry)
+    return Bundle(path=root, manifest=manifest, model=model, target=target, programs=programs, params=params,
+                  state=state, epoch=epoch, step=step, weights_from=str(root / WEIGHTS))

@@ -1,0 +1,127 @@
+"""Forward-Forward fine-tuning on the device, driven entirely by the bundle's compiled
+``train_step`` through the shared training loop (``ffcompile.loop``): the same batches, random
+draws and learning rates as the PyTorch reference trainer, so a run here and ``ffcompile train``
+from the same weights take the same steps up to fp32 rounding.
+
+A run starts from the bundle's weights and optimizer state (Adam's step count included) and
+counts its own epochs from 0; it saves ``checkpoint.safetensors`` atomically after every epoch and
+``metrics.json`` beside it. ``resume`` continues an interrupted run bit-identically.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..checkpoint import Checkpoint, load_checkpoint, save_checkpoint, write_json
+from ..errors import FFCompileError
+from ..loop import run_epoch
+from .inputs import as_images, as_labels
+from .programs import Runnable
+
+CHECKPOINT = "checkpoint.safetensors"
+METRICS = "metrics.json"
+FEEDS = ("x", "y", "u", "lr", "step")
+
+
+class CompiledTrainStep:
+    """The compiled ``train_step`` as a loop step function (numpy in, numpy out)."""
+
+    def __init__(self, program: Runnable, signature: dict):
+        self.program = program
+        names = {v["name"] for v in signature["inputs"]}
+        self.feed_names = [n for n in FEEDS if n in names]
+
+    def __call__(self, params, state, feeds):
+        out = self.program.run({**params, **state, **{k: feeds[k] for k in self.feed_names}})
+        new_params = {k: out[f"new.{k}"] for k in params}
+        new_state = {k: out[f"new.{k}"] for k in state}
+        metrics = {k: float(v) for k, v in out.items() if not k.startswith("new.") and np.ndim(v) == 0}
+        return new_params, new_state, metrics
+
+
+def finetune(bundle, x, y, epochs: int, out_dir, resume: bool = False, progress: bool = True, val=None,
+             seed: int | None = None, log=print) -> Checkpoint:
+    """Train ``bundle``'s network on (x, y) until ``epochs`` epochs are done; ``val`` = (x, y) adds
+    a validation error per epoch to metrics.json."""
+    model = bundle.model
+    if "train_step" not in bundle.programs:
+        raise FFCompileError(f"bundle {bundle.path} has no train_step program")
+    if epochs < 0:
+        raise FFCompileError(f"epochs must be >= 0, got {epochs}")
+    x = as_images(x, model.input.size, "training images")
+    y = as_labels(y, len(x), model.input.label.classes, "training labels")
+    if len(x) < model.training.batch_size:
+        raise FFCompileError(f"{len(x)} training examples is less than one batch of {model.training.batch_size}")
+    if val is not None:
+        val = (as_images(val[0], model.input.size, "validation images"),
+               as_labels(val[1], len(val[0]), model.input.label.classes, "validation labels"))
+    out_dir = Path(out_dir)
+    _refuse_inside_bundle(out_dir, Path(bundle.path))
+    ckpt_path = out_dir / CHECKPOINT
+    seed = model.training.seed if seed is None else seed
+    history: list[dict] = []
+    if resume:
+        if not ckpt_path.is_file():
+            raise FFCompileError(f"--resume: no checkpoint at {ckpt_path}")
+        ckpt = load_checkpoint(ckpt_path)
+        if ckpt.model != model:
+            raise FFCompileError(f"--resume: {ckpt_path} was not fine-tuned from a bundle of model {model.name!r} "
+                                 "with this bundle's settings")
+        if (out_dir / METRICS).is_file():
+            history = json.loads((out_dir / METRICS).read_text())["epochs"][: ckpt.epoch]
+        log(f"resuming {ckpt_path} after epoch {ckpt.epoch} (step {ckpt.step})")
+    else:
+        if ckpt_path.exists():
+            raise FFCompileError(f"{ckpt_path} exists: pass --resume to continue it, or choose another output folder")
+        ckpt = Checkpoint(model, bundle.params, bundle.state, 0, bundle.step)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    step_fn = CompiledTrainStep(bundle.programs["train_step"], bundle.signature("train_step"))
+    shift = None
+    if model.training.jitter:
+        from ..data import shift_images
+        shift = shift_images
+    params, state, step = dict(ckpt.params), dict(ckpt.state), ckpt.step
+    for epoch in range(ckpt.epoch, epochs):
+        started = time.perf_counter()
+        params, state, step, metrics = run_epoch(model, step_fn, params, state, x, y, epoch, epochs, step, seed,
+                                                 progress, desc=f"finetune ({bundle.target['name']})", shift=shift)
+        bad = [k for k, v in params.items() if not np.all(np.isfinite(v))]
+        if bad:
+            raise FFCompileError(f"fine-tuning diverged in epoch {epoch + 1}: non-finite {', '.join(bad)}; "
+                                 f"the last good checkpoint (epoch {epoch}) is kept")
+        record = {"epoch": epoch + 1, "step": step, "seconds": round(time.perf_counter() - started, 3), **metrics}
+        if val is not None:
+            tuned = bundle.with_params(params, state, epoch + 1, step)
+            for readout in bundle.readouts:
+                record[f"val_error.{readout}"] = tuned.evaluate(val[0], val[1], readout).error_percent
+        history.append(record)
+        ckpt = Checkpoint(model, params, state, epoch + 1, step)
+        save_checkpoint(ckpt_path, ckpt)
+        write_json(out_dir / METRICS, {"model": model.name, "bundle": str(bundle.path), "target": bundle.target["name"],
+                                       "started_from": bundle.weights_from, "epochs": history})
+        log(_epoch_line(record))
+    return ckpt
+
+
+def _refuse_inside_bundle(out_dir: Path, bundle_dir: Path) -> None:
+    out, root = out_dir.resolve(), bundle_dir.resolve()
+    if out == root or root in out.parents:
+        raise FFCompileError(f"{out_dir}: fine-tuning output must be outside the bundle {bundle_dir} "
+                             "(a bundle's files are checksummed and never written)")
+
+
+def _epoch_line(record: dict) -> str:
+    parts = [f"epoch {record['epoch']}"]
+    losses = [v for k, v in record.items() if k.startswith("loss.") and k != "loss.softmax"]
+    if losses:
+        parts.append(f"ff loss {sum(losses):.4f}")
+    for k, v in record.items():
+        if k.startswith("val_error."):
+            parts.append(f"val {k.split('.', 1)[1]} {v:.2f}%")
+    parts.append(f"{record['seconds']:.1f}s")
+    return "  ".join(parts)

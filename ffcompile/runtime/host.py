@@ -1,0 +1,48 @@
+"""Can this machine run a bundle built for a given target? (architecture, device, providers)"""
+
+from __future__ import annotations
+
+import platform
+
+from ..errors import FFCompileError
+
+_ARCH_ALIASES = {"amd64": "x86_64", "x86_64": "x86_64", "arm64": "aarch64", "aarch64": "aarch64",
+                 "armv7l": "armv7l", "armv7": "armv7l", "riscv64": "riscv64"}
+
+
+def host_arch() -> str:
+    machine = platform.machine().lower()
+    return _ARCH_ALIASES.get(machine, machine)
+
+
+def onnxruntime_providers() -> list[str]:
+    import onnxruntime
+
+    return onnxruntime.get_available_providers()
+
+
+def why_not_here(target: dict) -> str | None:
+    """None if this machine can run programs built for ``target`` (a target's JSON form), else the
+    reason in one line."""
+    name = target.get("name", "?")
+    arch = host_arch()
+    if target.get("arch") != arch:
+        return (f"the bundle was built for target {name!r} ({target.get('arch')}, {target.get('device')}), "
+                f"but this machine is {arch}")
+    if target.get("backend") == "onnxruntime":
+        available = onnxruntime_providers()
+        missing = [p for p in target.get("providers", []) if p not in available]
+        if missing:
+            hint = ""
+            if "CUDAExecutionProvider" in missing:
+                hint = ("; no GPU / CUDA execution provider here (that needs an NVIDIA GPU and onnxruntime-gpu): "
+                        "build for --target x86-cpu to run on this machine")
+            return (f"the bundle was built for target {name!r} ({target.get('device')}), which needs onnxruntime's "
+                    f"{', '.join(missing)}; onnxruntime here has only {', '.join(available)}{hint}")
+    return None
+
+
+def check_runs_here(target: dict) -> None:
+    reason = why_not_here(target)
+    if reason:
+        raise FFCompileError(reason)

@@ -1,0 +1,148 @@
+"""Compilation targets: ``targets/<name>.toml`` files that say which backend runs a bundle's
+programs, on which device and CPU architecture, in which dtype.
+
+Targets are looked up by name in ``$FFCOMPILE_TARGETS`` (folders separated by ``os.pathsep``) and
+then in the repository's top-level ``targets/`` folder, the source of truth; a path to a ``.toml``
+file works anywhere a name does. Errors name the file and the field.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import FFCompileError
+
+ENV_VAR = "FFCOMPILE_TARGETS"
+DEFAULT_DIR = Path(__file__).resolve().parents[1] / "targets"
+
+BACKENDS = ("onnxruntime", "tvm")
+DEVICES = ("cpu", "cuda")
+ARCHES = ("x86_64", "aarch64", "armv7l", "riscv64")
+DTYPES = ("float32",)
+_FIELDS = ("description", "backend", "device", "arch", "dtype", "providers", "tvm", "cc")
+
+
+class TargetError(FFCompileError):
+    pass
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    backend: str
+    device: str
+    arch: str
+    dtype: str = "float32"
+    providers: tuple[str, ...] = ()  # onnxruntime execution providers, in priority order
+    tvm: dict | None = field(default=None, hash=False)  # TVM target dict (backend "tvm")
+    cc: str | None = None  # cross compiler for TVM's shared library
+    description: str = ""
+
+    def to_json(self) -> dict:
+        out = {"name": self.name, "backend": self.backend, "device": self.device, "arch": self.arch,
+               "dtype": self.dtype, "description": self.description}
+        if self.providers:
+            out["providers"] = list(self.providers)
+        if self.tvm is not None:
+            out["tvm"] = self.tvm
+        if self.cc is not None:
+            out["cc"] = self.cc
+        return out
+
+
+def search_dirs() -> list[Path]:
+    extra = [Path(p) for p in os.environ.get(ENV_VAR, "").split(os.pathsep) if p]
+    return [*extra, DEFAULT_DIR]
+
+
+def load_target(path: str | Path) -> Target:
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TargetError(f"{path}: target file not found") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise TargetError(f"{path}: not valid TOML: {e}") from None
+    return target_from_dict(raw, name=path.stem, source=str(path))
+
+
+def target_from_dict(raw: dict, name: str, source: str) -> Target:
+    def fail(key: str, msg: str):
+        raise TargetError(f"{source}: {key}: {msg}")
+
+    for key in raw:
+        if key not in _FIELDS and key != "name":
+            fail(key, f"unknown field (known: {', '.join(_FIELDS)})")
+    if "name" in raw and raw["name"] != name:
+        fail("name", f"must match the file name {name!r} (or be left out), got {raw['name']!r}")
+
+    def choice(key: str, choices: tuple[str, ...], default: str | None = None) -> str:
+        value = raw.get(key, default)
+        if value is None:
+            fail(key, f"required (one of: {', '.join(choices)})")
+        if value not in choices:
+            fail(key, f"unknown value {value!r} (known: {', '.join(choices)})")
+        return value
+
+    backend = choice("backend", BACKENDS)
+    device = choice("device", DEVICES)
+    arch = choice("arch", ARCHES)
+    dtype = choice("dtype", DTYPES, "float32")
+    description = raw.get("description", "")
+    if not isinstance(description, str):
+        fail("description", f"must be a string, got {description!r}")
+
+    providers = raw.get("providers", [])
+    if not isinstance(providers, list) or not all(isinstance(p, str) and p for p in providers):
+        fail("providers", f"must be a list of onnxruntime execution provider names, got {providers!r}")
+    if backend == "onnxruntime":
+        if not providers:
+            fail("providers", "backend \"onnxruntime\" needs at least one execution provider")
+        if device == "cuda" and providers[0] != "CUDAExecutionProvider":
+            fail("providers", f"device \"cuda\" needs CUDAExecutionProvider first, got {providers!r}")
+        if device == "cpu" and "CUDAExecutionProvider" in providers:
+            fail("providers", "device \"cpu\" cannot use CUDAExecutionProvider")
+    elif providers:
+        fail("providers", f"only for backend \"onnxruntime\", not {backend!r}")
+
+    tvm = raw.get("tvm")
+    if backend == "tvm" and not isinstance(tvm, dict):
+        fail("tvm", "backend \"tvm\" needs a [tvm] table: the TVM target dict")
+    if backend != "tvm" and tvm is not None:
+        fail("tvm", f"only for backend \"tvm\", not {backend!r}")
+    cc = raw.get("cc")
+    if cc is not None and not isinstance(cc, str):
+        fail("cc", f"must be a string (a compiler command), got {cc!r}")
+    return Target(name=name, backend=backend, device=device, arch=arch, dtype=dtype, providers=tuple(providers),
+                  tvm=tvm, cc=cc, description=description)
+
+
+def target_files() -> dict[str, Path]:
+    """Every target found, by name; an earlier search folder wins."""
+    found: dict[str, Path] = {}
+    for folder in search_dirs():
+        if folder.is_dir():
+            for path in sorted(folder.glob("*.toml")):
+                found.setdefault(path.stem, path)
+    return dict(sorted(found.items()))
+
+
+def known_targets() -> list[Target]:
+    return [load_target(path) for path in target_files().values()]
+
+
+def find_target(name_or_path: str | Path | Target) -> Target:
+    """A target by name (``x86-cpu``) or by path to its ``.toml``."""
+    if isinstance(name_or_path, Target):
+        return name_or_path
+    text = str(name_or_path)
+    if text.endswith(".toml") or os.sep in text:
+        return load_target(Path(text))
+    files = target_files()
+    if text not in files:
+        known = ", ".join(files) or f"none (no .toml files in {', '.join(map(str, search_dirs()))})"
+        raise TargetError(f"unknown target {text!r} (known: {known}; or pass a path to a target .toml)")
+    return load_target(files[text])
