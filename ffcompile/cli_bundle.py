@@ -169,9 +169,11 @@ def finetune(bundle_dir, data_dir, epochs, out_dir, resume, split, limit, progre
     """Forward-Forward training on this machine with the bundle's compiled train_step (no torch):
     starts from the bundle's weights, never writes into the bundle."""
     from .runtime.bundle import load_bundle
+    from .runtime.finetune import refuse_inside_bundle
 
     bundle = load_bundle(bundle_dir)
     out_dir = out_dir or bundle_dir.parent / f"{bundle_dir.name}.finetune"
+    refuse_inside_bundle(out_dir, bundle_dir)
     source, x, y = load_split(data_dir, split)
     if limit is not None:
         x, y = x[:limit], y[:limit]

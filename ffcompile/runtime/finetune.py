@@ -60,7 +60,7 @@ def finetune(bundle, x, y, epochs: int, out_dir, resume: bool = False, progress:
         val = (as_images(val[0], model.input.size, "validation images"),
                as_labels(val[1], len(val[0]), model.input.label.classes, "validation labels"))
     out_dir = Path(out_dir)
-    _refuse_inside_bundle(out_dir, Path(bundle.path))
+    refuse_inside_bundle(out_dir, Path(bundle.path))
     ckpt_path = out_dir / CHECKPOINT
     seed = model.training.seed if seed is None else seed
     history: list[dict] = []
@@ -108,7 +108,7 @@ def finetune(bundle, x, y, epochs: int, out_dir, resume: bool = False, progress:
     return ckpt
 
 
-def _refuse_inside_bundle(out_dir: Path, bundle_dir: Path) -> None:
+def refuse_inside_bundle(out_dir: Path, bundle_dir: Path) -> None:
     out, root = out_dir.resolve(), bundle_dir.resolve()
     if out == root or root in out.parents:
         raise FFCompileError(f"{out_dir}: fine-tuning output must be outside the bundle {bundle_dir} "
