@@ -19,15 +19,22 @@ Tolerances (fp32):
 
 When a tensor misses its fp32 tolerance, the harness asks whether the *reference itself* is that
 far from exact arithmetic: it evaluates the same program in float64 and accepts the tensor when
-``max|out - ref64| <= tol + 3 * max|ref32 - ref64|``, i.e. the compiled program is at most 3x as
+``max|out - ref64| <= tol + 10 * max|ref32 - ref64|``, i.e. the compiled program is at most 10x as
 far from the float64 result as the fp32 reference is. Such tensors are reported with both numbers.
-Why this is needed: some FF steps are ill-conditioned in fp32 for *every* implementation. Adam's
-first step from zero state moves each weight by ``lr * g / (|g| + eps)``: a gradient that is zero
-in exact arithmetic (e.g. the softmax bias of a zero-initialised readout on a class-balanced
-batch) comes out as +-1e-8 rounding noise, whose sign then decides a move of +-lr; and weights fed
-by rarely-lit pixels get Adam steps normalised by a tiny second moment. Measured on
-mnist-small, the fp32 reference's own trajectory drifts ~1e-3 (rel) from the float64 one within
-15 steps, so no fp32 backend can stay within 1e-4 of it there.
+A wrong program is off by orders of magnitude more, from its first step (the program checks see
+it); the factor only absorbs which of two rounding-level perturbations happens to grow faster.
+
+Why this is needed (measured on mnist-small, not assumed):
+
+- Adam's first step from zero state moves each weight by ``lr * g / (|g| + eps)``: a gradient that
+  is zero in exact arithmetic (the softmax bias of a zero-initialised readout on a class-balanced
+  batch) comes out as +-1e-8 rounding noise whose sign decides a move of +-lr. The torch fp32
+  reference is itself 0.57 (rel) off the float64 result in that tensor. Fresh Adam bundles
+  therefore take 2 shared reference steps before the real-data and trajectory checks.
+- FF training amplifies rounding differences: from a 2-epoch mnist-small checkpoint the fp32
+  reference's own distance to the float64 trajectory grows ~10x per 10 steps, to 4e-3 (rel,
+  h1.weight) after 100 steps; onnxruntime ends 7.5e-3 from torch fp32 but only 3.3e-3 from float64.
+  No fp32 implementation can stay within 1e-4 of another over such a trajectory.
 """
 
 from __future__ import annotations
@@ -48,7 +55,7 @@ FORMAT = "ffcompile-parity-1"
 PROGRAM_ATOL = 1e-5
 PROGRAM_RTOL = 1e-5
 TRAJECTORY_RTOL = 1e-4
-FLOAT64_FACTOR = 3.0
+FLOAT64_FACTOR = 10.0
 LABEL_TIE = 1e-5
 INTEGER_OUTPUTS = ("prediction", "negative_labels")
 TRAIN_FEEDS = ("x", "y", "u", "lr", "step")
@@ -245,7 +252,7 @@ def trajectory_parity(run, reference: Reference, ties: _LabelTies, params: dict,
     needed = [v.name for v in reference.f32.program.inputs]
     sides = {"backend": (params, state), "ref32": (params, state), "ref64": (params, state)}
     per_step, worst, label_events, passed, strict = [], {}, [], True, True
-    first_step = None
+    first_step = first_beyond = None
     for _ in tqdm(range(steps), desc="verify trajectory", disable=not progress, leave=False):
         feeds = next(feeds_iter)
         first_step = int(feeds["step"]) if first_step is None else first_step
@@ -264,6 +271,8 @@ def trajectory_parity(run, reference: Reference, ties: _LabelTies, params: dict,
                 record["tensors"][name] = [entry["max_abs"], entry["max_rel"]]
                 worst[name] = max(worst.get(name, 0.0), entry["max_rel"])
                 if "float64" in entry:
+                    if strict:
+                        first_beyond = record["step"]
                     strict = False
                     record.setdefault("float64_floor", {})[name] = {**entry["float64"], "passed": entry["passed"]}
                 passed &= entry["passed"]
@@ -286,7 +295,8 @@ def trajectory_parity(run, reference: Reference, ties: _LabelTies, params: dict,
             record["negative_label_mismatches"] = len(wrong)
         per_step.append(record)
     return {"steps": steps, "first_step": first_step, "passed": bool(passed), "within_strict_tolerance": bool(strict),
-            "worst_rel": worst, "negative_label_events": label_events, "columns": ["max_abs", "max_rel"],
+            "first_step_beyond_strict_tolerance": first_beyond, "worst_rel": worst,
+            "negative_label_events": label_events, "columns": ["max_abs", "max_rel"],
             "per_step": per_step}
 
 
@@ -371,6 +381,7 @@ def summarize(results: list[dict], trajectory: dict | None) -> dict:
         worst = max(trajectory["worst_rel"].items(), key=lambda kv: kv[1], default=(None, 0.0))
         out["trajectory"] = {"passed": trajectory["passed"], "steps": trajectory["steps"],
                              "within_strict_tolerance": trajectory["within_strict_tolerance"],
+                             "first_step_beyond_strict_tolerance": trajectory["first_step_beyond_strict_tolerance"],
                              "worst_tensor": worst[0], "max_rel": worst[1],
                              "negative_label_events": len(trajectory["negative_label_events"])}
     return out
@@ -390,7 +401,7 @@ def summary_lines(report: dict) -> list[str]:
     t = report["summary"].get("trajectory")
     if t:
         strict = "all within 1e-4 of the fp32 reference" if t["within_strict_tolerance"] else \
-            "some tensors beyond 1e-4 of the fp32 reference, within the float64 floor"
+            f"beyond 1e-4 of the fp32 reference from step {t['first_step_beyond_strict_tolerance']}, judged by the float64 floor"
         lines.append(f"  trajectory {t['steps']} steps        {'ok  ' if t['passed'] else 'FAIL'} max rel "
                      f"{t['max_rel']:.2e} ({t['worst_tensor']}); {strict}; negative-label events {t['negative_label_events']}")
     elif report.get("skipped"):

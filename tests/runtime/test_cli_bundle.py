@@ -86,3 +86,22 @@ def test_errors_are_one_line(tiny_bundle, tmp_path):
     assert "not a bundle" in error_line(invoke("run", tmp_path))
     assert "must be outside the bundle" in error_line(invoke("finetune", tiny_bundle, "--epochs", "1",
                                                              "--out", tiny_bundle / "ft"))
+
+
+def test_verify_fails_on_a_miscompiled_program(tiny_spec, bundle_copy, tmp_path):
+    """A train_step with the same signature but another learning rule (weight decay 1e-2 instead
+    of 1e-3), slipped in with a forged checksum: verify must exit 1."""
+    from ffcompile.bundle import build_bundle
+    from ffcompile.runtime.manifest import sha256_file
+
+    spec = tmp_path / "decay.toml"
+    spec.write_text(tiny_spec.read_text().replace("weight_decay = 1e-3", "weight_decay = 1e-2"))
+    build_bundle(spec, "x86-cpu", tmp_path / "other", verify_steps=0, progress=False, log=lambda _: None)
+    rel = "programs/train_step.onnx"
+    (bundle_copy / rel).write_bytes((tmp_path / "other" / rel).read_bytes())
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    manifest["files"][rel] = sha256_file(bundle_copy / rel)
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    result = invoke("verify", bundle_copy, "--steps", "2", "--no-progress")
+    assert result.exit_code == 1, result.output
+    assert "parity FAILED" in result.output and "train_step/real" in result.output
