@@ -32,13 +32,13 @@ def why_not_here(target: dict) -> str | None:
     if target.get("backend") == "onnxruntime":
         available = onnxruntime_providers()
         missing = [p for p in target.get("providers", []) if p not in available]
+        if missing and "CUDAExecutionProvider" in missing:
+            return (f"the bundle's target {name!r} needs onnxruntime's CUDAExecutionProvider: no GPU / CUDA execution "
+                    f"provider here (onnxruntime offers {', '.join(available)}; CUDA needs an NVIDIA GPU and "
+                    "onnxruntime-gpu); build with --target x86-cpu to run on this machine")
         if missing:
-            hint = ""
-            if "CUDAExecutionProvider" in missing:
-                hint = ("; no GPU / CUDA execution provider here (that needs an NVIDIA GPU and onnxruntime-gpu): "
-                        "build for --target x86-cpu to run on this machine")
-            return (f"the bundle was built for target {name!r} ({target.get('device')}), which needs onnxruntime's "
-                    f"{', '.join(missing)}; onnxruntime here has only {', '.join(available)}{hint}")
+            return (f"the bundle's target {name!r} needs onnxruntime's {', '.join(missing)}, which this onnxruntime "
+                    f"lacks (it offers {', '.join(available)})")
     return None
 
 

@@ -4,10 +4,8 @@ import numpy as np
 import pytest
 
 from ffcompile.data import load_mnist
-from ffcompile.lowering import init_state
 from ffcompile.parity import PROGRAM_ATOL, PROGRAM_RTOL, verify, wrong_label_margin
 from ffcompile.runtime.bundle import load_bundle
-from ffcompile.spec import load_model
 
 
 @pytest.fixture(scope="module")
