@@ -58,7 +58,8 @@ def load_split(data_dir, split: str):
 @DATA_DIR
 @click.option("--epochs", type=int, default=None, help="Epochs to train in total (default: the spec's training.epochs).")
 @click.option("--out", "run_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Run directory: checkpoint.safetensors, metrics.json, curves.png, receptive_fields.png.")
+              help="Run directory: checkpoint.safetensors, metrics.json, curves.png, receptive_fields.png "
+                   "(and hybrid_negatives.png for hybrid-negative models).")
 @click.option("--resume", is_flag=True, help="Continue from RUN_DIR/checkpoint.safetensors (bit-identical continuation).")
 @click.option("--device", default="cpu", show_default=True, help="torch device for the reference backend (cpu, cuda).")
 @click.option("--split", type=click.Choice(["train", "trainval"]), default="train", show_default=True,
@@ -69,7 +70,7 @@ def load_split(data_dir, split: str):
 def train(model_path, data_dir, epochs, run_dir, resume, device, split, limit, eval_every, progress):
     """Train MODEL.toml with the PyTorch reference backend (every layer learns every minibatch
     from its own local objective)."""
-    from .plots import learning_curves, receptive_fields
+    from .plots import first_layer_images, hybrid_examples, learning_curves, receptive_fields
     from .spec import load_model
     from .train import Dataset, train as run_training
 
@@ -99,9 +100,14 @@ def train(model_path, data_dir, epochs, run_dir, resume, device, split, limit, e
     if history:
         learning_curves(history, run_dir / "curves.png", f"{model.name} ({source.describe()})")
     first = model.layers[0]
-    receptive_fields(ckpt.params[f"{first.name}.weight"], model.input.image_shape, run_dir / "receptive_fields.png",
-                     title=f"{model.name}: first-layer receptive fields (label in the first pixels)")
-    _echo(f"wrote {run_dir}/checkpoint.safetensors, metrics.json, curves.png, receptive_fields.png")
+    label_note = " (label in the first pixels)" if model.input.label.kind == "first_pixels" else ""
+    receptive_fields(first_layer_images(model, ckpt.params[f"{first.name}.weight"]), model.input.image_shape,
+                     run_dir / "receptive_fields.png", title=f"{model.name}: first-layer receptive fields{label_note}")
+    wrote = "checkpoint.safetensors, metrics.json, curves.png, receptive_fields.png"
+    if model.negatives.kind == "hybrid_image":
+        hybrid_examples(model, x, y, run_dir / "hybrid_negatives.png", seed=model.training.seed)
+        wrote += ", hybrid_negatives.png"
+    _echo(f"wrote {run_dir}/{wrote}")
 
 
 @main.command("eval")

@@ -5,6 +5,10 @@ see the same batches, the same random draws and the same learning rates.
 Everything random is drawn here, on the host, from ``numpy.random.default_rng([seed, epoch])``:
 resuming at an epoch boundary continues bit-identically. Only numpy and tqdm are imported, so the
 on-device runtime can use it without torch.
+
+Feeds per step: ``x``, ``y``, ``u``, ``lr``, ``step``; models with hybrid-image negatives (sec. 3.2)
+also get ``x_other`` (a digit of a different class for every row) and ``mask_bits`` (random 0/1
+pixels that the program blurs into the mask). Step functions take the feeds their program needs.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from tqdm import tqdm
 from .spec import Model
 
 StepFn = Callable[[object, object, dict], tuple[object, object, dict]]
+FEEDS = ("x", "y", "u", "lr", "step", "x_other", "mask_bits")
 
 
 def learning_rate(model: Model, epoch: int, epochs: int) -> float:
@@ -36,10 +41,21 @@ class EpochPlan:
     order: np.ndarray  # [steps, batch] row indices into the training set
     u: np.ndarray  # [steps, batch] uniforms in [0, 1) for negative sampling
     shifts: np.ndarray | None  # [steps, batch, 2] jitter (dx, dy) or None
+    partners: np.ndarray | None = None  # [steps, batch] rows of a different class (hybrid negatives)
+    packed_bits: np.ndarray | None = None  # [steps, batch, ceil(pixels / 8)] uint8 mask bits, packed
+
+    def mask_bits(self, k: int, pixels: int) -> np.ndarray:
+        """Step k's mask bits as float32 0/1 [batch, pixels]."""
+        return np.unpackbits(self.packed_bits[k], axis=1, count=pixels).astype(np.float32)
 
 
-def epoch_plan(model: Model, n: int, epoch: int, seed: int) -> EpochPlan:
-    """A full epoch of shuffled batches; a last partial batch is dropped (static shapes)."""
+def uses_hybrid_negatives(model: Model) -> bool:
+    return model.negatives.kind == "hybrid_image"
+
+
+def epoch_plan(model: Model, n: int, epoch: int, seed: int, labels: np.ndarray | None = None) -> EpochPlan:
+    """A full epoch of shuffled batches; a last partial batch is dropped (static shapes). Models with
+    hybrid negatives need the training ``labels`` to pick partners of a different class."""
     batch = model.training.batch_size
     steps = n // batch
     if steps == 0:
@@ -51,7 +67,32 @@ def epoch_plan(model: Model, n: int, epoch: int, seed: int) -> EpochPlan:
     if model.training.jitter:
         j = model.training.jitter
         shifts = rng.integers(-j, j + 1, size=(steps, batch, 2))
-    return EpochPlan(order, u, shifts)
+    plan = EpochPlan(order, u, shifts)
+    if uses_hybrid_negatives(model):  # drawn after everything else: other models' draws stay as they were
+        if labels is None or len(labels) != n:
+            raise ValueError("hybrid-image negatives need the labels of all training examples")
+        plan.partners = different_label_partners(rng, np.asarray(labels))[order]
+        plan.packed_bits = rng.integers(0, 256, size=(steps, batch, -(-model.input.size // 8)), dtype=np.uint8)
+    return plan
+
+
+def different_label_partners(rng: np.random.Generator, labels: np.ndarray) -> np.ndarray:
+    """For every row, the index of a row with a different label: walk a random permutation
+    cyclically and pair each row with the first later row whose label differs (the start of the
+    next run of equal labels). Always succeeds when there are at least two classes."""
+    n = len(labels)
+    perm = rng.permutation(n)
+    walked = labels[perm]
+    starts = np.flatnonzero(np.r_[True, walked[1:] != walked[:-1]])  # first position of each run
+    if len(starts) < 2:
+        raise ValueError("hybrid-image negatives need training examples of at least two classes")
+    run_of = np.cumsum(np.r_[True, walked[1:] != walked[:-1]]) - 1  # run index of each position
+    following = np.r_[starts[1:], starts[0]]  # start of the next run, cyclically
+    if walked[starts[-1]] == walked[0]:
+        following[-1] = starts[1]  # the last run wraps into a first run of its own label: skip it
+    partners = np.empty(n, np.int64)
+    partners[perm] = perm[following[run_of]]
+    return partners
 
 
 def summarize(model: Model, sums: dict[str, float], count: int) -> dict[str, float]:
@@ -68,7 +109,7 @@ def run_epoch(model: Model, step_fn: StepFn, params, state, x: np.ndarray, y: np
               epochs: int, step: int, seed: int, progress: bool = True, desc: str = "train",
               shift: Callable | None = None):
     """One epoch. Returns (params, state, step, mean metrics)."""
-    plan = epoch_plan(model, len(x), epoch, seed)
+    plan = epoch_plan(model, len(x), epoch, seed, y if uses_hybrid_negatives(model) else None)
     lr = np.float32(learning_rate(model, epoch, epochs))
     sums: dict[str, float] = {}
     bar = tqdm(range(len(plan.order)), desc=f"{desc} epoch {epoch + 1}/{epochs}", disable=not progress,
@@ -80,6 +121,12 @@ def run_epoch(model: Model, step_fn: StepFn, params, state, x: np.ndarray, y: np
             xb = shift(xb, plan.shifts[k, :, 0], plan.shifts[k, :, 1])
         step += 1
         feeds = {"x": xb, "y": y[rows], "u": plan.u[k], "lr": lr, "step": np.float32(step)}
+        if plan.partners is not None:
+            other = x[plan.partners[k]]
+            if plan.shifts is not None:  # the partner digit moves with the row's own shift
+                other = shift(other, plan.shifts[k, :, 0], plan.shifts[k, :, 1])
+            feeds["x_other"] = other
+            feeds["mask_bits"] = plan.mask_bits(k, x.shape[1])
         params, state, metrics = step_fn(params, state, feeds)
         for name, value in metrics.items():
             sums[name] = sums.get(name, 0.0) + value

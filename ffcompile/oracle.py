@@ -1,7 +1,11 @@
 """The autograd oracle: the FF train step written the way public FF code writes it — plain
 PyTorch, ``detach()`` between layers, one ``backward()`` per layer loss, and torch.optim for the
 update. It shares no code with the lowering, so agreement checks that the analytic local
-gradients, regularizers and optimizers of ``ffcompile.lowering`` are exactly right."""
+gradients, regularizers and optimizers of ``ffcompile.lowering`` are exactly right.
+
+Locally connected layers are written the way footnote 13 defines them: dense weights times a 0/1
+connectivity mask (``masks``; the caller builds it). Unsupervised models (sec. 3.2) take the second
+digit ``x_other`` and the raw ``mask_bits``; the hybrid mask is made here with a convolution."""
 
 from __future__ import annotations
 
@@ -25,20 +29,42 @@ def _embed(x: torch.Tensor, label_rows: torch.Tensor) -> torch.Tensor:
     return torch.cat([label_rows, x[:, label_rows.shape[1]:]], dim=1)
 
 
-def oracle_train_step(model: Model, params: dict, state: dict, x, y, u, lr: float, step: int):
-    """Same contract as the ``train_step`` program (tensors in, new params/state out), float64-safe."""
+def hybrid_mask(model: Model, bits: torch.Tensor) -> torch.Tensor:
+    """Bits blurred ``blur_passes`` times by [1/4, 1/2, 1/4] along x then y (edge pixels
+    repeated), thresholded at 0.5."""
+    h, w = model.input.image_shape
+    img = bits.reshape(-1, 1, h, w)
+    kernel = torch.tensor([0.25, 0.5, 0.25], dtype=bits.dtype)
+    for _ in range(model.negatives.blur_passes):
+        img = F.conv2d(F.pad(img, (1, 1, 0, 0), mode="replicate"), kernel.reshape(1, 1, 1, 3))
+        img = F.conv2d(F.pad(img, (0, 0, 1, 1), mode="replicate"), kernel.reshape(1, 1, 3, 1))
+    return (img > 0.5).reshape(bits.shape)
+
+
+def oracle_train_step(model: Model, params: dict, state: dict, x, y, u, lr: float, step: int,
+                      x_other=None, mask_bits=None, masks: dict | None = None):
+    """Same contract as the ``train_step`` program (tensors in, new params/state out), float64-safe.
+    ``masks``: {layer name: [out, in] 0/1} for locally connected layers, whose weights are dense here."""
     classes = model.input.label.classes
     P = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
     batch = x.shape[0]
     new_state = {}
+    masks = masks or {}
+    supervised = model.input.label.kind != "none"
 
     def layer_inputs(rows):
         h = rows
         for i, layer in enumerate(model.layers):
             inp = (h if i == 0 and not model.input.normalize else _norm(h, model)).detach()
-            z = inp @ P[f"{layer.name}.weight"].T + P[f"{layer.name}.bias"]
+            weight = P[f"{layer.name}.weight"]
+            if layer.name in masks:
+                weight = weight * masks[layer.name]
+            z = inp @ weight.T + P[f"{layer.name}.bias"]
             yield i, layer, z, torch.relu(z)
             h = torch.relu(z).detach()
+
+    if not supervised:
+        return _unsupervised_step(model, P, state, new_state, x, y, x_other, mask_bits, layer_inputs, lr, step)
 
     probs = None
     if model.readout.softmax_layers:
@@ -56,9 +82,32 @@ def oracle_train_step(model: Model, params: dict, state: dict, x, y, u, lr: floa
     negative_labels = (cdf < torch.clamp(u, min=1e-7)[:, None]).sum(1)
 
     rows = torch.cat([_embed(x, F.one_hot(y, classes).to(x.dtype)), _embed(x, F.one_hot(negative_labels, classes).to(x.dtype))])
-    target = torch.cat([torch.ones(batch, dtype=x.dtype), torch.zeros(batch, dtype=x.dtype)])
+    _ff_layers(model, P, state, new_state, rows, batch, layer_inputs)
+    _optimizer_step(model, P, state, new_state, lr, step)
+    return {k: v.detach() for k, v in P.items()}, new_state, negative_labels
+
+
+def _unsupervised_step(model, P, state, new_state, x, y, x_other, mask_bits, layer_inputs, lr, step):
+    negatives = torch.where(hybrid_mask(model, mask_bits), x, x_other)
+    activities = _ff_layers(model, P, state, new_state, torch.cat([x, negatives]), x.shape[0], layer_inputs)
+    if model.readout.softmax_layers:
+        feats = [_norm(activities[name], model) for name in
+                 sorted(model.readout.softmax_layers, key=model.layer_index)]
+        logits = torch.cat(feats, 1) @ P["softmax.weight"].T + P["softmax.bias"]
+        F.cross_entropy(logits, y).backward()
+    _optimizer_step(model, P, state, new_state, lr, step)
+    return {k: v.detach() for k, v in P.items()}, new_state, negatives
+
+
+def _ff_layers(model, P, state, new_state, rows, batch, layer_inputs) -> dict:
+    """Each layer's own loss on [positives; negatives], backward per layer. Returns the positive
+    rows' (detached) activities per layer."""
+    dtype = rows.dtype
+    target = torch.cat([torch.ones(batch, dtype=dtype), torch.zeros(batch, dtype=dtype)])
     sign = -1.0 if model.goodness.kind == "neg_ssq" else 1.0
+    activities = {}
     for i, layer, z, a in layer_inputs(rows):
+        activities[layer.name] = a[:batch].detach()
         m = a.sum(1) if model.goodness.kind == "sum" else (a * a).sum(1)
         loss = F.binary_cross_entropy_with_logits(sign * (m - model.threshold(i)), target)
         peer = model.regularizers.peer_norm
@@ -68,7 +117,10 @@ def oracle_train_step(model: Model, params: dict, state: dict, x, y, u, lr: floa
             loss = loss + peer.weight * ((mean - mean.mean()) ** 2).mean()
             new_state[f"{layer.name}.peer_mean"] = mean.detach()
         loss.backward()
+    return activities
 
+
+def _optimizer_step(model, P, state, new_state, lr, step) -> None:
     opt = model.optimizer
     wd = model.regularizers.weight_decay
     ordered = list(P)
@@ -90,4 +142,3 @@ def oracle_train_step(model: Model, params: dict, state: dict, x, y, u, lr: floa
         else:
             new_state[f"{k}.m"] = optim.state[P[k]]["exp_avg"]
             new_state[f"{k}.v"] = optim.state[P[k]]["exp_avg_sq"]
-    return {k: v.detach() for k, v in P.items()}, new_state, negative_labels

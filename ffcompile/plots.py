@@ -1,4 +1,5 @@
-"""Pictures that beat numbers: learning curves, and first-layer receptive fields (paper fig. 2)."""
+"""Pictures that beat numbers: learning curves, first-layer receptive fields (paper fig. 2) and
+hybrid negative images (paper fig. 1)."""
 
 from __future__ import annotations
 
@@ -50,5 +51,53 @@ def receptive_fields(weight: np.ndarray, image_shape: tuple[int, int], path: Pat
     fig.suptitle(title, fontsize=9)
     fig.tight_layout(pad=0.1)
     fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def first_layer_images(model, weight: np.ndarray, count: int = 100) -> np.ndarray:
+    """Rows of first-layer weights as whole images [units, pixels]. A locally connected first layer
+    (compact weights) is drawn at full size with zeros off each unit's field, and units are taken
+    from every grid location in turn so the picture covers the whole image."""
+    from .lowering import local
+
+    if not local.is_local(model, 0):
+        return weight
+    geo = local.geometry(model, 0)
+    per_location = max(1, min(geo.channels, -(-count // geo.locations)))
+    rows = (np.arange(geo.locations)[:, None] * geo.channels + np.arange(per_location)).ravel()
+    return local.dense_weight(model, 0, weight)[rows[:count]]
+
+
+def hybrid_examples(model, x: np.ndarray, y: np.ndarray, path: Path, count: int = 8, seed: int = 0,
+                    title: str = "") -> Path:
+    """Figure 1: negatives made by the model's own ``hybrid_negatives`` program from the training
+    loop's first batch (its partners and mask bits). Columns: digit, other digit, mask, hybrid."""
+    from .backends.torch_backend import TorchProgram
+    from .lowering import build_program
+    from .loop import epoch_plan
+
+    plan = epoch_plan(model, len(x), 0, seed, y)
+    rows, partners = plan.order[0][:count], plan.partners[0][:count]
+    count = len(rows)
+    program = TorchProgram(build_program(model, "hybrid_negatives", count))
+    out = program.run_numpy({"x": x[rows], "x_other": x[partners],
+                             "mask_bits": plan.mask_bits(0, x.shape[1])[:count]})
+    columns = [(x[rows], "digit (mask 1)", y[rows]), (x[partners], "other digit (mask 0)", y[partners]),
+               (out["mask"], "mask", None), (out["negatives"], "hybrid negative", None)]
+    fig, axes = plt.subplots(count, 4, figsize=(4 * 1.3, count * 1.3), squeeze=False)
+    for r in range(count):
+        for c, (images, heading, labels) in enumerate(columns):
+            ax = axes[r, c]
+            ax.imshow(images[r].reshape(model.input.image_shape), cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(heading, fontsize=7)
+            if labels is not None:
+                ax.set_ylabel(f"label {labels[r]}", fontsize=6) if c == 0 else ax.set_xlabel(f"label {labels[r]}", fontsize=6)
+    fig.suptitle(title or f"hybrid negatives ({model.negatives.blur_passes} blur passes)", fontsize=8)
+    fig.tight_layout(pad=0.2, rect=(0, 0, 1, 1 - 0.25 / count))
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

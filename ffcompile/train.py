@@ -16,7 +16,7 @@ from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint, write_json
 from .errors import FFCompileError
 from .evaluate import error_rate
 from .lowering import build_program, init_state
-from .loop import run_epoch
+from .loop import FEEDS, run_epoch
 from .spec import Model
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -30,7 +30,7 @@ class ReferenceStep:
         self.program = TorchProgram(build_program(model, "train_step", model.training.batch_size), device)
         self.device = self.program.device
         names = [v.name for v in self.program.program.inputs]
-        self.feed_names = {n for n in ("x", "y", "u", "lr", "step") if n in names}
+        self.feed_names = {n for n in FEEDS if n in names}
 
     def to_device(self, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         return {k: torch.as_tensor(np.asarray(v), device=self.device) for k, v in arrays.items()}

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from ..errors import FFCompileError
 from ..program.builder import Builder
 from ..program.ir import Value
-from ..spec import DenseLayer, Model
+from ..spec import DenseLayer, LocalLayer, Model
+from . import local
 
 
 def normalize(b: Builder, x: Value, model: Model) -> Value:
@@ -35,9 +36,13 @@ def layer_input(b: Builder, below: Value, model: Model, i: int) -> Value:
 def forward(b: Builder, x: Value, params: dict[str, Value], model: Model, i: int) -> tuple[Value, Value]:
     """Pre-activation z and ReLU activity y of layer i for input rows x."""
     layer = model.layers[i]
-    if not isinstance(layer, DenseLayer):
+    weight, bias = params[f"{layer.name}.weight"], params[f"{layer.name}.bias"]
+    if isinstance(layer, LocalLayer):
+        z = local.forward(b, x, weight, bias, model, i)
+    elif isinstance(layer, DenseLayer):
+        z = b.add(b.matmul(x, weight, trans_b=True), bias)
+    else:
         raise FFCompileError(f"layer {layer.name!r}: the lowering does not support {layer.kind!r} layers yet")
-    z = b.add(b.matmul(x, params[f"{layer.name}.weight"], trans_b=True), params[f"{layer.name}.bias"])
     return z, b.relu(z)
 
 
@@ -96,7 +101,7 @@ def local_gradient(b: Builder, x: Value, z: Value, y: Value, model: Model, i: in
         dz = b.mul(b.mul(b.reshape(dlogit, [2 * batch, 1]), dmeasure_dy), b.step(z))
         per_row = softplus(b, b.mul(lg, b.constant([-1.0] * batch + [1.0] * batch)))
         loss = b.reduce_mean(per_row, [0])
-        dw = b.matmul(dz, x, trans_a=True)
+        dw = local.weight_gradient(b, dz, x, model, i) if local.is_local(model, i) else b.matmul(dz, x, trans_a=True)
         db = b.reduce_sum(dz, [0])
         sign = goodness_sign(model)
         g = b.mul(m, sign) if sign < 0 else m
@@ -105,11 +110,12 @@ def local_gradient(b: Builder, x: Value, z: Value, y: Value, model: Model, i: in
     return LocalGradient(dw, db, loss, g_pos, g_neg)
 
 
-def peer_normalization(b: Builder, x_pos: Value, y_pos: Value, old_mean: Value, model: Model):
+def peer_normalization(b: Builder, x_pos: Value, y_pos: Value, old_mean: Value, model: Model, i: int | None = None):
     """Footnote 9. m = momentum * m_old + (1 - momentum) * mean_batch(y_pos); loss = weight *
     mean_j (m_j - mean(m))^2. Its derivative reaches z as if the ReLU passed it everywhere (the
     "pretend" derivative), so dead units (m_j below the layer mean) get their weights increased.
-    Returns (new running mean, dW, db, loss)."""
+    Returns (new running mean, dW, db, loss). ``i``: the layer, needed for local layers (their
+    dW covers only the receptive fields)."""
     peer = model.regularizers.peer_norm
     batch, units = y_pos.shape
     with b.scope("peer_norm"):
@@ -119,6 +125,9 @@ def peer_normalization(b: Builder, x_pos: Value, y_pos: Value, old_mean: Value, 
         # dloss/dz for every positive row: weight * 2 (m_j - mean m) / units * (1 - momentum) / batch
         dz_row = b.mul(deviation, peer.weight * 2.0 / units * (1.0 - peer.momentum) / batch)
         x_sum = b.reduce_sum(x_pos, [0], keepdims=True)
-        dw = b.matmul(b.reshape(dz_row, [units, 1]), x_sum)
+        if i is not None and local.is_local(model, i):
+            dw = local.weight_gradient(b, b.reshape(dz_row, [1, units]), x_sum, model, i)
+        else:
+            dw = b.matmul(b.reshape(dz_row, [units, 1]), x_sum)
         db = b.mul(dz_row, float(batch))
     return new_mean, dw, db, loss

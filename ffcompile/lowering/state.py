@@ -1,6 +1,7 @@
 """Names, shapes and initial values of everything a train step carries from one step to the next.
 
-Parameters: ``{layer}.weight`` [out, in], ``{layer}.bias`` [out], and the softmax readout's
+Parameters: ``{layer}.weight`` [out, in] (local layers: [out, receptive field], see ``local``),
+``{layer}.bias`` [out], and the softmax readout's
 ``softmax.weight`` / ``softmax.bias``. Optimizer state: ``{param}.velocity`` (SGD) or
 ``{param}.m`` / ``{param}.v`` (Adam). Peer normalization: ``{layer}.peer_mean``.
 Initial values come from numpy with an explicit seed so no backend's RNG is involved.
@@ -10,7 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..spec import Model
+from ..spec import LocalLayer, Model
+from . import local
 
 
 def softmax_features(model: Model) -> int:
@@ -20,7 +22,8 @@ def softmax_features(model: Model) -> int:
 def param_specs(model: Model) -> dict[str, tuple[int, ...]]:
     specs = {}
     for i, layer in enumerate(model.layers):
-        specs[f"{layer.name}.weight"] = (layer.size, model.fan_in(i))
+        local_layer = isinstance(layer, LocalLayer)
+        specs[f"{layer.name}.weight"] = local.weight_shape(model, i) if local_layer else (layer.size, model.fan_in(i))
         specs[f"{layer.name}.bias"] = (layer.size,)
     if model.readout.softmax_layers:
         classes = model.input.label.classes
@@ -46,8 +49,11 @@ def init_state(model: Model, seed: int) -> tuple[dict[str, np.ndarray], dict[str
     state 0. Peer means start at 0 too; they track the first batches within a few steps."""
     rng = np.random.default_rng(seed)
     params = {}
+    local_layers = {f"{layer.name}.weight": i for i, layer in enumerate(model.layers) if isinstance(layer, LocalLayer)}
     for name, shape in param_specs(model).items():
-        if name.endswith(".weight") and not name.startswith("softmax."):
+        if name in local_layers:
+            params[name] = local.init_weight(model, local_layers[name], rng)
+        elif name.endswith(".weight") and not name.startswith("softmax."):
             bound = 1.0 / np.sqrt(shape[1])
             params[name] = rng.uniform(-bound, bound, size=shape).astype(np.float32)
         else:

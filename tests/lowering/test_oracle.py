@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from ffcompile.backends.torch_backend import TorchProgram
-from ffcompile.lowering import build_program, init_state
+from ffcompile.lowering import build_program, init_state, local
 from ffcompile.oracle import oracle_train_step
-from ffcompile.spec import DenseLayer, Goodness, Model, Negatives, Normalization, Optimizer, PeerNorm, Readout, Regularizers, Training, InputSpec
+from ffcompile.spec import (DenseLayer, Goodness, InputSpec, LabelEmbedding, LocalLayer, Model, Negatives, Normalization,
+                            Optimizer, PeerNorm, Readout, Regularizers, Training)
 
 GOODNESS = [("ssq", "rms"), ("ssq", "l2"), ("neg_ssq", "rms"), ("sum", "l1")]
 REGULARIZERS = [Regularizers(), Regularizers(weight_decay=1e-2, peer_norm=PeerNorm(weight=0.5, momentum=0.8))]
@@ -82,3 +83,66 @@ def test_unnormalized_input_matches_autograd():
     for name, want in want_params.items():
         scale = float((want - feeds[name]).abs().max())
         assert float((out[f"new.{name}"] - want).abs().max()) <= 1e-6 * scale
+
+
+# -- locally connected layers (footnotes 8, 13) and unsupervised FF with hybrid negatives (sec. 3.2)
+
+LOCAL_LAYERS = (LocalLayer("h1", grid=3, field=4, stride=2, channels=3),   # 8x8 pixels -> 3x3 x 3
+                LocalLayer("h2", grid=2, field=2, stride=1, channels=4),   # 2x2 neighbourhoods -> 2x2 x 4
+                LocalLayer("h3", grid=1, field=2, stride=1, channels=5))
+
+
+def tiny_variant(goodness, norm, regularizers, optimizer, *, local_layers: bool, unsupervised: bool) -> Model:
+    model = tiny_model(goodness, norm, regularizers, optimizer, "hard_label")
+    if local_layers:
+        model = dataclasses.replace(model, layers=LOCAL_LAYERS)
+    if unsupervised:
+        model = dataclasses.replace(
+            model, input=dataclasses.replace(model.input, label=LabelEmbedding(kind="none")),
+            negatives=Negatives(kind="hybrid_image", blur_passes=2), readout=Readout(softmax_layers=("h2", "h3")))
+    return model
+
+
+def _to_dense(model, name, value):
+    """Compact local weights (and their optimizer slots) -> the oracle's masked-dense layout."""
+    i = model.layer_index(name.split(".")[0])
+    if local.is_local(model, i) and name.split(".")[1] == "weight":
+        return torch.tensor(local.dense_weight(model, i, value.numpy()))
+    return value
+
+
+# every goodness, regularizer and optimizer appears; the full cross product is covered by dense layers above
+COMBINATIONS = [("ssq", "rms", 1, 1), ("neg_ssq", "rms", 0, 0), ("sum", "l1", 1, 0), ("ssq", "l2", 0, 1)]
+
+
+@pytest.mark.parametrize("goodness,norm,reg,opt", COMBINATIONS)
+@pytest.mark.parametrize("local_layers,unsupervised", [(True, False), (False, True), (True, True)],
+                         ids=["local", "unsupervised", "local-unsupervised"])
+def test_local_and_unsupervised_updates_match_autograd(goodness, norm, reg, opt, local_layers, unsupervised):
+    model = tiny_variant(goodness, norm, REGULARIZERS[reg], OPTIMIZERS[opt], local_layers=local_layers,
+                         unsupervised=unsupervised)
+    rng = np.random.default_rng(11)
+    params, state, x, y, u = random_step_inputs(model, rng)
+    x_other = torch.tensor(rng.random(tuple(x.shape)))
+    bits = torch.tensor(rng.integers(0, 2, tuple(x.shape)).astype(np.float64))
+    step, lr = 4, OPTIMIZERS[opt].lr
+    program = TorchProgram(build_program(model, "train_step", model.training.batch_size))
+    feeds = {**params, **state, "x": x, "y": y, "u": u, "x_other": x_other, "mask_bits": bits,
+             "lr": torch.tensor(lr, dtype=torch.float64), "step": torch.tensor(float(step), dtype=torch.float64)}
+    with torch.no_grad():
+        out = program.run({v.name: feeds[v.name] for v in program.program.inputs})
+    masks = {layer.name: torch.tensor(local.local_mask(model, i), dtype=torch.float64)
+             for i, layer in enumerate(model.layers) if local.is_local(model, i)}
+    dense = lambda d: {k: _to_dense(model, k, v) if not k.startswith("softmax") and not k.endswith("peer_mean") else v
+                       for k, v in d.items()}
+    want_params, want_state, _ = oracle_train_step(model, dense(params), dense(state), x, y, u, lr, step,
+                                                   x_other=x_other, mask_bits=bits, masks=masks)
+    got = dense({k[4:]: v for k, v in out.items() if k.startswith("new.")})
+    before = dense(params)
+    for name, want in {**want_params, **want_state}.items():
+        reference = want - before[name] if name in want_params else want
+        scale = max(float(reference.abs().max()), 1e-12)
+        err = float((got[name] - want).abs().max())
+        assert err <= 1e-6 * scale, f"{name}: max abs err {err:.3g} vs update scale {scale:.3g}"
+    for name, mask in masks.items():  # the oracle's dense weights never leave the connectivity
+        assert torch.all(want_params[f"{name}.weight"][mask == 0] == 0)
