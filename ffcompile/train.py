@@ -26,19 +26,52 @@ METRICS = "metrics.json"
 class ReferenceStep:
     """``train_step`` as a loop step function; params and state stay torch tensors on ``device``."""
 
-    def __init__(self, model: Model, device: str = "cpu"):
+    def __init__(self, model: Model, device: str = "cpu", cuda_graph: bool | None = None, log=print):
         self.program = TorchProgram(build_program(model, "train_step", model.training.batch_size), device)
         self.device = self.program.device
         names = [v.name for v in self.program.program.inputs]
         self.feed_names = {n for n in FEEDS if n in names}
+        # On a GPU the step is hundreds of small kernels: replaying one captured CUDA graph removes
+        # the per-op launch cost (the program has static shapes and no host syncs, so it captures).
+        self.use_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
+        self.graph = None
+        self.log = log
+
+    def _capture(self, inputs: dict[str, torch.Tensor]) -> None:
+        self.static_in = {k: v.clone() for k, v in inputs.items()}
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.no_grad():
+            for _ in range(2):
+                self.program.run(self.static_in)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(graph):
+            self.static_out = self.program.run(self.static_in)
+        self.graph = graph
+
+    def _run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.use_graph and self.graph is None:
+            try:
+                self._capture(inputs)
+            except Exception as e:  # capture support varies by driver/torch build: say so, run eagerly
+                self.log(f"warning: CUDA graph capture failed ({type(e).__name__}: {e}); running the step eagerly")
+                self.use_graph = False
+        if not self.use_graph:
+            with torch.no_grad():
+                return self.program.run(inputs)
+        for name, value in inputs.items():
+            if value is not self.static_in[name]:
+                self.static_in[name].copy_(value)
+        self.graph.replay()
+        return self.static_out
 
     def to_device(self, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         return {k: torch.as_tensor(np.asarray(v), device=self.device) for k, v in arrays.items()}
 
     def __call__(self, params, state, feeds):
         inputs = {**params, **state, **self.to_device({k: v for k, v in feeds.items() if k in self.feed_names})}
-        with torch.no_grad():
-            out = self.program.run(inputs)
+        out = self._run(inputs)
         new_params = {k: out[f"new.{k}"] for k in params}
         new_state = {k: out[f"new.{k}"] for k in state}
         scalars = {k: v for k, v in out.items() if not k.startswith("new.") and v.ndim == 0}
@@ -100,7 +133,7 @@ def train(model: Model, data: Dataset, run_dir: Path, epochs: int, resume: bool 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "model.json").write_text(model.dumps() + "\n")
 
-    step_fn = ReferenceStep(model, device)
+    step_fn = ReferenceStep(model, device, log=log)
     params, state = step_fn.to_device(ckpt.params), step_fn.to_device(ckpt.state)
     shift = None
     if model.training.jitter:

@@ -58,7 +58,8 @@ PRIMITIVES = {
     "cast": lambda x, to: x.to(_DTYPES[to]),
     "cumsum": lambda x, axis: torch.cumsum(x, dim=axis),
     "argmax": _argmax,
-    "one_hot": lambda idx, depth: torch.nn.functional.one_hot(idx, depth).to(torch.float32),
+    # not F.one_hot: it validates indices with a host sync, which CUDA graph capture forbids
+    "one_hot": lambda idx, depth: (idx.unsqueeze(-1) == torch.arange(depth, device=idx.device)).to(torch.float32),
 }
 
 
