@@ -1,11 +1,22 @@
-"""onnxruntime execution of an ONNX program (numpy in, numpy out). No torch."""
+"""onnxruntime execution of an ONNX program (numpy in, numpy out). No torch.
+
+Session settings: full graph optimization (Gemm+Relu fusion and the like), sequential execution
+with one inter-op thread (the graphs are chains; parallelism is inside each kernel), and
+``threads`` intra-op threads. ``run(feeds, out=...)`` writes outputs into caller-owned arrays
+through an IO binding: a training loop that alternates two sets of parameter/state buffers
+(read one, write the other) then allocates and copies nothing per step.
+"""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import onnxruntime as ort
 
 from ..errors import FFCompileError
+
+_NUMPY = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(bool)": np.bool_}
 
 
 def available_providers() -> list[str]:
@@ -13,7 +24,18 @@ def available_providers() -> list[str]:
 
 
 class OrtProgram:
-    def __init__(self, model_bytes: bytes, providers: list[str] | None = None, threads: int | None = None, name="program"):
+    """``threads``: intra-op threads (None: onnxruntime's default, one per core). ``spinning``:
+    whether idle worker threads busy-wait for the next kernel (onnxruntime's default, fastest on
+    a quiet machine; False is kinder to a shared one). ``optimized_model_path``: also write the
+    graph as onnxruntime optimized it, for inspection. ``profile_prefix``: write onnxruntime's
+    per-kernel profile (see ``end_profiling``). ``arena``: onnxruntime's CPU memory arena.
+    ``emitted_order``: execute nodes in the order the emitter wrote them (onnxruntime's
+    priority-based order; its default is a depth-first order from the outputs, which here runs
+    every layer's forward pass before any gradient and keeps all their activations alive)."""
+
+    def __init__(self, model_bytes: bytes, providers: list[str] | None = None, threads: int | None = None,
+                 name="program", *, spinning: bool | None = None, optimized_model_path: str | None = None,
+                 profile_prefix: str | None = None, arena: bool = True, emitted_order: bool = True):
         providers = providers or ["CPUExecutionProvider"]
         missing = [p for p in providers if p not in available_providers()]
         if missing:
@@ -21,21 +43,68 @@ class OrtProgram:
                                  + ("; no CUDA GPU/onnxruntime-gpu on this machine" if "CUDAExecutionProvider" in missing else ""))
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.inter_op_num_threads = 1
+        if emitted_order:  # run nodes in the emitter's (memory-aware) order, not a DFS from the outputs
+            opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
         opts.log_severity_level = 3
+        opts.enable_cpu_mem_arena = arena
         if threads:
             opts.intra_op_num_threads = threads
+        if spinning is not None:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        if optimized_model_path:
+            opts.optimized_model_filepath = optimized_model_path
+        if profile_prefix:
+            opts.enable_profiling = True
+            opts.profile_file_prefix = profile_prefix
         try:
             self.session = ort.InferenceSession(model_bytes, opts, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types for invalid models
             raise FFCompileError(f"{name}: onnxruntime cannot load the model: {str(e).splitlines()[0]}") from None
         self.name = name
         self.inputs = {i.name: i for i in self.session.get_inputs()}
-        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.outputs = {o.name: o for o in self.session.get_outputs()}
+        self.output_names = list(self.outputs)
+        # Outputs the emitter left in a tiled layout (to_onnx(tiled_outputs=True)): same bytes,
+        # returned and bound in the program's shape.
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.program_shapes = {name: tuple(o.shape) for name, o in self.outputs.items()}
+        self.program_shapes.update({k: tuple(v) for k, v in json.loads(meta.get("ffcompile.tiled_output_shapes", "{}")).items()})
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def output_buffers(self) -> dict[str, np.ndarray]:
+        """One set of arrays to pass as ``out=`` (shapes and dtypes of every output)."""
+        return {name: np.empty(self.program_shapes[name], _NUMPY[o.type]) for name, o in self.outputs.items()}
+
+    def run(self, feeds: dict[str, np.ndarray], out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """Outputs by name. With ``out``, outputs named there are written into those arrays (which
+        must be C-contiguous, of the output's shape and dtype, and must not be fed as inputs to
+        the same call) and returned as themselves; the others are allocated as usual."""
         feeds = {k: np.asarray(v) for k, v in feeds.items() if k in self.inputs}
         missing = set(self.inputs) - set(feeds)
         if missing:
             raise FFCompileError(f"{self.name}: missing inputs {sorted(missing)}")
-        outputs = self.session.run(self.output_names, feeds)
-        return dict(zip(self.output_names, outputs))
+        if not out:
+            outputs = self.session.run(self.output_names, feeds)
+            return {name: value.reshape(self.program_shapes[name]) for name, value in zip(self.output_names, outputs)}
+        binding = self.session.io_binding()
+        for k, v in feeds.items():
+            binding.bind_cpu_input(k, np.ascontiguousarray(v))
+        for name in self.output_names:
+            array = out.get(name)
+            if array is None:
+                binding.bind_output(name, "cpu")
+                continue
+            want = self.outputs[name]
+            if (array.dtype != _NUMPY[want.type] or tuple(array.shape) != self.program_shapes[name]
+                    or not array.flags.c_contiguous or not array.flags.writeable):
+                raise FFCompileError(f"{self.name}: out[{name!r}] must be a writable C-contiguous "
+                                     f"{np.dtype(_NUMPY[want.type]).name} array of shape {self.program_shapes[name]}")
+            binding.bind_output(name, "cpu", 0, array.dtype, list(want.shape), array.ctypes.data)
+        self.session.run_with_iobinding(binding)
+        values = binding.get_outputs()  # in binding order, i.e. output_names
+        return {name: out[name] if name in out else value.numpy().reshape(self.program_shapes[name])
+                for name, value in zip(self.output_names, values)}
+
+    def end_profiling(self) -> str:
+        return self.session.end_profiling()
