@@ -95,6 +95,23 @@ def different_label_partners(rng: np.random.Generator, labels: np.ndarray) -> np
     return partners
 
 
+def step_feeds(plan: EpochPlan, k: int, x: np.ndarray, y: np.ndarray, lr, step: int,
+               shift: Callable | None = None) -> dict[str, np.ndarray]:
+    """The feeds of the plan's k-th step (``step`` is its 1-based global number)."""
+    rows = plan.order[k]
+    xb = x[rows]
+    if plan.shifts is not None:
+        xb = shift(xb, plan.shifts[k, :, 0], plan.shifts[k, :, 1])
+    feeds = {"x": xb, "y": y[rows], "u": plan.u[k], "lr": np.float32(lr), "step": np.float32(step)}
+    if plan.partners is not None:
+        other = x[plan.partners[k]]
+        if plan.shifts is not None:  # the partner digit moves with the row's own shift
+            other = shift(other, plan.shifts[k, :, 0], plan.shifts[k, :, 1])
+        feeds["x_other"] = other
+        feeds["mask_bits"] = plan.mask_bits(k, x.shape[1])
+    return feeds
+
+
 def summarize(model: Model, sums: dict[str, float], count: int) -> dict[str, float]:
     """Mean metrics over an epoch, plus each layer's goodness separation (pos - neg)."""
     out = {k: v / max(count, 1) for k, v in sums.items()}
@@ -115,19 +132,8 @@ def run_epoch(model: Model, step_fn: StepFn, params, state, x: np.ndarray, y: np
     bar = tqdm(range(len(plan.order)), desc=f"{desc} epoch {epoch + 1}/{epochs}", disable=not progress,
                leave=False, dynamic_ncols=True)
     for k in bar:
-        rows = plan.order[k]
-        xb = x[rows]
-        if plan.shifts is not None:
-            xb = shift(xb, plan.shifts[k, :, 0], plan.shifts[k, :, 1])
         step += 1
-        feeds = {"x": xb, "y": y[rows], "u": plan.u[k], "lr": lr, "step": np.float32(step)}
-        if plan.partners is not None:
-            other = x[plan.partners[k]]
-            if plan.shifts is not None:  # the partner digit moves with the row's own shift
-                other = shift(other, plan.shifts[k, :, 0], plan.shifts[k, :, 1])
-            feeds["x_other"] = other
-            feeds["mask_bits"] = plan.mask_bits(k, x.shape[1])
-        params, state, metrics = step_fn(params, state, feeds)
+        params, state, metrics = step_fn(params, state, step_feeds(plan, k, x, y, lr, step, shift))
         for name, value in metrics.items():
             sums[name] = sums.get(name, 0.0) + value
         if progress and (k % 10 == 0 or k == len(plan.order) - 1):
