@@ -1,0 +1,1030 @@
+"""Compile ONNX programs (FF train steps) with Apache TVM (Relax) and run them.
+
+Pipeline (``compile_onnx``):
+
+1. ONNX -> Relax with ``tvm.relax.frontend.onnx.from_onnx`` after a small ONNX-level rewrite of
+   ops the 0.27 frontend gets wrong (OneHot returns float64: rewritten to Equal/Where).
+2. ``FuseTransposeMatmul`` (x @ W^T as one kernel), the stock CPU legalize/fuse passes.
+3. Our hand-written TensorIR schedule rules (``_CPUScheduler``) on every fused kernel:
+   register-tiled, vectorized, multi-threaded GEMM micro-kernels (MR x NR accumulators over the
+   whole K, B blocked for L2, W packed per column block, epilogues fused into the write-back,
+   zero-padding of N when it is not a multiple of the vector width); row reductions via rfactor
+   into vector partial sums; column reductions vectorized along the contiguous axis; everything
+   else fused, vectorized and parallelized. Optional MetaSchedule records (``tune``) take
+   precedence for the kernels they cover. GPU targets get the dlight GPU rules instead.
+4. ``tvm.compile`` + ``export_library``; a JSON sidecar ``<lib>.json`` keeps the ONNX input /
+   output names, dtypes and shapes (the Relax VM function only knows positions).
+
+``load`` needs only the TVM runtime (works with ``TVM_USE_RUNTIME_LIB=1``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+SIDECAR_SUFFIX = ".json"
+_FORMAT = "ffcompile.tvm/1"
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + SIDECAR_SUFFIX)
+
+
+def _np_dtype_name(elem_type: int) -> str:
+    import onnx
+
+    return str(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+
+
+def _value_info(vi) -> dict:
+    tt = vi.type.tensor_type
+    dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
+    return {"name": vi.name, "dtype": _np_dtype_name(tt.elem_type), "shape": dims}
+
+
+def _const_value(model, name: str):
+    """numpy value of an initializer or Constant-node output, else None."""
+    from onnx import numpy_helper
+
+    for t in model.graph.initializer:
+        if t.name == name:
+            return numpy_helper.to_array(t)
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.output[0] == name:
+            for a in n.attribute:
+                if a.name == "value":
+                    return numpy_helper.to_array(a.t)
+    return None
+
+
+def _rewrite_onnx(model):
+    """Rewrite ONNX ops the TVM Relax frontend gets wrong into equivalent supported ones.
+
+    * OneHot: tvm 0.27's converter builds on/off values as float64 prim values, so the result is
+      float64 whatever ``values`` is (Concat with fp32 then fails). Rewritten as
+      ``Where(Equal(Unsqueeze(idx), arange(depth)), on, off)`` with negative indices wrapped.
+    Returns (model, list of rewrite notes); the input model is not modified.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    if not any(n.op_type == "OneHot" for n in model.graph.node):
+        return model, []
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    g = model.graph
+    ranks = {}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+        for vi in list(inferred.graph.value_info) + list(inferred.graph.input):
+            if vi.type.tensor_type.HasField("shape"):
+                ranks[vi.name] = len(vi.type.tensor_type.shape.dim)
+    except Exception:  # pragma: no cover - only needed for axis != -1
+        pass
+    notes = []
+    new_nodes = []
+    for k, node in enumerate(g.node):
+        if node.op_type != "OneHot":
+            new_nodes.append(node)
+            continue
+        idx, depth_name, values = node.input
+        depth = _const_value(model, depth_name)
+        if depth is None:
+            raise ValueError(f"OneHot {node.name!r}: depth must be a constant")
+        depth = int(np.asarray(depth).reshape(-1)[0])
+        axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), -1)
+        p = f"_ffc_onehot{k}"
+        if axis < 0:
+            if axis != -1 and idx not in ranks:
+                raise ValueError(f"OneHot {node.name!r}: rank of indices unknown for axis={axis}")
+            axis = axis + ranks.get(idx, 0) + 1 if axis != -1 else -1
+        r_out = ranks.get(idx, 0) + 1
+        trailing = 0 if axis == -1 else r_out - 1 - axis
+        ar = np.arange(depth, dtype=np.int64).reshape([depth] + [1] * trailing)
+        g.initializer.extend([
+            numpy_helper.from_array(ar, p + "_range"),
+            numpy_helper.from_array(np.array(depth, np.int64), p + "_depth"),
+            numpy_helper.from_array(np.array([axis], np.int64), p + "_axis"),
+            numpy_helper.from_array(np.array(0, np.int64), p + "_i0"),
+            numpy_helper.from_array(np.array(1, np.int64), p + "_i1"),
+            numpy_helper.from_array(np.array(0, np.int64), p + "_zero"),
+        ])
+        mk = helper.make_node
+        new_nodes += [
+            mk("Cast", [idx], [p + "_idx"], to=onnx.TensorProto.INT64),
+            mk("Less", [p + "_idx", p + "_zero"], [p + "_neg"]),
+            mk("Add", [p + "_idx", p + "_depth"], [p + "_wrapped"]),
+            mk("Where", [p + "_neg", p + "_wrapped", p + "_idx"], [p + "_idx2"]),
+            mk("Unsqueeze", [p + "_idx2", p + "_axis"], [p + "_u"]),
+            mk("Equal", [p + "_u", p + "_range"], [p + "_eq"]),
+            mk("Gather", [values, p + "_i0"], [p + "_off"], axis=0),
+            mk("Gather", [values, p + "_i1"], [p + "_on"], axis=0),
+            mk("Where", [p + "_eq", p + "_on", p + "_off"], list(node.output), name=node.name),
+        ]
+        notes.append(f"OneHot {node.name or node.output[0]} -> Equal/Where")
+    del g.node[:]
+    g.node.extend(new_nodes)
+    return model, notes
+
+
+def _import_onnx(model):
+    """ONNX -> Relax IRModule with one function "main" taking the graph inputs in order."""
+    from tvm.relax.frontend.onnx import from_onnx
+
+    init_names = {t.name for t in model.graph.initializer}
+    inputs = [vi for vi in model.graph.input if vi.name not in init_names]
+    shape_dict = {}
+    dtype_dict = {}
+    for vi in inputs:
+        info = _value_info(vi)
+        if any(not isinstance(d, int) for d in info["shape"]):
+            raise ValueError(f"input {vi.name!r} has a non-static shape {info['shape']}")
+        shape_dict[vi.name] = info["shape"]
+        dtype_dict[vi.name] = info["dtype"]
+    model, _notes = _rewrite_onnx(model)
+    mod = from_onnx(model, shape_dict=shape_dict, dtype_dict=dtype_dict, keep_params_in_input=False)
+    return mod, inputs
+
+
+_VIEW_OPS = {"Identity", "Reshape", "Squeeze", "Unsqueeze", "Flatten"}
+
+
+def _outputs_needing_copy(model) -> list[str]:
+    """Outputs that may share memory with an input, a constant or another output.
+
+    ``TVMProgram.run`` hands outputs to numpy without a copy (they are fresh VM allocations);
+    these few are copied instead so callers can never scribble over constants or inputs.
+    """
+    producer = {o: n for n in model.graph.node for o in n.output}
+    inputs = {i.name for i in model.graph.input}
+    const_cache: dict[str, bool] = {}
+
+    def is_const(name: str) -> bool:  # depends on no graph input
+        if name in const_cache:
+            return const_cache[name]
+        const_cache[name] = True  # (graphs are acyclic; provisional value)
+        if name in inputs:
+            v = False
+        elif name not in producer:
+            v = True  # initializer
+        else:
+            v = all(is_const(i) for i in producer[name].input if i)
+        const_cache[name] = v
+        return v
+
+    def root(name: str) -> str:
+        while name in producer and producer[name].op_type in _VIEW_OPS:
+            name = producer[name].input[0]
+        return name
+
+    seen_roots: set[str] = set()
+    out = []
+    for o in model.graph.output:
+        r = root(o.name)
+        if r in inputs or is_const(o.name) or r in seen_roots:
+            out.append(o.name)
+        seen_roots.add(r)
+    return out
+
+
+def _write_meta(out_path: Path, model, inputs, target, extra: dict) -> None:
+    meta = {
+        "format": _FORMAT,
+        "function": "main",
+        "inputs": [_value_info(vi) for vi in inputs],
+        "outputs": [_value_info(vo) for vo in model.graph.output],
+        "copy_outputs": _outputs_needing_copy(model),
+        "target": str(target),
+        **extra,
+    }
+    _sidecar(out_path).write_text(json.dumps(meta, indent=1))
+
+
+def _as_target(target):
+    import tvm
+
+    if isinstance(target, tvm.target.Target):
+        return target
+    return tvm.target.Target(target)
+
+
+def _database(tuning_records):
+    """A MetaSchedule JSON database from a work dir (or one of its two json files)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    p = Path(tuning_records)
+    if p.is_file():
+        p = p.parent
+    wl, tr = p / "database_workload.json", p / "database_tuning_record.json"
+    if not (wl.exists() and tr.exists()):
+        raise FileNotFoundError(f"no MetaSchedule database (database_*.json) in {p}")
+    return ms.database.JSONDatabase(path_workload=str(wl), path_tuning_record=str(tr), allow_missing=False)
+
+
+def _schedule_passes(target, schedule: str, tuning_records):
+    """TIR scheduling passes run after legalization + fusion (PrimFuncs are fused, unscheduled)."""
+    from tvm import relax
+
+    passes = []
+    if tuning_records is not None:
+        from tvm import tirx
+
+        db = _database(tuning_records)
+
+        def _apply_db(mod, _ctx, db=db):
+            with db:
+                new = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+            # mark what the database replaced so the schedule rules leave it alone
+            for gv, func in new.functions_items():
+                if isinstance(func, tirx.PrimFunc) and gv in mod and not func.same_as(mod[gv]):
+                    new[gv] = func.with_attr("tirx.is_scheduled", True)
+            return new
+
+        import tvm
+
+        passes.append(tvm.transform.module_pass(_apply_db, opt_level=0, name="FFCApplyTuningRecords"))
+    if schedule == "hand":
+        passes.append(_hand_schedule_pass(target, _SCHED_LOG))
+    elif schedule == "dlight":
+        from tvm.s_tir import dlight as dl
+
+        passes.append(dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction()))
+    elif schedule != "none":
+        raise ValueError(f"unknown schedule {schedule!r}")
+    return passes
+
+
+_SCHED_LOG: list | None = None  # set to a list to collect what the hand schedule did (debugging)
+
+
+def relax_pipeline(target, schedule: str = "hand", tuning_records=None):
+    """The Relax pipeline we compile with: the stock CPU pipeline plus TIR scheduling."""
+    import tvm
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    target = _as_target(target)
+    if target.kind.name != "llvm":
+        return _gpu_pipeline(target, tuning_records)
+
+    @tvm.transform.module_pass(opt_level=0, name="FFCRelaxPipeline")
+    def _pipeline(mod, _ctx):
+        with target:
+            seq = tvm.transform.Sequential(
+                _pre_passes(schedule)
+                + cpu.library_dispatch_passes(target)
+                + cpu.legalize_passes(target)
+                + _schedule_passes(target, schedule, tuning_records)
+                + cpu.dataflow_lower_passes(target)
+                + cpu.finalize_passes(target)
+            )
+            return seq(mod)
+
+    return _pipeline
+
+
+def _pre_passes(schedule: str) -> list:
+    """Graph-level rewrites before legalization."""
+    from tvm import relax
+
+    if schedule == "hand":
+        # x @ W^T as one kernel reading W in place (our GEMM rule packs it) instead of a
+        # separate, memory-bound transpose of every weight matrix
+        return [relax.transform.FuseTransposeMatmul()]
+    return []
+
+
+def _gpu_schedule_pass(target):
+    """dlight GPU rules applied per kernel, robustly: tvm 0.27's dl.gpu.Reduction hits an
+    internal rfactor error on some of our fused kernels (and ApplyDefaultSchedule lets that
+    abort the build), so every rule is tried in turn and a failing rule is skipped."""
+    import tvm
+    from tvm import s_tir, tirx
+    from tvm.s_tir import dlight as dl
+
+    rules = [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
+
+    @tvm.transform.module_pass(opt_level=0, name="FFCGPUSchedule")
+    def _pass(mod, _ctx):
+        updates = {}
+        for gv, func in mod.functions_items():
+            if not isinstance(func, tirx.PrimFunc):
+                continue
+            if func.attrs is not None and "tirx.is_scheduled" in func.attrs and func.attrs["tirx.is_scheduled"]:
+                continue
+            for rule in rules:
+                try:
+                    space = rule.apply(func, target, False)
+                except Exception:  # noqa: BLE001
+                    continue
+                if space is None:
+                    continue
+                sch = space if isinstance(space, s_tir.Schedule) else space[0]
+                updates[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+                break
+        for gv, f in updates.items():
+            mod[gv] = f
+        return mod
+
+    return _pass
+
+
+def _gpu_pipeline(target, tuning_records):
+    """TVM's stock GPU pipeline, with our robust rule application instead of ApplyDefaultSchedule."""
+    import importlib
+
+    import tvm
+    from tvm import relax
+
+    try:  # per-backend pass lists live in tvm.relax.backend.<kind>.pipeline
+        be = importlib.import_module(f"tvm.relax.backend.{target.kind.name}.pipeline")
+    except ImportError:  # pragma: no cover
+        be = relax.pipeline
+
+    @tvm.transform.module_pass(opt_level=0, name="FFCRelaxPipelineGPU")
+    def _pipeline(mod, _ctx):
+        with target:
+            seq = tvm.transform.Sequential(
+                be.library_dispatch_passes(target)
+                + [
+                    relax.transform.LegalizeOps(),
+                    relax.transform.AnnotateTIROpPattern(),
+                    relax.transform.FoldConstant(),
+                    relax.transform.FuseOps(),
+                    relax.transform.FuseTIR(),
+                ]
+                + _schedule_passes(target, "none", tuning_records)
+                + [_gpu_schedule_pass(target)]
+                + be.dataflow_lower_passes(target)
+                + be.finalize_passes(target)
+            )
+            return seq(mod)
+
+    return _pipeline
+
+
+def lower_for_tuning(model, target, schedule: str = "hand"):
+    """ONNX -> legalized, fused Relax module (what MetaSchedule tunes / the database keys on).
+    ``schedule`` must match the one given to :func:`compile_onnx` so the kernels hash the same."""
+    import tvm
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    target = _as_target(target)
+    mod, _ = _import_onnx(model)
+    with target:
+        return tvm.transform.Sequential(
+            _pre_passes(schedule) + cpu.library_dispatch_passes(target) + cpu.legalize_passes(target))(mod)
+
+
+def tune(model, target, work_dir: str | Path, *, trials: int = 64, max_trials_per_task: int | None = None,
+         op_names: list[str] | None = None, schedule: str = "hand") -> Path:
+    """MetaSchedule-tune an ONNX program's fused kernels; the database lands in ``work_dir``
+    (pass it as ``tuning_records`` to :func:`compile_onnx`). Needs ``num-cores`` in the target."""
+    from tvm import relax
+
+    target = _as_target(target)
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    mod = lower_for_tuning(model, target, schedule)
+    with target:
+        relax.transform.MetaScheduleTuneIRMod(
+            params={}, work_dir=str(work_dir), max_trials_global=trials,
+            max_trials_per_task=max_trials_per_task, op_names=op_names,
+        )(mod)
+    return work_dir
+
+
+def compile_onnx(model, target: dict, out_path: str | Path, *, cc: str | None = None,
+                 tuning_records: str | Path | None = None, schedule: str = "hand") -> Path:
+    """Compile an ONNX program for ``target`` and export it as a shared library at ``out_path``.
+
+    Writes ``<out_path>.json`` next to it with the input/output names, dtypes and shapes
+    (the Relax VM function does not keep ONNX names), which :func:`load` reads.
+    ``schedule``: "hand" (our TensorIR schedule rules, default), "dlight" (tvm's CPU dlight
+    rules) or "none" (stock pipeline; unscheduled loops). ``tuning_records``: a MetaSchedule
+    work dir from :func:`tune`; tuned kernels take precedence over the schedule rules.
+    """
+    import tvm
+
+    import onnx
+
+    if isinstance(model, (str, Path)):
+        model = onnx.load(str(model))
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tgt = _as_target(target)
+    mod, inputs = _import_onnx(model)
+    ex = tvm.compile(mod, target=tgt, relax_pipeline=relax_pipeline(tgt, schedule, tuning_records))
+    kw = {}
+    if cc is not None:
+        kw["cc"] = cc
+    elif (tgt.kind.name == "llvm" and "mtriple" in tgt.attrs and out_path.suffix != ".tar"
+          and not _host_triple_matches(str(tgt.attrs["mtriple"]))):
+        raise ValueError(f"cross-compiling for {tgt.attrs['mtriple']}: pass cc= (e.g. aarch64-linux-gnu-gcc)")
+    ex.export_library(str(out_path), **kw)
+    _write_meta(out_path, model, inputs, tgt, {"schedule": schedule,
+                                               "tuned": tuning_records is not None})
+    return out_path
+
+
+def _host_triple_matches(triple: str) -> bool:
+    import platform
+
+    arch = triple.split("-")[0]
+    host = platform.machine().lower()
+    return arch == host or (arch in ("x86_64", "amd64") and host in ("x86_64", "amd64")) or (
+        arch in ("aarch64", "arm64") and host in ("aarch64", "arm64"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Hand-written TensorIR schedule rules for CPUs
+# ---------------------------------------------------------------------------------------------
+
+
+def _cpu_params(target) -> dict:
+    """Vector lanes (fp32) / register count / thread count for an llvm target."""
+    attrs = target.attrs
+    triple = str(attrs.get("mtriple", "")) or ""
+    mcpu = str(attrs.get("mcpu", "")) or ""
+    mattr = " ".join(str(a) for a in attrs.get("mattr", []) or [])
+    if not triple:
+        import platform
+
+        arch = platform.machine().lower()
+    else:
+        arch = triple.split("-")[0].lower()
+    if arch in ("aarch64", "arm64"):
+        lanes, regs = 4, 32
+    elif arch.startswith("arm"):
+        lanes, regs = 4, 16
+    elif arch in ("x86_64", "amd64", "i686", "i386", "x86"):
+        avx512 = "avx512f" in mattr or any(
+            c in mcpu for c in ("skylake-avx512", "cascadelake", "cooperlake", "icelake", "sapphirerapids",
+                                "tigerlake", "znver4", "znver5", "rocketlake", "graniterapids", "emeraldrapids"))
+        avx = avx512 or "avx" in mattr or any(
+            c in mcpu for c in ("haswell", "broadwell", "skylake", "znver", "alderlake", "raptorlake",
+                                "meteorlake", "cannonlake", "core-avx", "x86-64-v3", "x86-64-v4"))
+        if avx512:
+            lanes, regs = 16, 32
+        elif avx:
+            lanes, regs = 8, 16
+        else:
+            lanes, regs = 4, 16
+    else:
+        lanes, regs = 4, 16
+    cores = int(attrs.get("num-cores", 0) or 0) or (os.cpu_count() or 1)
+    return {"lanes": lanes, "regs": regs, "threads": cores}
+
+
+def _int(x):
+    try:
+        return int(x)
+    except Exception:
+        return None
+
+
+def _prod(xs):
+    out = 1
+    for x in xs:
+        out *= x
+    return out
+
+
+def _divisor_near(n: int, want: int, limit: int | None = None) -> int:
+    """Largest divisor of n that is <= want (>= 1)."""
+    best = 1
+    for d in range(1, min(n, want) + 1):
+        if n % d == 0 and (limit is None or d <= limit):
+            best = d
+    return best
+
+
+def _var_set(expr) -> set:
+    """Free variables of a TIR expression."""
+    from tvm.tirx.analysis import undefined_vars
+
+    return set(undefined_vars(expr))
+
+
+_EXPENSIVE = ("T.exp", "T.log", "T.sqrt", "T.sigmoid", "T.tanh", "T.pow", "T.erf", "T.rsqrt", "T.fmod", " / ")
+
+
+def _is_cheap(block) -> bool:
+    """True if the block body has no float division / transcendental calls (cheap to recompute)."""
+    text = str(block.body)
+    return not any(k in text for k in _EXPENSIVE)
+
+
+def _store_dtype(block) -> str:
+    from tvm import tirx
+
+    return str(block.body.buffer.ty.dtype) if isinstance(block.body, tirx.BufferStore) else ""
+
+
+def _block_size(sch, blk) -> int:
+    return _prod(_int(iv.dom.extent) or 1 for iv in sch.get(blk).iter_vars)
+
+
+class _CPUScheduler:
+    """Schedules one fused PrimFunc: inline injective ops, then tile/vectorize/parallelize GEMMs,
+    reductions and elementwise loops. Each step is tried on a copy and skipped on failure."""
+
+    PAR_MIN_WORK = 1 << 14  # elements below which we do not bother with threads
+
+    def __init__(self, func, target):
+        from tvm import s_tir
+
+        self.sch = s_tir.Schedule(func)
+        p = _cpu_params(target)
+        self.lanes, self.regs, self.threads = p["lanes"], p["regs"], p["threads"]
+        self.log: list[str] = []
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _try(self, fn, *args):
+        """Run fn on a copy of the schedule; keep the result only if it succeeds."""
+        saved = self.sch.copy()
+        try:
+            fn(*args)
+            return True
+        except Exception as e:  # noqa: BLE001 - any schedule error means "skip this rule"
+            self.sch = saved
+            self.log.append(f"{getattr(fn, '__name__', fn)}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+            return False
+
+    def _blocks(self):
+        sch = self.sch
+        return [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
+
+    def _exists(self, name) -> bool:
+        try:
+            self.sch.get_sblock(name)
+            return True
+        except Exception:  # noqa: BLE001
+            return False
+
+    def _is_reduction(self, name) -> bool:
+        from tvm import tirx
+
+        return any(iv.iter_type == tirx.IterVar.CommReduce for iv in self.sch.get(self.sch.get_sblock(name)).iter_vars)
+
+    # -- inlining ------------------------------------------------------------------------------
+    def inline(self):
+        sch = self.sch
+        changed = True
+        while changed:
+            changed = False
+            for name in self._blocks():
+                if self._is_reduction(name):
+                    continue
+                blk = sch.get_sblock(name)
+                stmt = sch.get(blk)
+                consumers = sch.get_consumers(blk)
+                if not consumers:
+                    continue
+                size = _block_size(sch, blk)
+                # do not recompute expensive values across a broadcast
+                if not _is_cheap(stmt) and any(_block_size(sch, c) > size for c in consumers):
+                    continue
+                saved = sch.copy()
+                try:
+                    sch.compute_inline(blk)
+                    changed = True
+                    break
+                except Exception:  # noqa: BLE001
+                    self.sch = sch = saved
+        # consumers of injective producers (e.g. a transpose followed by a scale)
+        changed = True
+        while changed:
+            changed = False
+            for name in self._blocks():
+                if self._is_reduction(name):
+                    continue
+                blk = sch.get_sblock(name)
+                prods = sch.get_producers(blk)
+                if len(prods) != 1 or any(self._is_reduction(sch.get(p).name_hint) for p in prods):
+                    continue
+                saved = sch.copy()
+                try:
+                    sch.reverse_compute_inline(blk)
+                    changed = True
+                    break
+                except Exception:  # noqa: BLE001
+                    self.sch = sch = saved
+
+    # -- GEMM ------------------------------------------------------------------------------------
+    def _gemm_operands(self, name):
+        """(M, N, K) if the block is C[.., i, j] += A(i,k) * B(k,j) with B contiguous along j
+        (A may be [i,k] or [k,i]); else None."""
+        from tvm import tirx
+        from tvm.ir import TensorLoad
+
+        stmt = self.sch.get(self.sch.get_sblock(name))
+        ivs = list(stmt.iter_vars)
+        kinds = ["R" if iv.iter_type == tirx.IterVar.CommReduce else "S" for iv in ivs]
+        if kinds[-1:] != ["R"] or kinds.count("R") != 1 or len(ivs) < 3 or any(k != "S" for k in kinds[:-1]):
+            return None
+        if any(_int(iv.dom.extent) is None for iv in ivs):
+            return None
+        if any(_int(iv.dom.extent) != 1 for iv in ivs[:-3]):  # batch dims only if trivial
+            return None
+        iv_i, iv_j, iv_k = ivs[-3], ivs[-2], ivs[-1]
+        i, j, k = iv_i.var, iv_j.var, iv_k.var
+        if len(stmt.writes) != 1 or len(stmt.reads) not in (2, 3):
+            return None
+        body = stmt.body
+        if not isinstance(body, tirx.BufferStore):
+            return None
+        wbuf = body.buffer
+        # the store must be C[..., i, j] = C[..., i, j] + X * Y
+        idx = list(body.indices)
+        if not (idx and idx[-1].same_as(j) and len(idx) >= 2 and idx[-2].same_as(i)):
+            return None
+        v = body.value
+        if not isinstance(v, tirx.Add):
+            return None
+        prod = v.b if isinstance(v.a, TensorLoad) and v.a.source.same_as(wbuf) else (
+            v.a if isinstance(v.b, TensorLoad) and v.b.source.same_as(wbuf) else None)
+        if prod is None:
+            return None
+        if isinstance(prod, tirx.Cast):
+            return None
+        if not isinstance(prod, tirx.Mul) or not all(isinstance(x, TensorLoad) for x in (prod.a, prod.b)):
+            return None
+        ops = [prod.a, prod.b]
+        b_op = [o for o in ops if i not in _var_set(o) and j in _var_set(o)]
+        if len(b_op) != 1:
+            return None
+        b_op = b_op[0]
+        a_op = ops[1] if ops[0] is b_op else ops[0]
+        if j in _var_set(a_op) or i not in _var_set(a_op) or k not in _var_set(a_op) or k not in _var_set(b_op):
+            return None
+        if str(wbuf.ty.dtype) != "float32" or len(b_op.indices) != 2:
+            return None
+        if b_op.indices[-1].same_as(j) and b_op.indices[-2].same_as(k):
+            layout = "KN"
+        elif b_op.indices[-1].same_as(k) and b_op.indices[-2].same_as(j):
+            layout = "NK"
+        else:
+            return None
+        b_index = [n for n, r in enumerate(stmt.reads) if r.source.same_as(b_op.source)]
+        if len(b_index) != 1:
+            return None
+        return _int(iv_i.dom.extent), _int(iv_j.dom.extent), _int(iv_k.dom.extent), layout, b_index[0]
+
+    L2_BYTES = 256 * 1024  # B block kept in L2 (conservative: Zen3 512K, most ARM/Intel >= 512K)
+    MR_MAX = 8
+
+    def _pick_nr(self, N: int):
+        """Register-tile width: 2 vectors (4 on 128-bit SIMD with 32 registers, e.g. NEON) if
+        that divides N, else fewer (None: N needs padding)."""
+        wide = (4 * self.lanes,) if self.lanes == 4 and self.regs >= 32 else ()
+        for nr in (*wide, 2 * self.lanes, self.lanes):
+            if N % nr == 0:
+                return nr
+        return None
+
+    def gemm(self, name, M, N, K, layout, b_index):
+        """Register-tiled GEMM: C[i, j] += A(i, k) * B(k, j).
+
+        Micro-kernel MR x NR (NR = 1-2 vectors) accumulated in registers over the whole K,
+        B columns blocked by JB micro-panels so a K x (JB*NR) block stays in L2; threads split
+        the (column block, row tile) space. B in [N, K] layout (x @ W^T) is packed per column
+        block into [JB, K, NR] so the micro-kernel reads it contiguously.
+        """
+        sch = self.sch
+        lanes = self.lanes
+        blk = sch.get_sblock(name)
+        padded = False
+        if self._pick_nr(N) is None:
+            if N < lanes:
+                raise ValueError(f"N={N} too narrow for the vector width")
+            # pad the j axis to whole vectors (zero-filled B copy, trimmed output)
+            n_iters = len(sch.get(blk).iter_vars)
+            sch.pad_einsum(blk, [1] * (n_iters - 2) + [2 * lanes if N >= 8 * lanes else lanes, 1])
+            M, N, K, layout, b_index = self._gemm_operands(name)
+            padded = True
+        NR = self._pick_nr(N)
+        nv = -(-NR // lanes)  # vector registers per row of the tile
+        mr_max = max(1, (self.regs - nv - 1) // nv)
+        MR = _divisor_near(M, min(mr_max, self.MR_MAX))
+        jn = N // NR
+        jb_cap = max(1, self.L2_BYTES // (NR * K * 4))
+        if layout == "NK" and self.threads > 1:
+            # only the column-block loop is parallel: keep >= 2 blocks per thread when possible
+            jb_cap = max(1, min(jb_cap, jn // (2 * self.threads)))
+        JB = _divisor_near(jn, jb_cap)
+        pack = None
+        if layout == "NK":
+            pack = sch.cache_read(blk, b_index, "global")
+            sch.transform_layout(pack, ("write", 0), lambda j, k: (j // NR, k, j % NR))
+            if padded:  # read W straight into the packed, zero-padded panels
+                for p in sch.get_producers(pack):
+                    try:
+                        sch.compute_inline(p)
+                    except Exception:  # noqa: BLE001
+                        pass
+        loops = sch.get_loops(blk)
+        li, lj, lk = loops[-3:]
+        io, ii = sch.split(li, [None, MR])
+        jo, jb, jl = sch.split(lj, [None, JB, NR])
+        sch.reorder(jo, io, jb, lk, ii, jl)
+        outer = loops[:-3]
+        wb = sch.cache_write(blk, 0, "local")
+        # fuse elementwise epilogues into the write-back. Not when padded: the write-back then
+        # covers the padded columns (reverse_compute_inline would happily write past the end of
+        # the real output), so epilogues are fused into the trimming block instead.
+        progress = True
+        while progress:
+            progress = False
+            targets = sch.get_consumers(wb)
+            if padded:
+                targets = [c2 for c in targets for c2 in sch.get_consumers(c)]
+            for c in targets:
+                try:
+                    sch.reverse_compute_inline(c)
+                    progress = True
+                    break
+                except Exception:  # noqa: BLE001
+                    pass
+        sch.reverse_compute_at(wb, jb, preserve_unit_loops=True)
+        if pack is not None:
+            sch.compute_at(pack, jo, preserve_unit_loops=True)
+            par = sch.fuse(*outer, jo) if outer else jo
+        else:
+            par = sch.fuse(*outer, jo, io) if outer else sch.fuse(jo, io)
+        if M * N >= self.PAR_MIN_WORK and self.threads > 1:
+            sch.parallel(par)
+        # the NR-wide loop becomes one LLVM vector (split into registers by the backend)
+        sch.unroll(ii)
+        sch.vectorize(jl)
+        init = sch.decompose_reduction(blk, lk)
+        for b in (init, wb):
+            ls = sch.get_loops(b)
+            # the two innermost loops are (MR, NR)
+            sch.unroll(ls[-2])
+            sch.vectorize(ls[-1])
+        self.log.append(f"gemm {name}: {layout} M={M} N={N}{' (padded)' if padded else ''} K={K} "
+                        f"MR={MR} NR={NR} JB={JB}")
+
+    # -- other reductions -----------------------------------------------------------------------
+    def reduction(self, name):
+        from tvm import tirx
+
+        sch = self.sch
+        blk = sch.get_sblock(name)
+        stmt = sch.get(blk)
+        ivs = list(stmt.iter_vars)
+        loops = sch.get_loops(blk)
+        if len(loops) != len(ivs) or any(_int(iv.dom.extent) is None for iv in ivs):
+            raise ValueError("unsupported loop nest")
+        kinds = ["R" if iv.iter_type == tirx.IterVar.CommReduce else "S" for iv in ivs]
+        if len(stmt.writes) != 1:
+            raise ValueError("multi-output reduction")
+        s_loops = [lp for lp, k in zip(loops, kinds) if k == "S"]
+        r_loops = [lp for lp, k in zip(loops, kinds) if k == "R"]
+        s_ext = [_int(iv.dom.extent) for iv, k in zip(ivs, kinds) if k == "S"]
+        r_ext = [_int(iv.dom.extent) for iv, k in zip(ivs, kinds) if k == "R"]
+        total = _prod(s_ext) * _prod(r_ext)
+        # which loop is contiguous in the dominant read?
+        reads = [r for r in stmt.reads if len(r.region) > 0]
+        big = max(reads, key=lambda r: _prod(_int(x.extent) or 1 for x in r.region)) if reads else None
+        last_var = None
+        if big is not None:
+            mn = big.region[-1].min
+            vs = _var_set(mn)
+            if len(vs) == 1:
+                last_var = next(iter(vs))
+        r_vars = [iv.var for iv, k in zip(ivs, kinds) if k == "R"]
+        s_vars = [iv.var for iv, k in zip(ivs, kinds) if k == "S"]
+        lanes = self.lanes
+        if len(r_loops) == 1 and last_var is not None and last_var.same_as(r_vars[0]):
+            # row reduction over the contiguous axis: rfactor into `lanes` partial sums
+            sch.reorder(*s_loops, *r_loops)
+            par = sch.fuse(*s_loops) if len(s_loops) > 1 else (s_loops[0] if s_loops else None)
+            if par is not None and total >= self.PAR_MIN_WORK and self.threads > 1:
+                sch.parallel(par)
+            R = r_ext[0]
+            if R % lanes == 0 and R >= 4 * lanes and _store_dtype(stmt) == "float32":
+                ro, rl = sch.split(r_loops[0], [None, lanes])
+                rf = sch.rfactor(rl, factor_axis=len(stmt.writes[0].region))
+                # rf block loops: par, ro, rl -> move rl innermost & vectorize (already innermost)
+                rls = sch.get_loops(rf)
+                sch.vectorize(rls[-1])
+                init = sch.decompose_reduction(rf, rls[-2])
+                sch.vectorize(sch.get_loops(init)[-1])
+                if par is not None:
+                    par = sch.get_loops(rf)[0]
+                    sch.reverse_compute_at(sch.get_sblock(name), par)
+            self.log.append(f"row-reduction {name}")
+            return
+        if (len(s_loops) >= 1 and last_var is not None and last_var.same_as(s_vars[-1])
+                and s_ext[-1] % lanes == 0):
+            # column reduction: keep the contiguous spatial axis innermost and vectorize it
+            so = s_loops[:-1]
+            jo, jl = sch.split(s_loops[-1], [None, lanes])
+            sch.reorder(*so, jo, *r_loops, jl)
+            par = sch.fuse(*so, jo) if so else jo
+            if total >= self.PAR_MIN_WORK and self.threads > 1:
+                sch.parallel(par)
+            sch.vectorize(jl)
+            init = sch.decompose_reduction(blk, r_loops[0])
+            sch.vectorize(sch.get_loops(init)[-1])
+            self.log.append(f"col-reduction {name}")
+            return
+        # generic: parallel over the spatial loops
+        if s_loops and total >= self.PAR_MIN_WORK and self.threads > 1:
+            sch.reorder(*s_loops, *r_loops)
+            par = sch.fuse(*s_loops) if len(s_loops) > 1 else s_loops[0]
+            sch.parallel(par)
+        self.log.append(f"reduction {name}")
+
+    # -- elementwise / injective -----------------------------------------------------------------
+    def spatial(self, name):
+        sch = self.sch
+        blk = sch.get_sblock(name)
+        stmt = sch.get(blk)
+        ivs = list(stmt.iter_vars)
+        loops = sch.get_loops(blk)
+        exts = [_int(iv.dom.extent) for iv in ivs]
+        if len(loops) != len(ivs) or any(e is None for e in exts) or not loops:
+            raise ValueError("unsupported loop nest")
+        total = _prod(exts)
+        lanes = self.lanes
+        # is the innermost iterator contiguous in every read (or absent from it)?
+        inner = ivs[-1].var
+        contiguous = True
+        for r in stmt.reads:
+            for d, rg in enumerate(r.region):
+                if inner in _var_set(rg.min) and d != len(r.region) - 1:
+                    contiguous = False
+        if not contiguous and len(loops) >= 2 and exts[-1] >= lanes and exts[-2] >= lanes:
+            # transpose-like: 2-D tiling so both sides stay in cache
+            t = 16 if exts[-1] % 16 == 0 and exts[-2] % 16 == 0 else lanes
+            a_o, a_i = sch.split(loops[-2], [None, t])
+            b_o, b_i = sch.split(loops[-1], [None, t])
+            sch.reorder(*loops[:-2], a_o, b_o, a_i, b_i)
+            par = sch.fuse(*loops[:-2], a_o, b_o)
+            if total >= self.PAR_MIN_WORK and self.threads > 1:
+                sch.parallel(par)
+            if exts[-1] % t == 0 and exts[-2] % t == 0:
+                sch.unroll(a_i)
+                sch.vectorize(b_i)
+            self.log.append(f"transpose {name}")
+            return
+        # vectorize within the innermost axis (no vectors straddling rows: those need gathers)
+        vec = next((v for v in (2 * lanes, lanes, 4) if exts[-1] % v == 0 and exts[-1] >= v), 1)
+        if vec > 1:
+            o, v = sch.split(loops[-1], [None, vec])
+            o = sch.fuse(*loops[:-1], o) if len(loops) > 1 else o
+        else:
+            o = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+            v = None
+        if total >= self.PAR_MIN_WORK and self.threads > 1:
+            sch.parallel(o)
+        if v is not None:
+            sch.vectorize(v)
+        self.log.append(f"spatial {name}")
+
+    def run(self):
+        self._try(self.inline)
+        done = set()
+        # GEMMs first: they absorb their epilogues
+        for name in self._blocks():
+            if name in done or not self._exists(name) or not self._is_reduction(name):
+                continue
+            g = self._gemm_operands(name)
+            if g is not None and self._try(self.gemm, name, *g):
+                done.add(name)
+        for name in self._blocks():
+            if name in done or not self._exists(name):
+                continue
+            # blocks created by the gemm rule are under its loops already
+            if len(self.sch.get_loops(self.sch.get_sblock(name))) != len(self.sch.get(self.sch.get_sblock(name)).iter_vars):
+                continue
+            if self._is_reduction(name):
+                self._try(self.reduction, name)
+            else:
+                self._try(self.spatial, name)
+            done.add(name)
+        return self.sch.mod["main"]
+
+
+def _schedule_func(func, target):
+    s = _CPUScheduler(func, target)
+    out = s.run()
+    return out, s.log
+
+
+def _hand_schedule_pass(target, log: list | None = None):
+    import tvm
+    from tvm import tirx
+
+    target = _as_target(target)
+
+    @tvm.transform.module_pass(opt_level=0, name="FFCHandSchedule")
+    def _pass(mod, _ctx):
+        if target.kind.name != "llvm":
+            return mod
+        updates = {}
+        for gv, func in mod.functions_items():
+            if not isinstance(func, tirx.PrimFunc):
+                continue
+            if func.attrs is not None and "tirx.is_scheduled" in func.attrs and func.attrs["tirx.is_scheduled"]:
+                continue
+            new, flog = _schedule_func(func, target)
+            if log is not None:
+                log.append({"func": gv.name_hint, "log": flog})
+            updates[gv] = new.with_attr("tirx.is_scheduled", True)
+        for gv, f in updates.items():
+            mod[gv] = f
+        return mod
+
+    return _pass
+
+
+def _aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(n + align, dtype=np.uint8)
+    off = (-raw.ctypes.data) % align
+    return raw[off:off + n].view(dtype).reshape(shape)
+
+
+class TVMProgram:
+    """A compiled program loaded with only the TVM runtime."""
+
+    def __init__(self, path: str | Path, device: str = "cpu", device_id: int = 0):
+        import tvm
+
+        self.path = Path(path)
+        meta = json.loads(_sidecar(self.path).read_text())
+        self.meta = meta
+        self.input_names: list[str] = [i["name"] for i in meta["inputs"]]
+        self.output_names: list[str] = [o["name"] for o in meta["outputs"]]
+        self._in_dtypes = [np.dtype(i["dtype"]) for i in meta["inputs"]]
+        self._single = len(self.output_names) == 1
+        self._staging: dict[str, np.ndarray] = {}
+        copy = set(meta.get("copy_outputs", self.output_names))
+        self._copy = [n in copy for n in self.output_names]
+        self.device = tvm.runtime.device(device, device_id)
+        lib = tvm.runtime.load_module(str(self.path))
+        from tvm.runtime.vm import VirtualMachine  # (not imported by `import tvm` in runtime-only mode)
+
+        self._vm = VirtualMachine(lib, self.device)
+        self._fn = self._vm[meta["function"]]
+
+    def _to_tvm(self, name: str, arr, dtype: np.dtype):
+        """numpy -> tvm tensor. On CPU, a C-contiguous, 64-byte aligned array of the right dtype
+        (e.g. an output of the previous ``run``) is passed without a copy; anything else is
+        copied into a persistent aligned staging buffer (``tvm.runtime.tensor`` is ~8x slower
+        than a plain memcpy for large arrays). Not thread-safe (neither is the VM)."""
+        import tvm
+
+        if self.device.dlpack_device_type() != 1:
+            return tvm.runtime.tensor(np.asarray(arr, dtype=dtype), self.device)
+        a = np.asarray(arr)
+        if (a.dtype == dtype and a.flags.c_contiguous and a.flags.writeable and a.ctypes.data % 64 == 0):
+            try:
+                return tvm.runtime.from_dlpack(a)
+            except Exception:  # pragma: no cover - fall back to a copy
+                pass
+        buf = self._staging.get(name)
+        if buf is None or buf.shape != a.shape:
+            buf = self._staging[name] = _aligned_empty(a.shape, dtype)
+        np.copyto(buf, a, casting="same_kind")
+        return tvm.runtime.from_dlpack(buf)
+
+    def run_tvm(self, feeds: dict):
+        """Run with numpy arrays or tvm tensors; returns the VM's output tensors (no copies)."""
+        import tvm
+
+        missing = [n for n in self.input_names if n not in feeds]
+        if missing:
+            raise KeyError(f"missing inputs: {missing}")
+        args = []
+        for n, dt in zip(self.input_names, self._in_dtypes):
+            v = feeds[n]
+            args.append(v if isinstance(v, tvm.runtime.Tensor) else self._to_tvm(n, v, dt))
+        res = self._fn(*args)
+        outs = [res] if self._single else list(res)
+        return dict(zip(self.output_names, outs))
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one step. Inputs that are 64-byte aligned C-contiguous arrays (e.g. outputs of a
+        previous ``run``) are passed without a copy; outputs are returned as numpy arrays that
+        own the VM's fresh output buffers (no copy), except outputs that could alias inputs or
+        constants, which are copied."""
+        outs = self.run_tvm(feeds)
+        result = {}
+        for (n, o), copy in zip(outs.items(), self._copy):
+            if copy or self.device.dlpack_device_type() != 1:
+                result[n] = o.numpy()
+            else:
+                result[n] = np.from_dlpack(o)
+        return result
+
+
+def load(path: str | Path, device: str = "cpu", device_id: int = 0) -> TVMProgram:
+    return TVMProgram(path, device, device_id)
