@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--run-dir", default=None, help="run directory (default: next to --out)")
     ap.add_argument("--out", default="bench_paper_supervised.json")
     ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--limit", type=int, default=None, help="train on the first N images only (smoke runs)")
     args = ap.parse_args()
 
     raw = apply_overrides(tomllib.loads(Path(args.model).read_text()), args.overrides)
@@ -60,6 +61,7 @@ def main() -> None:
     if source.builtin:
         sys.exit("this benchmark needs the full MNIST: pass --data-dir or set FFCOMPILE_DATA_DIR")
     x_train, y_train = load_mnist(source, "train")
+    x_train, y_train = x_train[: args.limit], y_train[: args.limit]
     x_val, y_val = load_mnist(source, "val")
     x_test, y_test = load_mnist(source, "test")
     run_dir = Path(args.run_dir or Path(args.out).with_suffix(".run"))
