@@ -31,11 +31,15 @@ class OrtProgram:
     per-kernel profile (see ``end_profiling``). ``arena``: onnxruntime's CPU memory arena.
     ``emitted_order``: execute nodes in the order the emitter wrote them (onnxruntime's
     priority-based order; its default is a depth-first order from the outputs, which here runs
-    every layer's forward pass before any gradient and keeps all their activations alive)."""
+    every layer's forward pass before any gradient and keeps all their activations alive).
+    ``memory_pattern``: onnxruntime's memory-pattern planning, off by default: it allocates one
+    planned block after the first run on top of what the arena already holds (measured: a
+    4x2000 train step's peak RSS 524 instead of 278 MiB at batch 1000, no measurable speed gain)."""
 
     def __init__(self, model_bytes: bytes, providers: list[str] | None = None, threads: int | None = None,
                  name="program", *, spinning: bool | None = None, optimized_model_path: str | None = None,
-                 profile_prefix: str | None = None, arena: bool = True, emitted_order: bool = True):
+                 profile_prefix: str | None = None, arena: bool = True, emitted_order: bool = True,
+                 memory_pattern: bool = False):
         providers = providers or ["CPUExecutionProvider"]
         missing = [p for p in providers if p not in available_providers()]
         if missing:
@@ -49,6 +53,7 @@ class OrtProgram:
             opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
         opts.log_severity_level = 3
         opts.enable_cpu_mem_arena = arena
+        opts.enable_mem_pattern = memory_pattern
         if threads:
             opts.intra_op_num_threads = threads
         if spinning is not None:
