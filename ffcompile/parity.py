@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from .backends.torch_backend import TorchProgram
 from .lowering import build_program
-from .loop import epoch_plan, learning_rate
+from .loop import epoch_plan, learning_rate, step_feeds, uses_hybrid_negatives
 from .spec import Model
 
 FORMAT = "ffcompile-parity-1"
@@ -58,7 +58,6 @@ TRAJECTORY_RTOL = 1e-4
 FLOAT64_FACTOR = 10.0
 LABEL_TIE = 1e-5
 INTEGER_OUTPUTS = ("prediction", "negative_labels")
-TRAIN_FEEDS = ("x", "y", "u", "lr", "step")
 
 TOLERANCES = {
     "programs": f"max|out - ref| <= {PROGRAM_ATOL:g} + {PROGRAM_RTOL:g} * max|ref| per float tensor",
@@ -178,7 +177,8 @@ def compare_program(name: str, out: dict, ref32: dict, ref64: dict, ties: _Label
 
 def random_feeds(model: Model, signature_inputs, params: dict, state: dict, rng: np.random.Generator) -> dict:
     """Random but plausible inputs: weights near the given ones, non-negative optimizer state
-    (Adam's second moment must be), images in [0, 1), any labels, any step."""
+    (Adam's second moment must be), images in [0, 1) (the hybrid negatives' partner images
+    ``x_other`` too), 0/1 mask bits, any labels, any step."""
     feeds = {}
     for value in signature_inputs:
         name, shape = value.name, value.shape
@@ -186,8 +186,10 @@ def random_feeds(model: Model, signature_inputs, params: dict, state: dict, rng:
             feeds[name] = (params[name] + rng.normal(0, 0.05, shape)).astype(np.float32)
         elif name in state:
             feeds[name] = np.abs(rng.normal(0, 0.05, shape)).astype(np.float32)
-        elif name == "x":
+        elif name in ("x", "x_other"):
             feeds[name] = rng.random(shape, dtype=np.float32)
+        elif name == "mask_bits":
+            feeds[name] = rng.integers(0, 2, shape).astype(np.float32)
         elif name == "y":
             feeds[name] = rng.integers(0, model.input.label.classes, shape).astype(np.int64)
         elif name == "u":
@@ -202,17 +204,18 @@ def random_feeds(model: Model, signature_inputs, params: dict, state: dict, rng:
 
 
 def _batches(model: Model, x, y, seed: int, first_step: int):
-    """The training loop's feeds, epoch after epoch, forever."""
+    """The training loop's feeds, epoch after epoch, forever: the same plan and per-step feeds as
+    ``loop.run_epoch`` (jitter shifts, hybrid negatives' partners and mask bits included)."""
+    shift = None
+    if model.training.jitter:
+        from .data import shift_images as shift
+    labels = y if uses_hybrid_negatives(model) else None
     epoch = 0
     while True:
-        plan = epoch_plan(model, len(x), epoch, seed)
+        plan = epoch_plan(model, len(x), epoch, seed, labels)
         lr = np.float32(learning_rate(model, epoch, model.training.epochs))
-        for k, rows in enumerate(plan.order):
-            xb = x[rows]
-            if plan.shifts is not None:
-                from .data import shift_images
-                xb = shift_images(xb, plan.shifts[k, :, 0], plan.shifts[k, :, 1])
-            yield {"x": xb, "y": y[rows], "u": plan.u[k], "lr": lr, "step": np.float32(first_step)}
+        for k in range(len(plan.order)):
+            yield step_feeds(plan, k, x, y, lr, first_step, shift)
             first_step += 1
         epoch += 1
 
@@ -276,8 +279,10 @@ def trajectory_parity(run, reference: Reference, ties: _LabelTies, params: dict,
                     strict = False
                     record.setdefault("float64_floor", {})[name] = {**entry["float64"], "passed": entry["passed"]}
                 passed &= entry["passed"]
-        got, want = outs["backend"]["negative_labels"], outs["ref32"]["negative_labels"]
-        wrong = np.flatnonzero(got != want)
+        wrong = []
+        if "negative_labels" in outs["ref32"]:  # hybrid-image negatives draw no labels in the step
+            got, want = outs["backend"]["negative_labels"], outs["ref32"]["negative_labels"]
+            wrong = np.flatnonzero(got != want)
         if len(wrong):
             shadow = reference.run32({**before[0], **before[1], **run_feeds})["negative_labels"]
             margins = ties.margins(before[0], feeds)

@@ -18,22 +18,26 @@ import numpy as np
 
 from ..checkpoint import Checkpoint, load_checkpoint, save_checkpoint, write_json
 from ..errors import FFCompileError
-from ..loop import run_epoch
+from ..loop import FEEDS, run_epoch
 from .inputs import as_images, as_labels
 from .programs import Runnable
 
 CHECKPOINT = "checkpoint.safetensors"
 METRICS = "metrics.json"
-FEEDS = ("x", "y", "u", "lr", "step")
 
 
 class CompiledTrainStep:
     """The compiled ``train_step`` as a loop step function (numpy in, numpy out)."""
 
-    def __init__(self, program: Runnable, signature: dict):
+    def __init__(self, program: Runnable, signature: dict, carried):
+        """``carried``: the names of the parameters and optimizer state; every other input of the
+        program must be one of the loop's feeds (``loop.FEEDS``)."""
         self.program = program
         names = {v["name"] for v in signature["inputs"]}
         self.feed_names = [n for n in FEEDS if n in names]
+        unknown = sorted(names - set(FEEDS) - set(carried))
+        if unknown:
+            raise FFCompileError(f"train_step takes inputs the training loop does not provide: {', '.join(unknown)}")
 
     def __call__(self, params, state, feeds):
         out = self.program.run({**params, **state, **{k: feeds[k] for k in self.feed_names}})
@@ -80,7 +84,7 @@ def finetune(bundle, x, y, epochs: int, out_dir, resume: bool = False, progress:
         ckpt = Checkpoint(model, bundle.params, bundle.state, 0, bundle.step)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    step_fn = CompiledTrainStep(bundle.programs["train_step"], bundle.signature("train_step"))
+    step_fn = CompiledTrainStep(bundle.programs["train_step"], bundle.signature("train_step"), [*ckpt.params, *ckpt.state])
     shift = None
     if model.training.jitter:
         from ..data import shift_images
