@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from ffcompile.bundle import build_bundle
 
@@ -18,3 +19,11 @@ def tiny_bundle(tmp_path_factory):
     out = tmp_path_factory.mktemp("bundles") / "tiny-x86"
     build_bundle(TINY_SPEC, "x86-cpu", out, infer_batch=50, verify_steps=5, progress=False, log=lambda _: None)
     return out
+
+
+@pytest.fixture
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the reference's small per-op matmuls: a second thread only adds latency
+    yield
+    torch.set_num_threads(threads)

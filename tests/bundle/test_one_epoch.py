@@ -3,9 +3,6 @@ bundle, against the PyTorch reference trainer from the same initial weights."""
 
 from pathlib import Path
 
-import pytest
-import torch
-
 from ffcompile.bundle import build_bundle
 from ffcompile.data import load_mnist
 from ffcompile.runtime.bundle import load_bundle
@@ -13,14 +10,6 @@ from ffcompile.spec import load_model
 from ffcompile.train import Dataset, evaluate_params, train
 
 MODEL = Path(__file__).parents[2] / "models" / "mnist-small.toml"
-
-
-@pytest.fixture
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the reference's small per-op matmuls: a second thread only adds latency
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_one_epoch_onnxruntime_matches_reference(tmp_path, one_torch_thread):
