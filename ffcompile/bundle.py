@@ -71,8 +71,25 @@ def _compile_onnx(program, model: Model, target: Target, out_dir: Path) -> str:
     return rel
 
 
+def _compile_tvm(program, model: Model, target: Target, out_dir: Path) -> str:
+    """ONNX (no Scan tiling: TVM's ONNX frontend has no Scan) -> TVM -> programs/<name>.so plus
+    its sidecar programs/<name>.so.json (input/output names); both are checksummed."""
+    from .backends.onnx_backend import to_onnx
+    from .backends.tvm_compile import compile_onnx
+
+    cc = None
+    if target.cc is not None:
+        from .emulation import _which  # one-line error naming the Debian package
+
+        cc = _which(target.cc)
+    rel = f"{PROGRAMS_DIR}/{program.name}.so"
+    proto = to_onnx(program, doc=f"ffcompile {program.name} for {model.name} ({target.name})", fuse=False)
+    compile_onnx(proto, target.tvm, out_dir / rel, cc=cc)
+    return rel
+
+
 # One compiler per target backend: (program, model, target, bundle dir) -> the file's relative path.
-COMPILERS = {"onnxruntime": _compile_onnx}
+COMPILERS = {"onnxruntime": _compile_onnx, "tvm": _compile_tvm}
 
 
 def versions() -> dict:
@@ -189,7 +206,8 @@ def _parity(model, target: dict, root: Path, entries: dict, src: Source, infer_b
             seed, progress, log) -> dict:
     """Run the parity harness on the files just written, if this machine can run the target."""
     reason = why_not_here(target)
-    if reason:
+    proxy = host_proxy(target) if reason else None
+    if reason and proxy is None:
         log(f"parity check skipped: {reason}; run `ffcompile verify` on a machine of the target")
         return {"format": "ffcompile-parity-1", "passed": None, "model": model.name, "target": target["name"],
                 "backend": target["backend"], "device": target["device"], "skipped": reason}
@@ -198,9 +216,56 @@ def _parity(model, target: dict, root: Path, entries: dict, src: Source, infer_b
 
     source = resolve_data_dir(data_dir)
     x, y = load_mnist(source, "train")
-    runners = {name: load_program(root / e["file"], target, e["file"], e) for name, e in entries.items()}
+    if proxy is None:
+        runners = {name: load_program(root / e["file"], target, e["file"], e) for name, e in entries.items()}
+    else:
+        log(f"parity on a host proxy: {proxy['what']}")
+        runners = _proxy_runners(model, proxy, root, entries, infer_batch)
     report = verify(model, target, runners, src.params, src.state, src.step, x, y, infer_batch, steps, seed,
                     data=source.describe(), progress=progress, log=None)
+    if proxy is not None:
+        report["host_proxy"] = {"why": reason, "what": proxy["what"], "proxy_target": proxy["target"],
+                                "device_check": "ffcompile verify BUNDLE --emulate (aarch64 under qemu) or "
+                                                "ffcompile verify BUNDLE on the device"}
     for line in summary_lines(report):
         log(line)
     return report
+
+
+def host_proxy(target: dict) -> dict | None:
+    """For a CPU bundle of another architecture, what this host can check in its place: the
+    same .onnx files in the host's onnxruntime, or the same ONNX programs compiled by the same
+    TVM pipeline and schedule rules for the host CPU. None where nothing stands in (GPU targets)."""
+    from .runtime.host import host_arch
+
+    if target.get("device") != "cpu" or target.get("arch") == host_arch():
+        return None
+    if target["backend"] == "onnxruntime":
+        return {"target": {**target, "arch": host_arch(), "providers": ["CPUExecutionProvider"]},
+                "what": "HOST PROXY: the bundle's own .onnx files run by this host's onnxruntime CPU provider, "
+                        f"not on {target['arch']}"}
+    if target["backend"] == "tvm":
+        tvm_target = {k: v for k, v in target["tvm"].items() if k not in ("mtriple", "mattr", "mcpu")}
+        return {"target": {**target, "arch": host_arch(), "tvm": tvm_target, "cc": None},
+                "what": f"HOST PROXY: the same ONNX programs compiled by the same TVM pipeline and hand-written "
+                        f"schedule rules for this host ({tvm_target}), not the bundle's {target['arch']} libraries"}
+    return None
+
+
+def _proxy_runners(model: Model, proxy: dict, root: Path, entries: dict, infer_batch: int) -> dict:
+    target = proxy["target"]
+    if target["backend"] == "onnxruntime":
+        return {name: load_program(root / e["file"], target, e["file"], e) for name, e in entries.items()}
+    from .backends.onnx_backend import to_onnx
+    from .backends.tvm_compile import compile_onnx
+
+    work = Path(tempfile.mkdtemp(prefix="ffcompile-proxy-"))
+    runners = {}
+    try:
+        for name, e in entries.items():
+            program = build_program(model, name, model.training.batch_size if name == "train_step" else infer_batch)
+            lib = compile_onnx(to_onnx(program, fuse=False), target["tvm"], work / f"{name}.so")
+            runners[name] = load_program(lib, target, f"host proxy of {e['file']}", e)
+    finally:  # a loaded library stays mapped after its file is removed
+        shutil.rmtree(work, ignore_errors=True)
+    return runners

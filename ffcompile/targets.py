@@ -109,15 +109,44 @@ def target_from_dict(raw: dict, name: str, source: str) -> Target:
         fail("providers", f"only for backend \"onnxruntime\", not {backend!r}")
 
     tvm = raw.get("tvm")
-    if backend == "tvm" and not isinstance(tvm, dict):
-        fail("tvm", "backend \"tvm\" needs a [tvm] table: the TVM target dict")
-    if backend != "tvm" and tvm is not None:
+    if backend == "tvm":
+        _check_tvm_target(tvm, device, arch, fail)
+    elif tvm is not None:
         fail("tvm", f"only for backend \"tvm\", not {backend!r}")
     cc = raw.get("cc")
-    if cc is not None and not isinstance(cc, str):
-        fail("cc", f"must be a string (a compiler command), got {cc!r}")
+    if cc is not None and (not isinstance(cc, str) or not cc.strip()):
+        fail("cc", f"must be a non-empty string (a compiler command), got {cc!r}")
+    if cc is not None and backend != "tvm":
+        fail("cc", f"only for backend \"tvm\" (it links TVM's shared libraries), not {backend!r}")
+    if backend == "tvm" and device == "cpu" and arch != "x86_64" and cc is None:
+        fail("cc", f"arch {arch!r} needs a cross compiler to link TVM's shared libraries "
+                   f"(e.g. cc = \"{_TRIPLE_ARCH[arch]}-linux-gnu-gcc\")")
     return Target(name=name, backend=backend, device=device, arch=arch, dtype=dtype, providers=tuple(providers),
                   tvm=tvm, cc=cc, description=description)
+
+
+_TVM_KINDS = {"cpu": "llvm", "cuda": "cuda"}
+_TRIPLE_ARCH = {"x86_64": "x86_64", "aarch64": "aarch64", "armv7l": "armv7", "riscv64": "riscv64"}
+
+
+def _check_tvm_target(tvm, device: str, arch: str, fail) -> None:
+    """The TVM target dict: its kind matches the device; a CPU target for another architecture
+    than x86_64 names an LLVM triple of that architecture (``mtriple``)."""
+    if not isinstance(tvm, dict):
+        fail("tvm", f"backend \"tvm\" needs a TVM target dict (e.g. tvm = {{ kind = \"llvm\" }}), got {tvm!r}")
+    kind = tvm.get("kind")
+    if kind != _TVM_KINDS[device]:
+        fail("tvm.kind", f"device {device!r} needs kind {_TVM_KINDS[device]!r}, got {kind!r}")
+    triple = tvm.get("mtriple", (tvm.get("host") or {}).get("mtriple") if isinstance(tvm.get("host"), dict) else None)
+    if triple is not None and not isinstance(triple, str):
+        fail("tvm.mtriple", f"must be a string (an LLVM target triple), got {triple!r}")
+    if triple is None and arch != "x86_64":
+        fail("tvm.mtriple", f"arch {arch!r} needs an LLVM target triple, e.g. \"{_TRIPLE_ARCH[arch]}-linux-gnu\"")
+    if triple is not None and not triple.startswith(_TRIPLE_ARCH[arch]):
+        fail("tvm.mtriple", f"{triple!r} is not a triple for arch {arch!r} (expected {_TRIPLE_ARCH[arch]}-...)")
+    mattr = tvm.get("mattr", [])
+    if not isinstance(mattr, list) or not all(isinstance(a, str) for a in mattr):
+        fail("tvm.mattr", f"must be a list of LLVM feature strings (e.g. [\"+neon\"]), got {mattr!r}")
 
 
 def target_files() -> dict[str, Path]:

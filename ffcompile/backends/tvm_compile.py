@@ -913,7 +913,10 @@ class _CPUScheduler:
 
 def _schedule_func(func, target):
     s = _CPUScheduler(func, target)
-    out = s.run()
+    try:
+        out = s.run()
+    except Exception as e:  # noqa: BLE001 - e.g. a generic kernel with no "root" block (cumsum): keep it as lowered
+        return func, [*s.log, f"left unscheduled: {type(e).__name__}: {str(e).splitlines()[0][:120]}"]
     return out, s.log
 
 

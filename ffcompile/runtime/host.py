@@ -28,7 +28,8 @@ def why_not_here(target: dict) -> str | None:
     arch = host_arch()
     if target.get("arch") != arch:
         return (f"the bundle was built for target {name!r} ({target.get('arch')}, {target.get('device')}), "
-                f"but this machine is {arch}")
+                f"but this machine is {arch}" + ("; check it here under qemu with `ffcompile verify BUNDLE --emulate`"
+                                                  if target.get("arch") == "aarch64" and arch == "x86_64" else ""))
     if target.get("backend") == "onnxruntime":
         available = onnxruntime_providers()
         missing = [p for p in target.get("providers", []) if p not in available]
@@ -39,6 +40,14 @@ def why_not_here(target: dict) -> str | None:
         if missing:
             return (f"the bundle's target {name!r} needs onnxruntime's {', '.join(missing)}, which this onnxruntime "
                     f"lacks (it offers {', '.join(available)})")
+    if target.get("backend") == "tvm":
+        try:
+            import tvm
+        except ImportError:
+            return f"the bundle's target {name!r} needs the TVM runtime (pip install apache-tvm), which is not installed"
+        if target.get("device") == "cuda" and not tvm.cuda(0).exist:
+            return (f"the bundle's target {name!r} needs a CUDA GPU and a TVM runtime built with CUDA: no CUDA device "
+                    "visible to TVM here; build with --target x86-cpu-tvm to run on this machine")
     return None
 
 

@@ -1,8 +1,8 @@
 """Loading a bundle's compiled programs, one loader per backend (``target.backend``).
 
 A loader takes the program file, the target (its JSON form) and a display name, and returns an
-object with ``run(feeds: dict[str, ndarray]) -> dict[str, ndarray]``. onnxruntime is built in; a
-TVM loader slots in with ``register_loader("tvm", ...)`` (or an entry in ``LOADERS``).
+object with ``run(feeds: dict[str, ndarray]) -> dict[str, ndarray]``. onnxruntime and TVM are built
+in; another backend slots in with ``register_loader(backend, ...)``.
 """
 
 from __future__ import annotations
@@ -34,7 +34,29 @@ def _load_onnxruntime(path: Path, target: dict, name: str) -> Runnable:
     return program
 
 
-LOADERS: dict[str, Loader] = {"onnxruntime": _load_onnxruntime}
+def _load_tvm(path: Path, target: dict, name: str) -> Runnable:
+    """A TVM shared library + its sidecar ``<lib>.so.json``; needs only the TVM runtime."""
+    from ..backends.tvm_compile import SIDECAR_SUFFIX, load
+    from ..emulation import EmulationError, require_elf_for
+
+    sidecar = path.with_name(path.name + SIDECAR_SUFFIX)
+    if not sidecar.is_file():
+        raise FFCompileError(f"{name}: its sidecar {sidecar.name} (input/output names) is missing")
+    try:
+        require_elf_for(path)  # a library for another CPU: one line, not a dlopen failure
+    except EmulationError as e:
+        raise FFCompileError(f"{name}: {e}") from None
+    try:
+        import tvm  # noqa: F401
+    except ImportError:
+        raise FFCompileError(f"{name}: needs the TVM runtime (pip install apache-tvm)") from None
+    try:
+        return load(path, device="cuda" if target.get("device") == "cuda" else "cpu")
+    except Exception as e:  # tvm raises its own error types
+        raise FFCompileError(f"{name}: TVM could not load it: {str(e).strip().splitlines()[-1]}") from None
+
+
+LOADERS: dict[str, Loader] = {"onnxruntime": _load_onnxruntime, "tvm": _load_tvm}
 
 
 def register_loader(backend: str, loader: Loader) -> None:
@@ -49,9 +71,10 @@ def load_program(path: Path, target: dict, name: str, signature: dict | None = N
         raise FFCompileError(f"{name}: this runtime has no loader for backend {backend!r} "
                              f"(available: {', '.join(sorted(LOADERS))})")
     program = LOADERS[backend](Path(path), target, name)
-    if signature is not None and hasattr(program, "inputs") and hasattr(program, "output_names"):
+    inputs = getattr(program, "inputs", getattr(program, "input_names", None))
+    if signature is not None and inputs is not None and hasattr(program, "output_names"):
         want_in = {v["name"] for v in signature["inputs"]}
         want_out = {v["name"] for v in signature["outputs"]}
-        if set(program.inputs) != want_in or set(program.output_names) != want_out:
+        if set(inputs) != want_in or set(program.output_names) != want_out:
             raise FFCompileError(f"{name}: the compiled program's inputs/outputs do not match the manifest")
     return program
