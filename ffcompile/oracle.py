@@ -142,3 +142,56 @@ def _optimizer_step(model, P, state, new_state, lr, step) -> None:
         else:
             new_state[f"{k}.m"] = optim.state[P[k]]["exp_avg"]
             new_state[f"{k}.v"] = optim.state[P[k]]["exp_avg_sq"]
+
+
+def oracle_recurrent_train_step(model: Model, params: dict, state: dict, x, y, u, lr: float, step: int):
+    """The sec. 3.4 recurrent net's train step, written directly: states rolled forward in time,
+    every other layer's input and the layer's own previous state ``detach()``ed (no
+    backpropagation through time), one loss per layer per iteration, torch.optim update.
+    Negatives: wrong labels drawn from the softmax over labels of the goodness after the bottom-up
+    pass and one iteration. Returns (new params, new state, negative labels)."""
+    classes, rec = model.input.label.classes, model.recurrent
+    names = [layer.name for layer in model.layers]
+    P = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+    batch, dtype = x.shape[0], x.dtype
+    sign = -1.0 if model.goodness.kind == "neg_ssq" else 1.0
+    scored = [model.layer_index(n) for n in model.readout.goodness_layers] or list(range(len(names)))
+    pixels = _norm(x, model) if model.input.normalize else x
+
+    def run(pixels, label, iterations):
+        h, states = x.repeat(len(pixels) // batch, 1), []
+        for name in names:  # iteration 0: bottom-up only
+            inp = h if not states and not model.input.normalize else _norm(h, model)
+            h = torch.relu(inp @ P[f"{name}.weight"].T + P[f"{name}.bias"]).detach()
+            states.append(h)
+        for t in range(1, iterations + 1):
+            previous = [s.detach() for s in states]
+            for i, name in enumerate(names):
+                below = pixels if i == 0 else _norm(previous[i - 1], model)
+                above = _norm(label, model) if i == len(names) - 1 else _norm(previous[i + 1], model)
+                z = below.detach() @ P[f"{name}.weight"].T + above.detach() @ P[f"{name}.top_down.weight"].T + P[f"{name}.bias"]
+                states[i] = rec.damping * previous[i] + (1 - rec.damping) * torch.relu(z)
+            yield t, states
+
+    with torch.no_grad():
+        _t, states = next(run(pixels.repeat(classes, 1), torch.eye(classes, dtype=dtype).repeat_interleave(batch, 0), 1))
+        measure = lambda h: h.sum(1) if model.goodness.kind == "sum" else (h * h).sum(1)
+        g = sum(sign * measure(states[i]) for i in scored)
+        probs = torch.softmax(g.reshape(classes, batch).T, 1)
+    weights = probs if model.negatives.kind == "hard_label" else torch.zeros(batch, classes, dtype=dtype)
+    q = (weights + model.negatives.min_prob) * (1 - F.one_hot(y, classes).to(dtype))
+    cdf = torch.cumsum(q, 1)
+    cdf = cdf / cdf[:, -1:]
+    negative_labels = (cdf < torch.clamp(u, min=1e-7)[:, None]).sum(1)
+
+    label = torch.cat([F.one_hot(y, classes), F.one_hot(negative_labels, classes)]).to(dtype)
+    target = torch.cat([torch.ones(batch, dtype=dtype), torch.zeros(batch, dtype=dtype)])
+    total = 0.0
+    for _t, states in run(torch.cat([pixels, pixels]), label, rec.iterations):
+        for i, h in enumerate(states):
+            m = h.sum(1) if model.goodness.kind == "sum" else (h * h).sum(1)
+            total = total + F.binary_cross_entropy_with_logits(sign * (m - model.threshold(i)), target)
+    total.backward()
+    new_state = {}
+    _optimizer_step(model, P, state, new_state, lr, step)
+    return {k: v.detach() for k, v in P.items()}, new_state, negative_labels

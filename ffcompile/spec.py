@@ -29,7 +29,9 @@ class SpecError(FFCompileError):
 @dataclass(frozen=True)
 class LabelEmbedding:
     """How the label enters the network. ``first_pixels``: one-of-N in the first N inputs (the
-    image border, sec. 3.3); the neutral label is N entries of ``neutral``. ``none``: unsupervised."""
+    image border, sec. 3.3); the neutral label is N entries of ``neutral``. ``top_layer``: a
+    one-of-N layer above the last hidden layer of a recurrent net, sending its normalized state
+    down (sec. 3.4, figure 3); the input is the image alone. ``none``: unsupervised."""
 
     kind: str = "first_pixels"
     classes: int = 10
@@ -196,7 +198,7 @@ class Model:
 
 _LAYER_KINDS = {"dense": DenseLayer, "local": LocalLayer}
 _CHOICES = {
-    "input.label.kind": ("first_pixels", "none"),
+    "input.label.kind": ("first_pixels", "top_layer", "none"),
     "normalization.kind": ("rms", "l2", "l1"),
     "goodness.kind": ("ssq", "neg_ssq", "sum"),
     "optimizer.kind": ("sgd", "adam"),
@@ -399,7 +401,7 @@ def validate(model: Model, source: str = "<model>") -> None:
     neg = model.negatives.kind
     if neg in ("random_label", "hard_label") and not supervised:
         fail("negatives.kind", f"{neg!r} needs labels in the input (input.label.kind = \"first_pixels\")")
-    if neg == "hard_label" and not model.readout.softmax_layers:
+    if neg == "hard_label" and not model.readout.softmax_layers and model.recurrent is None:
         fail("negatives.kind", "\"hard_label\" samples from the softmax readout: set readout.softmax_layers")
 
     if model.readout.goodness_layers and not supervised:
@@ -421,6 +423,28 @@ def validate(model: Model, source: str = "<model>") -> None:
         lo, hi = r.readout_iterations
         if not 1 <= lo <= hi <= r.iterations:
             fail("recurrent.readout_iterations", f"[{lo}, {hi}] must lie within 1..{r.iterations}")
+        _validate_recurrent(model, fail)
+    elif inp.label.kind == "top_layer":
+        fail("input.label.kind", "\"top_layer\" labels belong to recurrent networks: add a [recurrent] section")
+
+
+def _validate_recurrent(model: Model, fail) -> None:
+    """The sec. 3.4 network: pixels below, a one-of-N label layer on top, dense hidden layers between."""
+    if model.input.label.kind != "top_layer":
+        fail("input.label.kind", f"a recurrent network takes its label as the top layer: set \"top_layer\", "
+                                 f"not {model.input.label.kind!r}")
+    if model.input.label.classes < 2:
+        fail("input.label.classes", f"must be at least 2, got {model.input.label.classes}")
+    for i, layer in enumerate(model.layers):
+        if not isinstance(layer, DenseLayer):
+            fail(f"layers[{i}] ({layer.name}).kind", f"recurrent networks have dense layers only, not {layer.kind!r}")
+    if model.regularizers.peer_norm is not None:
+        fail("regularizers.peer_norm", "is not supported for recurrent networks yet")
+    if model.readout.softmax_layers:
+        fail("readout.softmax_layers", "recurrent networks read out by goodness per label only (sec. 3.4)")
+    if model.negatives.kind not in ("hard_label", "random_label"):
+        fail("negatives.kind", f"recurrent networks take \"hard_label\" or \"random_label\" negatives, "
+                               f"not {model.negatives.kind!r}")
 
 
 def _validate_local(model: Model, i: int, fail) -> None:

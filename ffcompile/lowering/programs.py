@@ -22,6 +22,7 @@ from ..program.builder import Builder
 from ..program.ir import Program, Value
 from ..spec import Model
 from . import labels as lbl
+from . import recurrent
 from .hybrid import hybrid_images
 from .layer import forward, goodness, layer_input, local_gradient, normalize, peer_normalization
 from .optimizers import apply_update
@@ -34,7 +35,11 @@ EXTRA_PROGRAMS = ("hybrid_negatives",)
 
 def build_program(model: Model, name: str, batch: int) -> Program:
     if model.recurrent is not None:
-        raise FFCompileError(f"model {model.name!r}: recurrent networks are not lowered yet")
+        if batch <= 0:
+            raise FFCompileError(f"batch size must be positive, got {batch}")
+        b = Builder(name)
+        recurrent.build(b, model, name, batch)
+        return b.build()
     builders = {"train_step": _train_step, "infer_goodness": _infer_goodness, "infer_softmax": _infer_softmax,
                 "hybrid_negatives": _hybrid_negatives}
     if name not in builders:

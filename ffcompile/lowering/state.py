@@ -1,7 +1,7 @@
 """Names, shapes and initial values of everything a train step carries from one step to the next.
 
 Parameters: ``{layer}.weight`` [out, in] (local layers: [out, receptive field], see ``local``),
-``{layer}.bias`` [out], and the softmax readout's
+``{layer}.bias`` [out], recurrent nets' ``{layer}.top_down.weight`` [out, size above], and the softmax readout's
 ``softmax.weight`` / ``softmax.bias``. Optimizer state: ``{param}.velocity`` (SGD) or
 ``{param}.m`` / ``{param}.v`` (Adam). Peer normalization: ``{layer}.peer_mean``.
 Initial values come from numpy with an explicit seed so no backend's RNG is involved.
@@ -25,6 +25,9 @@ def param_specs(model: Model) -> dict[str, tuple[int, ...]]:
         local_layer = isinstance(layer, LocalLayer)
         specs[f"{layer.name}.weight"] = local.weight_shape(model, i) if local_layer else (layer.size, model.fan_in(i))
         specs[f"{layer.name}.bias"] = (layer.size,)
+        if model.recurrent is not None:  # sec. 3.4: input from the layer above (the label layer on top)
+            above = model.layers[i + 1].size if i + 1 < len(model.layers) else model.input.label.classes
+            specs[f"{layer.name}.top_down.weight"] = (layer.size, above)
     if model.readout.softmax_layers:
         classes = model.input.label.classes
         specs["softmax.weight"] = (classes, softmax_features(model))
