@@ -122,26 +122,41 @@ def run(bundle_dir, data_dir, split, input_path, labels_path, readout, weights, 
 @main.command()
 @click.argument("bundle_dir", metavar="BUNDLE", type=click.Path(path_type=Path))
 @DATA_DIR
-@click.option("--steps", type=int, default=100, show_default=True, help="Training-trajectory steps.")
+@click.option("--steps", type=int, default=None, help="Training-trajectory steps (default 100; 10 with --emulate).")
+@click.option("--emulate", is_flag=True,
+              help="Run the aarch64 bundle on an emulated device (qemu-aarch64 + a cached sysroot, torch-free runtime "
+                   "only) and compare its outputs here with the PyTorch reference.")
+@click.option("--sysroot-cache", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="With --emulate: the sysroot cache folder (default $FFCOMPILE_CACHE or ~/.cache/ffcompile).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the full JSON report here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full JSON report on stdout.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def verify(bundle_dir, data_dir, steps, report_path, as_json, progress):
+def verify(bundle_dir, data_dir, steps, emulate, sysroot_cache, report_path, as_json, progress):
     """Check every compiled program against the PyTorch reference (random inputs and real data)
     and a STEPS-step training trajectory; exit 1 if any tensor is outside its tolerance."""
     from .checkpoint import write_json
-    from .data import load_mnist, resolve_data_dir
-    from .parity import summary_lines, verify as run_verify
-    from .runtime.bundle import load_bundle
+    from .parity import summary_lines
 
-    if steps < 0:
+    if steps is not None and steps < 0:
         raise FFCompileError(f"--steps must be >= 0, got {steps}")
-    bundle = load_bundle(bundle_dir)
-    source = resolve_data_dir(data_dir)
-    x, y = load_mnist(source, "train")
-    report = run_verify(bundle.model, bundle.target, bundle.programs, bundle.params, bundle.state, bundle.step, x, y,
-                        bundle.manifest["batch"]["infer"], steps, data=source.describe(), progress=progress and not as_json)
+    if emulate:
+        from .emulated_verify import DEFAULT_STEPS, verify_emulated
+
+        report = verify_emulated(bundle_dir, data_dir, DEFAULT_STEPS if steps is None else steps,
+                                 cache_dir=sysroot_cache, progress=progress and not as_json,
+                                 log=(lambda _: None) if as_json else _echo)
+    else:
+        from .data import load_mnist, resolve_data_dir
+        from .parity import verify as run_verify
+        from .runtime.bundle import load_bundle
+
+        bundle = load_bundle(bundle_dir)
+        source = resolve_data_dir(data_dir)
+        x, y = load_mnist(source, "train")
+        report = run_verify(bundle.model, bundle.target, bundle.programs, bundle.params, bundle.state, bundle.step,
+                            x, y, bundle.manifest["batch"]["infer"], 100 if steps is None else steps,
+                            data=source.describe(), progress=progress and not as_json)
     report["bundle"] = str(bundle_dir)
     if report_path is not None:
         write_json(report_path, report)
@@ -150,6 +165,10 @@ def verify(bundle_dir, data_dir, steps, report_path, as_json, progress):
     else:
         for line in summary_lines(report):
             click.echo(line)
+        if "emulated" in report:
+            e = report["emulated"]
+            step_ms = f"{e['train_step_ms_median']:.1f} ms" if e["train_step_ms_median"] is not None else "n/a"
+            click.echo(f"  ran on {e['device']}: train_step median {step_ms}, {e['guest_seconds']:.0f} s on the device")
     if not report["passed"]:
         raise SystemExit(1)
 

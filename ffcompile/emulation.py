@@ -351,7 +351,7 @@ def _sources_for(arch: _Arch, etc: str | os.PathLike = "/etc/apt") -> list[AptSo
 # --------------------------------------------------------------------------------------------------
 
 # Wheels installed into the sysroot. With TVM_USE_RUNTIME_LIB=1 these are enough for
-# ``import numpy, onnxruntime, tvm``.
+# ``import numpy, onnxruntime, tvm`` and for every module the torch-free ``ffcompile.runtime`` imports.
 DEVICE_WHEELS = (
     "numpy",
     "onnxruntime",
@@ -362,6 +362,8 @@ DEVICE_WHEELS = (
     "flatbuffers",
     "packaging",
     "typing_extensions",
+    "safetensors",  # ffcompile.runtime: weights and checkpoints
+    "tqdm",  # ffcompile.runtime: progress of evaluation and fine-tuning
 )
 # Pins that hold even when the host does not have the package.
 _FIXED_PINS = {"apache-tvm-ffi": "0.1.14.post1"}

@@ -41,6 +41,8 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -325,20 +327,42 @@ def verify(model: Model, target: dict, runners: dict, params: dict, state: dict,
         return _verify(model, target, runners, params, state, step, x, y, infer_batch, steps, seed, data, progress, log)
 
 
-def _verify(model, target, runners, params, state, step, x, y, infer_batch, steps, seed, data, progress, log) -> dict:
-    started = time.perf_counter()
+@dataclass
+class CheckPlan:
+    """The inputs of every check, drawn before anything runs, so that the programs can run
+    elsewhere (e.g. on an emulated device) and be compared afterwards with :func:`run_checks`."""
+
+    references: dict  # program name -> Reference
+    ties: "_LabelTies | None"
+    params: dict  # the weights the checks start from (after any warm-up)
+    state: dict
+    warmup: dict | None
+    cases: list  # (program name, "random" | "real", feeds) in the order they are checked
+    trajectory_feeds: Iterator  # the training loop's step feeds, endless
+    batch: int
+    infer_batch: int
+
+    def take_trajectory(self, steps: int) -> list[dict]:
+        """The first ``steps`` trajectory feeds (only the train step's inputs), kept for the check."""
+        needed = {v.name for v in self.references["train_step"].f32.program.inputs}
+        feeds = [next(self.trajectory_feeds) for _ in range(steps)]
+        self.trajectory_feeds = iter(feeds)
+        return [{k: v for k, v in f.items() if k in needed} for f in feeds]
+
+
+def plan_checks(model: Model, names, params: dict, state: dict, step: int, x, y, infer_batch: int,
+                seed: int | None = None) -> CheckPlan:
     seed = model.training.seed if seed is None else seed
     batch = model.training.batch_size
     rng = np.random.default_rng([seed, 1234])
-    ties = _LabelTies(model, batch) if "train_step" in runners else None
-    references = {name: Reference(model, name, batch if name == "train_step" else infer_batch) for name in runners}
+    ties = _LabelTies(model, batch) if "train_step" in names else None
+    references = {name: Reference(model, name, batch if name == "train_step" else infer_batch) for name in names}
     feeds_iter = _batches(model, x, y, seed, step + 1)
     params, state, warmup = _warm_up(model, references.get("train_step"), params, state, step, feeds_iter)
     real = next(feeds_iter)
-    results = []
-    for name, runner in runners.items():
-        ref = references[name]
-        inputs = ref.f32.program.inputs
+    cases = []
+    for name in names:
+        inputs = references[name].f32.program.inputs
         for kind in ("random", "real"):
             if kind == "random":
                 feeds = random_feeds(model, inputs, params, state, rng)
@@ -348,28 +372,47 @@ def _verify(model, target, runners, params, state, step, x, y, infer_batch, step
                 feeds = {v.name: {**params, "x": x[:infer_batch]}[v.name] for v in inputs}
             else:
                 continue
-            if log:
-                log(f"verify: {name} on {kind} inputs")
-            out = runner.run(feeds)
-            entry = compare_program(name, out, ref.run32(feeds), ref.run64(feeds), ties,
-                                    {k: feeds[k] for k in params if k in feeds}, feeds)
-            entry["inputs"] = kind
-            results.append(entry)
+            cases.append((name, kind, feeds))
+    return CheckPlan(references, ties, params, state, warmup, cases, _chain([real], feeds_iter), batch, infer_batch)
+
+
+def run_checks(model: Model, target: dict, plan: CheckPlan, run_case, train_run, steps: int, data: str = "",
+               progress: bool = False, log=None, started: float | None = None) -> dict:
+    """Compare the outputs of every planned case (``run_case(index, name, feeds) -> outputs``) and a
+    ``steps``-step trajectory (``train_run(feeds) -> outputs``, None: no trajectory) with the reference."""
+    started = time.perf_counter() if started is None else started
+    results = []
+    for index, (name, kind, feeds) in enumerate(plan.cases):
+        if log:
+            log(f"verify: {name} on {kind} inputs")
+        ref = plan.references[name]
+        out = run_case(index, name, feeds)
+        entry = compare_program(name, out, ref.run32(feeds), ref.run64(feeds), plan.ties,
+                                {k: feeds[k] for k in plan.params if k in feeds}, feeds)
+        entry["inputs"] = kind
+        results.append(entry)
     trajectory = None
-    if steps > 0 and "train_step" in runners:
+    if steps > 0 and train_run is not None:
         if log:
             log(f"verify: {steps}-step training trajectory")
-        trajectory = trajectory_parity(runners["train_step"].run, references["train_step"], ties, params, state,
-                                       _chain([real], feeds_iter), steps, progress)
+        trajectory = trajectory_parity(train_run, plan.references["train_step"], plan.ties, plan.params, plan.state,
+                                       plan.trajectory_feeds, steps, progress)
     passed = all(r["passed"] for r in results) and (trajectory is None or trajectory["passed"])
-    report = {
+    return {
         "format": FORMAT, "passed": bool(passed), "model": model.name, "target": target.get("name"),
         "backend": target.get("backend"), "device": target.get("device"), "data": data,
-        "batch": {"train": batch, "infer": infer_batch}, "tolerances": TOLERANCES, "warmup": warmup,
+        "batch": {"train": plan.batch, "infer": plan.infer_batch}, "tolerances": TOLERANCES, "warmup": plan.warmup,
         "summary": summarize(results, trajectory), "programs": results, "trajectory": trajectory,
         "seconds": round(time.perf_counter() - started, 2),
     }
-    return report
+
+
+def _verify(model, target, runners, params, state, step, x, y, infer_batch, steps, seed, data, progress, log) -> dict:
+    started = time.perf_counter()
+    plan = plan_checks(model, list(runners), params, state, step, x, y, infer_batch, seed)
+    train_run = runners["train_step"].run if "train_step" in runners else None
+    return run_checks(model, target, plan, lambda _i, name, feeds: runners[name].run(feeds), train_run, steps, data,
+                      progress, log, started)
 
 
 def summarize(results: list[dict], trajectory: dict | None) -> dict:

@@ -1,0 +1,121 @@
+"""Parity of an aarch64 bundle checked on an emulated device (qemu-aarch64 + a cached sysroot).
+
+The host draws every input exactly as ``ffcompile verify`` does (``parity.plan_checks``: programs
+on random and real data, and the training loop's feeds for a k-step trajectory), writes them to an
+npz, and runs ``ffcompile.runtime.device_check`` under qemu with *only* the bundle, the torch-free
+runtime (the repository's ``ffcompile`` package on the guest's PYTHONPATH) and the device wheels
+(numpy, onnxruntime, TVM runtime, safetensors, tqdm) - no torch. The device runs each program and
+a k-step fine-tuning trajectory from the bundle's weights, feeding its own outputs back, and
+writes every output to an npz (no pickles). The host then compares them with the PyTorch
+reference using ``parity.run_checks`` - the same comparisons and tolerances as ``verify``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import FFCompileError
+from .runtime.manifest import OPTIMIZER, WEIGHTS, read_manifest, verify_files
+from .runtime.weights import check_tensors, read_tensors
+from .spec import model_from_dict
+
+REPO_PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the folder holding the ffcompile package
+DEFAULT_STEPS = 10
+GUEST_TIMEOUT_S = 1800
+
+
+def _read_bundle(root: Path):
+    manifest = read_manifest(root)
+    verify_files(root, manifest)
+    model = model_from_dict(manifest["model"], source=f"{root / 'manifest.json'} (model)")
+    params, _ = read_tensors(root / WEIGHTS)
+    state, meta = read_tensors(root / OPTIMIZER)
+    check_tensors(f"bundle {root}", model, params, state)
+    return manifest, model, params, state, int(meta.get("step", 0))
+
+
+def _write_inputs(path: Path, plan, trajectory: list[dict]) -> None:
+    arrays = {}
+    for i, (name, _kind, feeds) in enumerate(plan.cases):
+        arrays[f"case{i}/__program__"] = np.array(name)
+        arrays.update({f"case{i}/{k}": np.asarray(v) for k, v in feeds.items()})
+    if trajectory:
+        arrays.update({f"start/{k}": np.asarray(v) for k, v in {**plan.params, **plan.state}.items()})
+    for j, feeds in enumerate(trajectory):
+        arrays.update({f"step{j}/{k}": np.asarray(v) for k, v in feeds.items()})
+    np.savez(path, **arrays)
+
+
+def _outputs(path: Path) -> dict[str, dict[str, np.ndarray]]:
+    groups: dict[str, dict[str, np.ndarray]] = {}
+    with np.load(path, allow_pickle=False) as archive:
+        for key in archive.files:
+            group, name = key.split("/", 1)
+            groups.setdefault(group, {})[name] = archive[key]
+    return groups
+
+
+def verify_emulated(bundle_dir, data_dir=None, steps: int = DEFAULT_STEPS, cache_dir=None, progress: bool = True,
+                    log=print, keep_dir=None) -> dict:
+    """The parity report (as ``ffcompile verify``) of an aarch64 bundle run under qemu; adds an
+    ``emulated`` section (device, sysroot, timings). ``keep_dir``: keep the exchanged npz files there."""
+    from . import emulation
+    from .data import load_mnist, resolve_data_dir
+    from .parity import plan_checks, run_checks
+
+    started = time.perf_counter()
+    root = Path(bundle_dir)
+    if steps < 0:
+        raise FFCompileError(f"--steps must be >= 0, got {steps}")
+    manifest, model, params, state, step = _read_bundle(root)
+    target = manifest["target"]
+    if target.get("arch") != "aarch64" or target.get("device") != "cpu":
+        raise FFCompileError(f"bundle {root}: --emulate runs aarch64 CPU bundles under qemu-aarch64; this bundle is for "
+                             f"target {target.get('name')!r} ({target.get('arch')}, {target.get('device')})")
+    emulation.check_host_tools("aarch64")  # qemu-user + gcc-aarch64-linux-gnu, named in the error
+    sysroot = emulation.ensure_sysroot("aarch64", cache_dir=cache_dir, progress=progress)
+
+    source = resolve_data_dir(data_dir)
+    x, y = load_mnist(source, "train")
+    names = list(manifest["programs"])
+    plan = plan_checks(model, names, params, state, step, x, y, manifest["batch"]["infer"])
+    trajectory = plan.take_trajectory(steps) if steps > 0 and "train_step" in names else []
+
+    work = Path(keep_dir) if keep_dir is not None else Path(tempfile.mkdtemp(prefix="ffcompile-emulate-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        inputs, outputs = work / "device_inputs.npz", work / "device_outputs.npz"
+        _write_inputs(inputs, plan, trajectory)
+        log(f"running {len(plan.cases)} program checks and a {len(trajectory)}-step fine-tuning trajectory on "
+            f"emulated aarch64 ({target['backend']}; qemu is slow: expect a minute or more)")
+        t = time.perf_counter()
+        proc = sysroot.run([sysroot.python, "-m", "ffcompile.runtime.device_check", root.resolve(), inputs, outputs],
+                           env={"PYTHONPATH": str(REPO_PACKAGE_ROOT), "PYTHONDONTWRITEBYTECODE": "1"},
+                           timeout=GUEST_TIMEOUT_S)
+        guest_s = time.perf_counter() - t
+        device = json.loads(Path(f"{outputs}.json").read_text())
+        groups = _outputs(outputs)
+    finally:
+        if keep_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+    replay = iter(groups[f"step{j}"] for j in range(len(trajectory)))
+    report = run_checks(model, target, plan, lambda i, _name, _feeds: groups[f"case{i}"],
+                        (lambda _feeds: next(replay)) if trajectory else None, len(trajectory),
+                        data=source.describe(), progress=False, started=started)
+    report["bundle"] = str(bundle_dir)
+    report["emulated"] = {
+        "device": f"{device['machine']} under {Path(emulation.qemu_program('aarch64')).name} (user-mode emulation)",
+        "runs": "ffcompile.runtime.device_check with only the bundle and the torch-free runtime",
+        "sysroot": str(sysroot.root.parent), "device_python": device["python"], "device_numpy": device["numpy"],
+        "guest_seconds": round(guest_s, 1), "bundle_load_s": round(device["load_s"], 2),
+        "train_step_ms_median": device["step_ms_median"], "train_step_ms": device["step_ms"],
+        "program_ms": device["cases"], "guest_stdout": proc.stdout.strip().splitlines()[-1:],
+    }
+    return report

@@ -1,0 +1,90 @@
+"""The device side of an emulated (or remote) parity check; runs with only the torch-free runtime.
+
+    python -m ffcompile.runtime.device_check BUNDLE INPUTS.npz OUT.npz
+
+``INPUTS.npz`` (written by ``ffcompile.emulated_verify``, no pickles) holds
+
+* ``case<i>/<input>``: the feeds of check ``i`` (a program on random or real inputs);
+* ``start/<tensor>``: the parameters and optimizer state the trajectory starts from;
+* ``step<j>/<input>``: the data feeds of training step ``j`` (batch, labels, uniforms, lr, step).
+
+The bundle is loaded with ``load_bundle`` (checksums, architecture), each case is run through its
+compiled program, then ``train_step`` runs the trajectory feeding its own new parameters and
+state back, as fine-tuning does. ``OUT.npz`` gets ``case<i>/<output>`` and ``step<j>/<output>``,
+and ``OUT.npz.json`` the device's description and timings.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .bundle import load_bundle
+
+
+def _grouped(archive) -> dict[str, dict[str, np.ndarray]]:
+    groups: dict[str, dict[str, np.ndarray]] = {}
+    for key in archive.files:
+        group, name = key.split("/", 1)
+        groups.setdefault(group, {})[name] = archive[key]
+    return groups
+
+
+def run_device_check(bundle_dir, inputs_path, out_path) -> dict:
+    started = time.perf_counter()
+    bundle = load_bundle(bundle_dir)
+    loaded = time.perf_counter()
+    with np.load(inputs_path, allow_pickle=False) as archive:
+        groups = _grouped(archive)
+    out: dict[str, np.ndarray] = {}
+    case_ms = []
+    cases = sorted((k for k in groups if k.startswith("case")), key=lambda k: int(k[4:]))
+    for key in cases:
+        name = str(groups[key].pop("__program__"))
+        t = time.perf_counter()
+        result = bundle.programs[name].run(groups[key])
+        case_ms.append({"case": key, "program": name, "ms": (time.perf_counter() - t) * 1e3})
+        out.update({f"{key}/{k}": np.asarray(v) for k, v in result.items()})
+    steps = sorted((k for k in groups if k.startswith("step")), key=lambda k: int(k[4:]))
+    current = dict(groups.get("start", {}))
+    step_ms = []
+    for key in steps:
+        t = time.perf_counter()
+        result = bundle.programs["train_step"].run({**current, **groups[key]})
+        step_ms.append((time.perf_counter() - t) * 1e3)
+        current = {k: np.array(result[f"new.{k}"]) for k in current}  # own outputs fed back
+        out.update({f"{key}/{k}": np.asarray(v) for k, v in result.items()})
+    np.savez(out_path, **out)
+    info = {"machine": platform.machine(), "python": platform.python_version(), "numpy": np.__version__,
+            "backend": bundle.target["backend"], "target": bundle.target["name"], "cases": case_ms,
+            "steps": len(steps), "step_ms": step_ms,
+            "step_ms_median": statistics.median(step_ms) if step_ms else None,
+            "load_s": loaded - started, "total_s": time.perf_counter() - started}
+    Path(f"{out_path}.json").write_text(json.dumps(info, indent=1))
+    return info
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 3:
+        print("usage: python -m ffcompile.runtime.device_check BUNDLE INPUTS.npz OUT.npz", file=sys.stderr)
+        return 2
+    from ..errors import FFCompileError
+
+    try:
+        info = run_device_check(*argv)
+    except FFCompileError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps({k: info[k] for k in ("machine", "target", "steps", "step_ms_median", "total_s")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
