@@ -1,0 +1,45 @@
+"""The next-character data of sec. 4.1: alphabet, cleaning, strings and 10-character contexts."""
+
+import numpy as np
+import pytest
+
+from ffcompile.data.idx import DataError
+from ffcompile.data.text import (ALPHABET, ENV_VAR, clean, contexts, decode, encode, load_corpus, one_hot,
+                                 split_strings)
+
+
+def test_alphabet_is_the_papers_30_symbols():
+    assert len(ALPHABET) == 30 == len(set(ALPHABET))
+    assert ALPHABET[:26] == "abcdefghijklmnopqrstuvwxyz" and set(ALPHABET[26:]) == set(" ,;.")
+    assert encode("az ,;.").tolist() == [0, 25, 26, 27, 28, 29]
+    assert decode(encode("the fox; the crow.")) == "the fox; the crow."
+
+
+def test_clean_lowercases_and_deletes_other_characters():
+    assert clean("The Fox & the GRAPES!\n\"Sour,\" said he;\tthen left.") == "the fox  the grapes sour, said he; then left."
+    assert clean("don't 42") == "dont "
+    with pytest.raises(DataError, match="alphabet"):
+        encode("A")
+
+
+def test_strings_and_contexts_give_22320_predictions():
+    text = "A Wolf, meeting with a Lamb astray from the fold; resolved not to lay violent hands. " * 400
+    strings = split_strings(text)
+    assert strings.shape == (248, 100)
+    assert decode(strings[0][:12]) == "a wolf, meet"
+    x, y = contexts(strings)
+    assert x.shape == (22320, 10) and y.shape == (22320,)
+    assert decode(x[0]) == "a wolf, me" and decode([y[0]]) == "e"
+    assert decode(x[90]) == decode(strings[1][:10])  # each string starts a fresh context
+    assert np.array_equal(one_hot(x[:2]).reshape(2, 10, 30).argmax(2), x[:2])
+
+
+def test_short_or_missing_corpus(tmp_path, monkeypatch):
+    with pytest.raises(DataError, match="too short"):
+        split_strings("a short fable.")
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    with pytest.raises(DataError, match=ENV_VAR):
+        load_corpus()
+    (tmp_path / "fables.txt").write_text("The Ant and the Grasshopper.")
+    monkeypatch.setenv(ENV_VAR, str(tmp_path / "fables.txt"))
+    assert load_corpus() == "The Ant and the Grasshopper."
