@@ -137,6 +137,10 @@ def build_bundle(source, target, out_dir, batch: int | None = None, infer_batch:
     if target.backend not in COMPILERS:
         raise FFCompileError(f"target {target.name!r}: this ffcompile cannot compile for backend {target.backend!r} "
                              f"(available: {', '.join(COMPILERS)})")
+    if target.cc is not None:
+        from .emulation import _which
+
+        _which(target.cc)  # before any work: one line naming the Debian package when it is missing
     out_dir = Path(out_dir)
     _check_out_dir(out_dir)
     src = load_source(source, seed)

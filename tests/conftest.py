@@ -12,3 +12,23 @@ def full_mnist_dir() -> Path:
     if not (path / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip(f"full MNIST not found at {path} (expected the four official .gz files there)")
     return path
+
+
+TINY_SPEC = REPO_ROOT / "tests" / "bundle" / "tiny.toml"
+
+
+@pytest.fixture(scope="session")
+def tiny_arm_bundle(tmp_path_factory) -> Path:
+    """The tiny model cross-compiled for arm-cpu (TVM, aarch64); build-time parity runs the
+    program checks on the host proxy only (no trajectory) to keep it quick. Shared by the bundle
+    and the emulated-device tests."""
+    import shutil
+
+    from ffcompile.bundle import build_bundle
+
+    if shutil.which("aarch64-linux-gnu-gcc") is None:
+        pytest.skip("aarch64-linux-gnu-gcc not installed (Debian package gcc-aarch64-linux-gnu; "
+                    "run .ci/install_emulation.sh)")
+    out = tmp_path_factory.mktemp("bundles") / "tiny-arm"
+    build_bundle(TINY_SPEC, "arm-cpu", out, infer_batch=50, verify_steps=0, progress=False, log=lambda _: None)
+    return out

@@ -1,0 +1,90 @@
+"""`ffcompile verify --emulate`: an aarch64 bundle runs inference on real images and a 10-step
+fine-tuning trajectory under qemu-aarch64 with only the torch-free runtime, and its outputs pass
+the parity rules against the torch reference (marker ``emulation``: the cached sysroot is built on
+first use, ~1 min; CI installs the host tools with .ci/install_emulation.sh). Missing host tools
+and non-aarch64 bundles are one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from ffcompile.bundle import build_bundle
+from ffcompile.cli import main
+
+TINY_SPEC = os.path.join(os.path.dirname(__file__), "bundle", "tiny.toml")
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def error_line(result) -> str:
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def arm_ort_bundle(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundles") / "tiny-arm-ort"
+    build_bundle(TINY_SPEC, "arm-cpu-ort", out, infer_batch=50, verify_steps=0, progress=False, log=lambda _: None)
+    return out
+
+
+def _need_host_tools():
+    for program, package in (("qemu-aarch64", "qemu-user"), ("aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu")):
+        if shutil.which(program) is None:
+            pytest.skip(f"{program} not installed (Debian package {package}; run .ci/install_emulation.sh)")
+
+
+@pytest.mark.emulation
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_arm_tvm_bundle_on_emulated_device(tiny_arm_bundle, tmp_path):
+    _need_host_tools()
+    report_path = tmp_path / "emulated.json"
+    result = invoke("verify", tiny_arm_bundle, "--emulate", "--report", report_path, "--no-progress")
+    assert result.exit_code == 0, result.output
+    report = json.loads(report_path.read_text())
+    assert report["passed"] and report["target"] == "arm-cpu" and report["backend"] == "tvm"
+    assert {"infer_goodness/real", "infer_softmax/real", "train_step/real"} <= set(report["summary"]["programs"])
+    assert report["summary"]["trajectory"]["steps"] == 10 and report["summary"]["trajectory"]["passed"]
+    assert report["emulated"]["device"].startswith("aarch64 under qemu-aarch64")
+    assert len(report["emulated"]["train_step_ms"]) == 10
+
+
+@pytest.mark.emulation
+def test_arm_ort_bundle_on_emulated_device(arm_ort_bundle):
+    _need_host_tools()
+    result = invoke("verify", arm_ort_bundle, "--emulate", "--steps", "3", "--json", "--no-progress")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output.splitlines()[-1])
+    assert report["passed"] and report["backend"] == "onnxruntime" and report["trajectory"]["steps"] == 3
+
+
+def test_missing_qemu_names_the_debian_package(arm_ort_bundle, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    line = error_line(invoke("verify", arm_ort_bundle, "--emulate", "--no-progress"))
+    assert "qemu-aarch64" in line and "qemu-user" in line
+
+
+def test_missing_cross_compiler_names_the_debian_package(arm_ort_bundle, tmp_path, monkeypatch):
+    qemu = shutil.which("qemu-aarch64")
+    if qemu is None:
+        pytest.skip("qemu-aarch64 not installed")
+    (tmp_path / "qemu-aarch64").symlink_to(qemu)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    line = error_line(invoke("verify", arm_ort_bundle, "--emulate", "--no-progress"))
+    assert "aarch64-linux-gnu-gcc" in line and "gcc-aarch64-linux-gnu" in line
+
+
+def test_emulate_refuses_a_host_bundle(tmp_path):
+    out = tmp_path / "tiny-x86"
+    build_bundle(TINY_SPEC, "x86-cpu", out, infer_batch=50, verify_steps=0, progress=False, log=lambda _: None)
+    line = error_line(invoke("verify", out, "--emulate"))
+    assert "aarch64" in line and "x86-cpu" in line
