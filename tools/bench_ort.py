@@ -9,8 +9,8 @@ Everything runs with ``--threads`` threads (torch intra-op, onnxruntime intra-op
 measurement interleaves the variants it compares (A, B, A, B, ...) so that a change in machine
 load hits all of them alike, and reports the median, min and interquartile range of ``repeats``
 samples; a sample is the mean of enough back-to-back calls to last ``--sample-ms``. The machine's
-load (load average, other processes' CPU share) is recorded before and after every section:
-compare numbers only from quiet runs.
+load (load average, other processes' CPU share) is recorded before and during every section
+(``load`` in the JSON): compare numbers only from quiet runs.
 
 Sections (all numbers go to the JSON; progress goes to stderr):
 
@@ -126,6 +126,58 @@ def machine_load() -> dict:
     load["other_processes_cpu_percent_of_one_cpu"] = round(sum(p for p, _, _ in others), 1)
     load["top_other_processes"] = [{"cpu_percent": p, "name": n, "pid": pid} for p, n, pid in others[:5]]
     return load
+
+
+class LoadMonitor:
+    """Samples, every ``interval`` seconds while a section runs, how many CPUs other processes
+    keep busy (all CPUs' busy share minus this process tree's CPU time) and the load average."""
+
+    def __init__(self, interval=1.0):
+        import threading
+        self.interval, self.samples, self.loads = interval, [], []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _tree_cpu(self, psutil):
+        me = psutil.Process()
+        total = 0.0
+        for p in [me, *me.children(recursive=True)]:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass
+        return total
+
+    def _run(self):
+        try:
+            import psutil
+        except ImportError:
+            return
+        ncpu = os.cpu_count() or 1
+        psutil.cpu_percent(None)
+        last_t, last_own = time.perf_counter(), self._tree_cpu(psutil)
+        while not self._stop.wait(self.interval):
+            busy = psutil.cpu_percent(None) / 100 * ncpu
+            now, own = time.perf_counter(), self._tree_cpu(psutil)
+            mine = max(0.0, own - last_own) / max(now - last_t, 1e-6)
+            last_t, last_own = now, own
+            self.samples.append(max(0.0, busy - mine))
+            self.loads.append(os.getloadavg()[0])
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> dict:
+        if not self.samples:
+            return {"note": "no samples (psutil missing or section shorter than the interval)"}
+        return {"samples": len(self.samples), "other_processes_cpus_mean": float(np.mean(self.samples)),
+                "other_processes_cpus_max": float(np.max(self.samples)), "loadavg_1min_max": float(np.max(self.loads))}
 
 
 def cpu_info() -> dict:
@@ -793,7 +845,11 @@ def main(argv=None):
         report["load"][f"before_{name}"] = machine_load()
         log(f"[{name}] (load average {report['load'][f'before_{name}']['loadavg_1_5_15'][0]:.2f}, other processes "
             f"{report['load'][f'before_{name}'].get('other_processes_cpu_percent_of_one_cpu', '?')}% of one CPU)")
-        report[name] = fn()
+        with LoadMonitor() as monitor:
+            report[name] = fn()
+        report["load"][f"during_{name}"] = monitor.summary()
+        log(f"  (during {name}: other processes kept {monitor.summary().get('other_processes_cpus_mean', float('nan')):.2f} "
+            f"of {os.cpu_count()} CPUs busy on average)")
         gc.collect()
     report["load"]["end"] = machine_load()
     report["goals"] = goals(report)

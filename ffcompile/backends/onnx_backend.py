@@ -11,6 +11,9 @@ changing what it computes (every output still matches the torch reference to fp3
   is computed inside the program, its producer writes the output directly instead (onnxruntime
   would otherwise copy every new parameter and optimizer slot once per step).
 - **Bias folded into Gemm.** ``add(matmul(a, b), c)`` becomes one ``Gemm`` with ``C = c``.
+- **Few rows times a big weight** (``x @ W^T``, 2..32 rows: inference, small batches) runs as
+  ``(W @ x^T)^T``: onnxruntime's SGEMM repacks its B operand on every call, which for a weight
+  matrix costs more than the product; as A it is streamed once.
 - **Outer products as broadcasts.** A matmul with inner dimension 1 (peer normalization's
   ``dz_row x x_sum``) is a broadcast ``Mul`` (the same single product per element), so it joins
   the elementwise chain around it instead of writing a full matrix.
@@ -76,6 +79,14 @@ def _lower(g: _Graph, node: Node) -> None:
     op = node.op
     if op in _SIMPLE:
         g.node(_SIMPLE[op], ins, out)
+    elif op in ("matmul", "gemm") and a.get("weights_first"):
+        # x [m, k] @ W[n, k]^T for few rows m, as (W @ x^T)^T: the big weight is streamed as
+        # Gemm's A instead of being repacked as B on every call (see _peephole).
+        if op == "gemm":
+            bias = g.node("Reshape", [ins[2], g.const(f"{out}/column_shape", np.array([-1, 1], np.int64))], f"{out}/bias_column")
+            ins = [*ins[:2], bias]
+        g.node("Gemm", [ins[1], ins[0], *ins[2:]], f"{out}/transposed", transA=0, transB=1)
+        g.node("Transpose", [f"{out}/transposed"], out, perm=[1, 0])
     elif op == "matmul":
         g.node("Gemm", ins, out, transA=int(a["trans_a"]), transB=int(a["trans_b"]))
     elif op == "gemm":  # emitter-internal: matmul + bias
@@ -177,12 +188,33 @@ def _peephole(nodes: list[Node], inputs: list[Value], outputs: set[str]) -> list
         if n.output.name in absorbed:
             continue
         if n.output.name in gemms:
-            out.append(gemms[n.output.name])
-        elif n.op == "matmul" and _inner_dim(n, values) == 1:
+            n = gemms[n.output.name]
+        if n.op == "matmul" and _inner_dim(n, values) == 1:
             out.extend(_outer_product(n))
-        else:
-            out.append(n)
+            continue
+        if n.op in ("matmul", "gemm") and WEIGHTS_FIRST and _skinny(n, values):
+            n = dataclasses.replace(n, attrs={**n.attrs, "weights_first": True})
+        out.append(n)
     return out
+
+
+SKINNY_MIN_ROWS = 2       # (one row: onnxruntime's matrix-vector path is faster as is)
+SKINNY_ROWS = 32          # x @ W^T with at most this many rows of x ...
+SKINNY_MIN_WEIGHTS = 1 << 16  # ... and at least this many weights runs as (W @ x^T)^T
+WEIGHTS_FIRST = True
+
+
+def _skinny(n: Node, values: dict[str, Value]) -> bool:
+    if n.attrs["trans_a"] or not n.attrs["trans_b"]:
+        return False
+    rows, cols = n.output.shape
+    w = values.get(n.inputs[1])
+    if w is None or not SKINNY_MIN_ROWS <= rows <= SKINNY_ROWS or _numel(w.shape) < SKINNY_MIN_WEIGHTS:
+        return False
+    if n.op == "gemm":
+        bias = values.get(n.inputs[2])
+        return bias is not None and _numel(bias.shape) == cols  # becomes a [cols, 1] column
+    return True
 
 
 def _inner_dim(n: Node, values: dict[str, Value]) -> int | None:

@@ -246,3 +246,22 @@ def test_bound_outputs_match_plain_run():
     assert bound["new.w"] is out["new.w"]
     for name in plain:
         np.testing.assert_array_equal(plain[name], bound[name], err_msg=name)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_few_rows_times_weights_runs_weights_first(rows, with_bias, monkeypatch):
+    """x @ W^T with few rows is emitted as (W @ x^T)^T (the weight streamed, not repacked)."""
+    monkeypatch.setattr(onnx_backend, "SKINNY_MIN_WEIGHTS", 1)
+    b = Builder("skinny")
+    x, w, bias = b.input("x", (rows, 9)), b.input("w", (7, 9)), b.input("bias", (7,))
+    y = b.matmul(x, w, trans_b=True)
+    b.output("y", b.relu(b.add(y, bias)) if with_bias else y)
+    rng = np.random.default_rng(rows)
+    feeds = {"x": _uniform(rng, (rows, 9)), "w": _uniform(rng, (7, 9)), "bias": _uniform(rng, (7,))}
+    program = b.build()
+    if not with_bias:
+        del feeds["bias"]
+    model = _check(program, feeds)
+    transposed = any(n.op_type == "Transpose" for n in model.graph.node)
+    assert transposed == (rows >= onnx_backend.SKINNY_MIN_ROWS)
