@@ -134,6 +134,9 @@ def train(model: Model, data: Dataset, run_dir: Path, epochs: int, resume: bool 
     (run_dir / "model.json").write_text(model.dumps() + "\n")
 
     step_fn = ReferenceStep(model, device, log=log)
+    # On a GPU, per-epoch evaluation in batches of 100 is launch-bound (it took longer than the
+    # epoch's training in the H200 runs); larger batches give the same predictions.
+    eval_batch = 1000 if step_fn.device.type == "cuda" else 100
     params, state = step_fn.to_device(ckpt.params), step_fn.to_device(ckpt.state)
     shift = None
     if model.training.jitter:
@@ -150,8 +153,8 @@ def train(model: Model, data: Dataset, run_dir: Path, epochs: int, resume: bool 
             sets = {"val": (data.x_val, data.y_val), **data.monitor} if data.x_val is not None else data.monitor
             for set_name, (xs, ys) in sets.items():
                 for readout in readouts_of(model):
-                    record[f"{set_name}_error.{readout}"] = evaluate_params(model, np_params, xs, ys, readout,
-                                                                            device=device)
+                    record[f"{set_name}_error.{readout}"] = evaluate_params(
+                        model, np_params, xs, ys, readout, batch=eval_batch, device=device)
         history.append(record)
         ckpt = Checkpoint(model, np_params, numpy_dict(state), epoch + 1, step)
         save_checkpoint(ckpt_path, ckpt)
