@@ -149,3 +149,18 @@ def _postfix(model: Model, sums: dict[str, float], count: int) -> str:
         if pos is not None:
             parts.append(f"{layer.name} sep {(pos - neg) / count:.1f}")
     return " ".join(parts)
+
+
+def epoch_line(record: dict) -> str:
+    """One line per finished epoch: total FF loss, each layer's goodness separation, validation errors."""
+    parts = [f"epoch {record['epoch']}"]
+    losses = [v for k, v in record.items() if k.startswith("loss.") and k != "loss.softmax"]
+    if losses:
+        parts.append(f"ff loss {sum(losses):.4f}")
+    for k, v in record.items():
+        if k.startswith("separation."):
+            parts.append(f"{k.split('.', 1)[1]} sep {v:.1f}")
+        if k.startswith("val_error."):
+            parts.append(f"val {k.split('.', 1)[1]} {v:.2f}%")
+    parts.append(f"{record['seconds']:.1f}s")
+    return "  ".join(parts)

@@ -16,7 +16,7 @@ from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint, write_json
 from .errors import FFCompileError
 from .evaluate import error_rate
 from .lowering import build_program, init_state
-from .loop import FEEDS, run_epoch
+from .loop import FEEDS, epoch_line, run_epoch
 from .spec import Model
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -159,19 +159,6 @@ def train(model: Model, data: Dataset, run_dir: Path, epochs: int, resume: bool 
         ckpt = Checkpoint(model, np_params, numpy_dict(state), epoch + 1, step)
         save_checkpoint(ckpt_path, ckpt)
         write_json(run_dir / METRICS, {"model": model.name, "data": data.description, "epochs": history})
-        log(_epoch_line(record))
+        log(epoch_line(record))
     return ckpt
 
-
-def _epoch_line(record: dict) -> str:
-    parts = [f"epoch {record['epoch']}"]
-    losses = [v for k, v in record.items() if k.startswith("loss.") and k != "loss.softmax"]
-    if losses:
-        parts.append(f"ff loss {sum(losses):.4f}")
-    for k, v in record.items():
-        if k.startswith("separation."):
-            parts.append(f"{k.split('.', 1)[1]} sep {v:.1f}")
-        if k.startswith("val_error."):
-            parts.append(f"val {k.split('.', 1)[1]} {v:.2f}%")
-    parts.append(f"{record['seconds']:.1f}s")
-    return "  ".join(parts)

@@ -32,3 +32,21 @@ def tiny_arm_bundle(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "tiny-arm"
     build_bundle(TINY_SPEC, "arm-cpu", out, infer_batch=50, verify_steps=0, progress=False, log=lambda _: None)
     return out
+
+
+
+@pytest.fixture(scope="session")
+def tiny_spec():
+    return TINY_SPEC
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory):
+    """An x86-cpu bundle of tests/bundle/tiny.toml, built once per session; tests that modify a
+    bundle copy it first."""
+    from ffcompile.bundle import build_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny-x86"
+    build_bundle(TINY_SPEC, "x86-cpu", out, infer_batch=50, verify_steps=5, progress=False, log=lambda _: None)
+    return out
+

@@ -32,8 +32,6 @@ def base() -> dict:
 
 
 def error_of(raw, tmp_path, name="bad.toml") -> str:
-    import tomllib  # noqa: F401  (the spec loader reads TOML; we write it by hand here)
-
     path = tmp_path / name
     path.write_text(raw)
     with pytest.raises(SpecError) as e:

@@ -28,3 +28,20 @@ def apply_update(b: Builder, model: Model, name: str, param: Value, grad: Value,
         denom = b.add(b.div(b.sqrt(v), b.sqrt(correction2)), opt.eps)
         new = b.sub(param, b.mul(b.div(m, denom), b.div(lr, correction1)))
         return new, {f"{name}.m": m, f"{name}.v": v}
+
+
+def emit_updates(b: Builder, model: Model, params: dict[str, Value], grads: dict[str, Value], state: dict[str, Value],
+                 new_state: dict[str, Value], metrics: dict[str, Value], lr: Value, step: Value | None) -> None:
+    """The end of every train step: the optimizer update of each parameter (weight decay on
+    weights only), then the outputs ``new.<param>``, ``new.<state>`` and the metrics."""
+    new_params = {}
+    for name in params:
+        new_params[name], slots = apply_update(
+            b, model, name, params[name], grads[name], state, lr, step, decay=name.endswith(".weight"))
+        new_state.update(slots)
+    for name in params:
+        b.output(f"new.{name}", new_params[name])
+    for name in state:
+        b.output(f"new.{name}", new_state[name])
+    for name, value in metrics.items():
+        b.output(name, value)

@@ -25,7 +25,7 @@ from . import labels as lbl
 from . import recurrent
 from .hybrid import hybrid_images
 from .layer import forward, goodness, layer_input, local_gradient, normalize, peer_normalization
-from .optimizers import apply_update
+from .optimizers import emit_updates
 from .readouts import softmax, softmax_gradient, softmax_logits
 from .state import param_specs, state_specs
 
@@ -185,17 +185,8 @@ def _train_step(b: Builder, model: Model, batch: int) -> None:
         features = [_feature(b, positive_activities[i], model, i, "posneg") for i in sorted(readout_layers)]
         learn_softmax(features[0] if len(features) == 1 else b.concat(features, axis=1))
 
-    new_params = {}
-    for name in params:
-        new_params[name], slots = apply_update(
-            b, model, name, params[name], grads[name], state, lr, step, decay=name.endswith(".weight"))
-        new_state.update(slots)
-    for name in params:
-        b.output(f"new.{name}", new_params[name])
-    for name in state:
-        b.output(f"new.{name}", new_state[name])
-    for name, value in metrics.items():
-        b.output(name, value)
+    emit_updates(b, model, params, grads, state, new_state, metrics, lr, step)
+
 
 
 def _infer_goodness(b: Builder, model: Model, batch: int) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from ..program.builder import Builder
 from ..program.ir import Value
-from ..spec import Model
 
 
 def softmax(b: Builder, logits: Value) -> Value:

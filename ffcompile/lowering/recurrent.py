@@ -38,7 +38,7 @@ from ..program.ir import Value
 from ..spec import Model
 from . import labels as lbl
 from .layer import goodness, layer_input, local_gradient, normalize
-from .optimizers import apply_update
+from .optimizers import emit_updates
 from .readouts import softmax
 from .state import param_specs, state_specs
 
@@ -215,14 +215,4 @@ def _train_step(b: Builder, model: Model, batch: int) -> None:
         else:
             metrics[key] = b.mul(total, 1.0 / recurrent.iterations)  # per-iteration means
 
-    new_params, new_state = {}, {}
-    for name in params:
-        new_params[name], slots = apply_update(
-            b, model, name, params[name], grads[name], state, lr, step, decay=name.endswith(".weight"))
-        new_state.update(slots)
-    for name in params:
-        b.output(f"new.{name}", new_params[name])
-    for name in state:
-        b.output(f"new.{name}", new_state[name])
-    for name, value in metrics.items():
-        b.output(name, value)
+    emit_updates(b, model, params, grads, state, {}, metrics, lr, step)

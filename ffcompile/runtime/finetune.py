@@ -18,7 +18,7 @@ import numpy as np
 
 from ..checkpoint import Checkpoint, load_checkpoint, save_checkpoint, write_json
 from ..errors import FFCompileError
-from ..loop import FEEDS, run_epoch
+from ..loop import FEEDS, epoch_line, run_epoch
 from .inputs import as_images, as_labels
 from .programs import Runnable
 
@@ -108,7 +108,7 @@ def finetune(bundle, x, y, epochs: int, out_dir, resume: bool = False, progress:
         save_checkpoint(ckpt_path, ckpt)
         write_json(out_dir / METRICS, {"model": model.name, "bundle": str(bundle.path), "target": bundle.target["name"],
                                        "started_from": bundle.weights_from, "epochs": history})
-        log(_epoch_line(record))
+        log(epoch_line(record))
     return ckpt
 
 
@@ -118,14 +118,3 @@ def refuse_inside_bundle(out_dir: Path, bundle_dir: Path) -> None:
         raise FFCompileError(f"{out_dir}: fine-tuning output must be outside the bundle {bundle_dir} "
                              "(a bundle's files are checksummed and never written)")
 
-
-def _epoch_line(record: dict) -> str:
-    parts = [f"epoch {record['epoch']}"]
-    losses = [v for k, v in record.items() if k.startswith("loss.") and k != "loss.softmax"]
-    if losses:
-        parts.append(f"ff loss {sum(losses):.4f}")
-    for k, v in record.items():
-        if k.startswith("val_error."):
-            parts.append(f"val {k.split('.', 1)[1]} {v:.2f}%")
-    parts.append(f"{record['seconds']:.1f}s")
-    return "  ".join(parts)

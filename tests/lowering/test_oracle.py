@@ -3,7 +3,6 @@ normalization, regularizer, optimizer and negative-label combination. Both run i
 1e-6 relative tolerance measures the math, not fp32 rounding."""
 
 import dataclasses
-import itertools
 
 import numpy as np
 import pytest
