@@ -16,6 +16,7 @@ from ffcompile.backends.onnx_backend import to_onnx
 from ffcompile.backends.torch_backend import TorchProgram
 from ffcompile.program.builder import PRIMITIVES, Builder
 from ffcompile.runtime.ort import OrtProgram
+from outputs import assert_outputs_match
 
 ATOL = RTOL = 1e-6
 
@@ -150,15 +151,7 @@ def _check(program, feeds, **emit):
     onnx.checker.check_model(model, full_check=True)
     got = OrtProgram(model.SerializeToString(), threads=1).run(feeds)
     want = TorchProgram(program).run_numpy(feeds)
-    assert set(got) == set(want)
-    for name, ref in want.items():
-        out = got[name]
-        assert out.shape == ref.shape, (name, out.shape, ref.shape)
-        assert out.dtype == ref.dtype, (name, out.dtype, ref.dtype)
-        if ref.dtype.kind == "f":
-            np.testing.assert_allclose(out, ref, atol=ATOL, rtol=RTOL, err_msg=name)
-        else:
-            np.testing.assert_array_equal(out, ref, err_msg=name)
+    assert_outputs_match(got, want, ATOL, RTOL)
     return model
 
 

@@ -15,6 +15,7 @@ from ffcompile.backends import onnx_backend, tvm_compile
 from ffcompile.backends.onnx_backend import to_onnx
 from ffcompile.backends.torch_backend import TorchProgram
 from ffcompile.program.builder import Builder
+from outputs import assert_outputs_match
 
 ATOL = RTOL = 1e-5
 HOST = {"kind": "llvm", "num-cores": 1}
@@ -27,15 +28,7 @@ def _check(program, feeds, tmp_path):
     lib = tvm_compile.compile_onnx(to_onnx(program, fuse=False), HOST, tmp_path / f"{program.name}.so")
     got = tvm_compile.load(lib).run(feeds)
     want = TorchProgram(program).run_numpy(feeds)
-    assert set(got) == set(want)
-    for name, ref in want.items():
-        out = got[name]
-        assert out.shape == ref.shape, (name, out.shape, ref.shape)
-        assert out.dtype == ref.dtype, (name, out.dtype, ref.dtype)
-        if ref.dtype.kind == "f":
-            np.testing.assert_allclose(out, ref, atol=ATOL, rtol=RTOL, err_msg=name)
-        else:
-            np.testing.assert_array_equal(out, ref, err_msg=name)
+    assert_outputs_match(got, want, ATOL, RTOL)
 
 
 @pytest.mark.parametrize("op,case", PARAMS)
