@@ -20,7 +20,7 @@ from pathlib import Path
 from . import __version__
 from .checkpoint import load_checkpoint
 from .errors import FFCompileError
-from .lowering import PROGRAMS, build_program, init_state
+from .lowering import READOUT_PROGRAMS, build_program, init_state, readouts_of
 from .runtime.host import why_not_here
 from .runtime.manifest import (FORMAT, FORMAT_VERSION, MANIFEST, OPTIMIZER, PARITY, PROGRAMS_DIR, WEIGHTS,
                                checksums, is_bundle_dir)
@@ -153,13 +153,8 @@ def build_bundle(source, target, out_dir, batch: int | None = None, infer_batch:
         raise FFCompileError(f"--infer-batch must be positive, got {infer_batch}")
     batches = {"train": model.training.batch_size, "infer": infer_batch}
 
-    programs = []
-    for name in PROGRAMS:
-        if name == "infer_goodness" and not model.readout.goodness_layers:
-            continue
-        if name == "infer_softmax" and not model.readout.softmax_layers:
-            continue
-        programs.append(build_program(model, name, batches["train"] if name == "train_step" else infer_batch))
+    programs = [build_program(model, "train_step", batches["train"])]
+    programs += [build_program(model, READOUT_PROGRAMS[r], infer_batch) for r in readouts_of(model)]
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.building-"))

@@ -49,7 +49,7 @@ import torch
 from tqdm import tqdm
 
 from .backends.torch_backend import TorchProgram
-from .lowering import build_program
+from .lowering import build_program, negative_probs_program
 from .loop import epoch_plan, learning_rate, step_feeds, uses_hybrid_negatives
 from .spec import Model
 
@@ -77,8 +77,7 @@ class Reference:
     def __init__(self, model: Model, name: str, batch: int):
         program = build_program(model, name, batch)
         self.f32 = TorchProgram(program)
-        self.f64 = TorchProgram(program)
-        self.f64.constants = {k: v.double() if v.is_floating_point() else v for k, v in self.f32.constants.items()}
+        self.f64 = TorchProgram(program, float_dtype=torch.float64)
 
     def run32(self, feeds: dict) -> dict[str, np.ndarray]:
         return self.f32.run_numpy({k: np.asarray(v) for k, v in feeds.items()})
@@ -129,13 +128,14 @@ class _LabelTies:
 
     def __init__(self, model: Model, batch: int):
         self.model = model
-        self.softmax = Reference(model, "infer_softmax", batch) if model.negatives.kind == "hard_label" else None
+        program = negative_probs_program(model)
+        self.probs = Reference(model, program, batch) if program else None
 
     def margins(self, params: dict, feeds: dict) -> np.ndarray:
         probs = None
-        if self.softmax is not None:
-            needed = {v.name for v in self.softmax.f32.program.inputs}
-            probs = self.softmax.run64({**{k: v for k, v in params.items() if k in needed}, "x": feeds["x"]})["probs"]
+        if self.probs is not None:
+            needed = {v.name for v in self.probs.f32.program.inputs}
+            probs = self.probs.run64({**{k: v for k, v in params.items() if k in needed}, "x": feeds["x"]})["probs"]
         return wrong_label_margin(probs, feeds["y"], feeds["u"], self.model.input.label.classes,
                                   self.model.negatives.min_prob)
 

@@ -15,7 +15,7 @@ from .backends.torch_backend import TorchProgram
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint, write_json
 from .errors import FFCompileError
 from .evaluate import error_rate
-from .lowering import build_program, init_state
+from .lowering import READOUT_PROGRAMS, build_program, init_state, readouts_of
 from .loop import FEEDS, epoch_line, run_epoch
 from .spec import Model
 
@@ -89,8 +89,7 @@ def reference_runner(model: Model, program: str, batch: int, device: str = "cpu"
 
 def evaluate_params(model: Model, params: dict[str, np.ndarray], x, y, readout: str, batch: int = 100,
                     device: str = "cpu", progress: bool = False) -> float:
-    program = {"goodness": "infer_goodness", "softmax": "infer_softmax"}[readout]
-    runner = reference_runner(model, program, batch, device)
+    runner = reference_runner(model, READOUT_PROGRAMS[readout], batch, device)
     needed = {v.name for v in runner.__self__.program.inputs}
     return error_rate(runner, {k: v for k, v in params.items() if k in needed}, x, y, batch, progress, f"eval {readout}")
 
@@ -103,10 +102,6 @@ class Dataset:
     y_val: np.ndarray | None
     description: str
     monitor: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # reported, never tuned on
-
-
-def readouts_of(model: Model) -> list[str]:
-    return [r for r, layers in (("goodness", model.readout.goodness_layers), ("softmax", model.readout.softmax_layers)) if layers]
 
 
 def train(model: Model, data: Dataset, run_dir: Path, epochs: int, resume: bool = False, device: str = "cpu",

@@ -66,10 +66,17 @@ PRIMITIVES = {
 class TorchProgram:
     """A program bound to a torch device; ``run`` takes and returns torch tensors by name."""
 
-    def __init__(self, program: Program, device: str | torch.device = "cpu"):
+    def __init__(self, program: Program, device: str | torch.device = "cpu", float_dtype: torch.dtype = torch.float32):
+        """``float_dtype``: what the program's float32 values are computed in (torch.float64 for
+        parity's float64 evaluation: constants, and values a node makes from non-float inputs,
+        such as ``one_hot``, come out in it too)."""
         self.program = program
         self.device = torch.device(device)
-        self.constants = {k: torch.as_tensor(v, device=self.device) for k, v in program.constants.items()}
+        self.float_dtype = float_dtype
+        self.constants = {k: self._float(torch.as_tensor(v, device=self.device)) for k, v in program.constants.items()}
+
+    def _float(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.float_dtype) if t.is_floating_point() and t.dtype != self.float_dtype else t
 
     def run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         env = {}
@@ -81,7 +88,8 @@ class TorchProgram:
             if node.op == "constant":
                 env[node.output.name] = self.constants[node.output.name]
                 continue
-            env[node.output.name] = PRIMITIVES[node.op](*(env[n] for n in node.inputs), **node.attrs)
+            out = PRIMITIVES[node.op](*(env[n] for n in node.inputs), **node.attrs)
+            env[node.output.name] = out if self.float_dtype is torch.float32 else self._float(out)
         return {v.name: env[v.name] for v in self.program.outputs}
 
     def run_numpy(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -1,6 +1,6 @@
 """FF graph -> tensor programs. All FF logic lives here, written once; backends only map primitives."""
 
-from .programs import PROGRAMS, build_program
+from .programs import PROGRAMS, READOUT_PROGRAMS, build_program, negative_probs_program, readouts_of
 from .state import init_state, param_specs, state_specs
 
-__all__ = ["PROGRAMS", "build_program", "init_state", "param_specs", "state_specs"]
+__all__ = ["PROGRAMS", "READOUT_PROGRAMS", "build_program", "negative_probs_program", "readouts_of", "init_state", "param_specs", "state_specs"]

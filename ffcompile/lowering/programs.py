@@ -68,6 +68,25 @@ def build_program(model: Model, name: str, batch: int) -> Program:
     return b.build()
 
 
+READOUT_PROGRAMS = {"goodness": "infer_goodness", "softmax": "infer_softmax"}
+
+
+def readouts_of(model: Model) -> list[str]:
+    """The readouts a model has (keys of ``READOUT_PROGRAMS``). A recurrent net always reads out by
+    goodness (all hidden layers when ``readout.goodness_layers`` is empty)."""
+    has = {"goodness": bool(model.readout.goodness_layers) or model.recurrent is not None,
+           "softmax": bool(model.readout.softmax_layers)}
+    return [r for r in READOUT_PROGRAMS if has[r]]
+
+
+def negative_probs_program(model: Model) -> str | None:
+    """The program whose ``probs`` output holds the class probabilities ``train_step`` draws
+    hard-label negatives from (None for other negatives)."""
+    if model.negatives.kind != "hard_label":
+        return None
+    return "negative_probs" if model.recurrent is not None else "infer_softmax"
+
+
 def supervised(model: Model) -> bool:
     return model.input.label.kind != "none"
 

@@ -43,11 +43,12 @@ from .readouts import softmax
 from .state import param_specs, state_specs
 
 PROGRAMS = ("train_step", "infer_goodness")
-EXTRA_PROGRAMS = ("recurrent_states",)
+EXTRA_PROGRAMS = ("recurrent_states", "negative_probs")
 
 
 def build(b: Builder, model: Model, name: str, batch: int) -> None:
-    builders = {"train_step": _train_step, "infer_goodness": _infer_goodness, "recurrent_states": _states}
+    builders = {"train_step": _train_step, "infer_goodness": _infer_goodness, "recurrent_states": _states,
+                "negative_probs": _negative_probs}
     if name not in builders:
         raise FFCompileError(f"model {model.name!r} is recurrent: its programs are "
                              f"{', '.join(PROGRAMS + EXTRA_PROGRAMS)}, not {name!r}")
@@ -164,6 +165,20 @@ def _states(b: Builder, model: Model, batch: int) -> None:
             b.output(f"state.{layer.name}.{t}", h)
 
 
+def _single_pass_probs(b: Builder, model: Model, params, x: Value, batch: int) -> Value:
+    """The class probabilities hard-label negatives are drawn from (see the module doc)."""
+    _t, total = next(_label_pass(b, model, params, x, batch, 1, "single_pass"))
+    with b.scope("single_pass"):
+        return softmax(b, _per_label(b, model, total, batch))
+
+
+def _negative_probs(b: Builder, model: Model, batch: int) -> None:
+    """``probs``: the wrong-label probabilities of ``train_step`` alone (for parity's tie checks)."""
+    params = {name: b.input(name, shape) for name, shape in param_specs(model).items()}
+    x = b.input("x", (batch, model.input.size))
+    b.output("probs", _single_pass_probs(b, model, params, x, batch))
+
+
 def _train_step(b: Builder, model: Model, batch: int) -> None:
     params = {name: b.input(name, shape) for name, shape in param_specs(model).items()}
     state = {name: b.input(name, shape) for name, shape in state_specs(model).items()}
@@ -176,9 +191,7 @@ def _train_step(b: Builder, model: Model, batch: int) -> None:
     metrics: dict[str, Value] = {}
 
     if model.negatives.kind == "hard_label":
-        _t, total = next(_label_pass(b, model, params, x, batch, 1, "single_pass"))
-        with b.scope("single_pass"):
-            weights = softmax(b, _per_label(b, model, total, batch))
+        weights = _single_pass_probs(b, model, params, x, batch)
     else:
         weights = b.constant(np.zeros((batch, classes), np.float32))  # plus min_prob: uniform
     negative_labels = lbl.sample_wrong_labels(b, weights, labels, u, model.negatives.min_prob)
