@@ -19,6 +19,10 @@ from .spec import Model, model_from_json
 from .lowering.state import param_specs, state_specs
 
 
+CHECKPOINT = "checkpoint.safetensors"
+METRICS = "metrics.json"
+
+
 @dataclass
 class Checkpoint:
     model: Model
@@ -77,3 +81,21 @@ def load_checkpoint(path: Path) -> Checkpoint:
 
 def write_json(path: Path, obj) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1) + "\n"))
+
+
+def resume_run(run_dir: Path, model: Model, log) -> tuple[Checkpoint, list[dict]]:
+    """The checkpoint and the per-epoch metrics up to it, to continue a run in ``run_dir``
+    (a reference training run or an on-device fine-tuning run); refuses another model's run."""
+    ckpt_path = Path(run_dir) / CHECKPOINT
+    if not ckpt_path.is_file():
+        raise FFCompileError(f"--resume: no checkpoint at {ckpt_path}")
+    ckpt = load_checkpoint(ckpt_path)
+    if ckpt.model != model:
+        raise FFCompileError(f"--resume: {ckpt_path} was trained with a different model spec (or bundle settings) "
+                             f"than {model.name!r}")
+    history = []
+    if (Path(run_dir) / METRICS).is_file():
+        history = json.loads((Path(run_dir) / METRICS).read_text())["epochs"][: ckpt.epoch]
+    log(f"resuming {ckpt_path} after epoch {ckpt.epoch} (step {ckpt.step})")
+    return ckpt, history
+

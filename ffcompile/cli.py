@@ -121,8 +121,8 @@ def train(model_path, data_dir, epochs, run_dir, resume, device, split, limit, e
 def eval_cmd(run_dir, data_dir, readout, split, device, batch, as_json):
     """Test error of a trained run with the goodness readout (every label scored in one batched
     pass) and/or the one-pass softmax readout."""
-    from .checkpoint import load_checkpoint
-    from .train import CHECKPOINT, evaluate_params, readouts_of
+    from .checkpoint import CHECKPOINT, load_checkpoint
+    from .train import evaluate_params, readouts_of
 
     path = run_dir / CHECKPOINT if run_dir.is_dir() else run_dir
     ckpt = load_checkpoint(path)

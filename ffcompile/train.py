@@ -3,7 +3,6 @@ CUDA, through the shared training loop; checkpoints, metrics and plots go to a r
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,15 +11,13 @@ import numpy as np
 import torch
 
 from .backends.torch_backend import TorchProgram
-from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint, write_json
+from .checkpoint import CHECKPOINT, METRICS, Checkpoint, resume_run, save_checkpoint, write_json
 from .errors import FFCompileError
 from .evaluate import error_rate
 from .lowering import READOUT_PROGRAMS, build_program, init_state, readouts_of
 from .loop import FEEDS, epoch_line, run_epoch
 from .spec import Model
 
-CHECKPOINT = "checkpoint.safetensors"
-METRICS = "metrics.json"
 
 
 class ReferenceStep:
@@ -110,14 +107,7 @@ def train(model: Model, data: Dataset, run_dir: Path, epochs: int, resume: bool 
     ckpt_path = run_dir / CHECKPOINT
     history: list[dict] = []
     if resume:
-        if not ckpt_path.is_file():
-            raise FFCompileError(f"--resume: no checkpoint at {ckpt_path}")
-        ckpt = load_checkpoint(ckpt_path)
-        if ckpt.model != model:
-            raise FFCompileError(f"--resume: {ckpt_path} was trained with a different model spec than {model.name!r}")
-        if (run_dir / METRICS).is_file():
-            history = json.loads((run_dir / METRICS).read_text())["epochs"][: ckpt.epoch]
-        log(f"resuming from {ckpt_path} after epoch {ckpt.epoch} (step {ckpt.step})")
+        ckpt, history = resume_run(run_dir, model, log)
     else:
         if ckpt_path.exists():
             raise FFCompileError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out")

@@ -10,20 +10,17 @@ counts its own epochs from 0; it saves ``checkpoint.safetensors`` atomically aft
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import Checkpoint, load_checkpoint, save_checkpoint, write_json
+from ..checkpoint import CHECKPOINT, METRICS, Checkpoint, resume_run, save_checkpoint, write_json
 from ..errors import FFCompileError
 from ..loop import FEEDS, epoch_line, run_epoch
 from .inputs import as_images, as_labels
 from .programs import Runnable
 
-CHECKPOINT = "checkpoint.safetensors"
-METRICS = "metrics.json"
 
 
 class CompiledTrainStep:
@@ -69,15 +66,7 @@ def finetune(bundle, x, y, epochs: int, out_dir, resume: bool = False, progress:
     seed = model.training.seed if seed is None else seed
     history: list[dict] = []
     if resume:
-        if not ckpt_path.is_file():
-            raise FFCompileError(f"--resume: no checkpoint at {ckpt_path}")
-        ckpt = load_checkpoint(ckpt_path)
-        if ckpt.model != model:
-            raise FFCompileError(f"--resume: {ckpt_path} was not fine-tuned from a bundle of model {model.name!r} "
-                                 "with this bundle's settings")
-        if (out_dir / METRICS).is_file():
-            history = json.loads((out_dir / METRICS).read_text())["epochs"][: ckpt.epoch]
-        log(f"resuming {ckpt_path} after epoch {ckpt.epoch} (step {ckpt.step})")
+        ckpt, history = resume_run(out_dir, model, log)
     else:
         if ckpt_path.exists():
             raise FFCompileError(f"{ckpt_path} exists: pass --resume to continue it, or choose another output folder")
