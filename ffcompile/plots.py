@@ -23,7 +23,7 @@ def learning_curves(history: list[dict], path: Path, title: str = "") -> Path:
     axes[1].set(title="goodness separation pos - neg (train)", xlabel="epoch")
     for key in sorted({k for r in history for k in r if k.startswith("val_error.")}):
         axes[2].plot(epochs, [r.get(key, np.nan) for r in history], marker="o", label=key.split(".", 1)[1])
-    axes[2].set(title="validation error %", xlabel="epoch", yscale="log")
+    axes[2].set(title="validation error %", xlabel="epoch", ylim=(0, None))
     for ax in axes:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
