@@ -16,7 +16,7 @@ from ffcompile.backends.onnx_backend import to_onnx
 from ffcompile.backends.torch_backend import TorchProgram
 from ffcompile.program.builder import PRIMITIVES, Builder
 from ffcompile.runtime.ort import OrtProgram
-from outputs import assert_outputs_match
+from outputs import assert_outputs_match  # tests/outputs.py
 
 ATOL = RTOL = 1e-6
 

@@ -15,7 +15,7 @@ from ffcompile.backends import onnx_backend, tvm_compile
 from ffcompile.backends.onnx_backend import to_onnx
 from ffcompile.backends.torch_backend import TorchProgram
 from ffcompile.program.builder import Builder
-from outputs import assert_outputs_match
+from outputs import assert_outputs_match  # tests/outputs.py
 
 ATOL = RTOL = 1e-5
 HOST = {"kind": "llvm", "num-cores": 1}
