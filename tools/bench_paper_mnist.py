@@ -24,8 +24,6 @@ import argparse
 import json
 import platform
 import sys
-import time
-import tomllib
 from pathlib import Path
 
 TOOLS = Path(__file__).resolve().parent
@@ -33,10 +31,8 @@ REPO = TOOLS.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(TOOLS))
 
-from bench_paper_supervised import apply_overrides  # noqa: E402
-from ffcompile.data import load_mnist, resolve_data_dir  # noqa: E402
-from ffcompile.spec import model_from_dict  # noqa: E402
-from ffcompile.train import Dataset, evaluate_params, readouts_of, train  # noqa: E402
+from bench_paper_supervised import train_paper_run  # noqa: E402
+from ffcompile.train import evaluate_params, readouts_of  # noqa: E402
 
 EXPERIMENTS = {
     "unsupervised": {"model": "mnist-unsupervised.toml", "section": "sec. 3.2", "goal": {"softmax": 1.37}},
@@ -63,32 +59,17 @@ def main() -> None:
 
     experiment = EXPERIMENTS[args.experiment]
     model_path = Path(args.model or REPO / "models" / experiment["model"])
-    raw = apply_overrides(tomllib.loads(model_path.read_text()), args.overrides)
-    model = model_from_dict(raw, source=str(model_path))
-    epochs = model.training.epochs if args.epochs is None else args.epochs
-    source = resolve_data_dir(args.data_dir)
-    if source.builtin:
-        sys.exit("this benchmark needs the full MNIST: pass --data-dir or set FFCOMPILE_DATA_DIR")
-    x_train, y_train = load_mnist(source, "train")
-    if args.limit is not None:
-        x_train, y_train = x_train[:args.limit], y_train[:args.limit]
-    x_val, y_val = load_mnist(source, "val")
-    x_test, y_test = load_mnist(source, "test")
     out = Path(args.out or f"bench_paper_{args.experiment}.json")
-    run_dir = Path(args.run_dir or out.with_suffix(".run"))
-    data = Dataset(x_train, y_train, x_val, y_val, source.describe(), monitor={"test": (x_test, y_test)})
-    started = time.perf_counter()
-    ckpt = train(model, data, run_dir, epochs, resume=(run_dir / "checkpoint.safetensors").exists(),
-                 device=args.device, progress=args.progress, log=lambda m: print(m, file=sys.stderr, flush=True))
-    seconds = time.perf_counter() - started
-    history = json.loads((run_dir / "metrics.json").read_text())["epochs"]
+    run = train_paper_run(model_path, args, out)
+    model, epochs, ckpt, history, seconds = run.model, run.epochs, run.ckpt, run.history, run.seconds
+    x_test, y_test = run.x_test, run.y_test
     test_error = {r: evaluate_params(model, ckpt.params, x_test, y_test, r, device=args.device) for r in readouts_of(model)}
     goal = experiment["goal"]
     result = {
         "benchmark": f"paper MNIST {args.experiment} ({experiment['section']})",
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "model": model.to_json(), "epochs": epochs, "device": args.device, "host": platform.node(),
-        "train_examples": int(len(x_train)), "train_seconds": round(seconds, 1),
+        "train_examples": run.train_examples, "train_seconds": round(seconds, 1),
         "seconds_per_epoch": [r["seconds"] for r in history],
         "test_error_percent": test_error,
         "val_error_percent": {r: history[-1].get(f"val_error.{r}") for r in readouts_of(model)} if history else {},

@@ -19,13 +19,17 @@ import platform
 import sys
 import time
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import numpy as np  # noqa: E402
+
+from ffcompile.checkpoint import CHECKPOINT, METRICS, Checkpoint  # noqa: E402
 from ffcompile.data import load_mnist, resolve_data_dir  # noqa: E402
-from ffcompile.spec import model_from_dict  # noqa: E402
+from ffcompile.spec import Model, model_from_dict  # noqa: E402
 from ffcompile.train import Dataset, evaluate_params, readouts_of, train  # noqa: E402
 
 
@@ -41,6 +45,42 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+@dataclass
+class PaperRun:
+    model: Model
+    epochs: int
+    ckpt: Checkpoint
+    history: list[dict]
+    seconds: float
+    train_examples: int
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+
+def train_paper_run(model_path: Path, args, out: Path) -> PaperRun:
+    """The part every paper benchmark shares: the spec with ``--set`` overrides, the full MNIST
+    splits (50k train / 10k val; the test set monitored per epoch, for the report only), and a
+    reference training run in ``--run-dir`` (default beside ``out``) that resumes if interrupted."""
+    raw = apply_overrides(tomllib.loads(model_path.read_text()), args.overrides)
+    model = model_from_dict(raw, source=str(model_path))
+    epochs = model.training.epochs if args.epochs is None else args.epochs
+    source = resolve_data_dir(args.data_dir)
+    if source.builtin:
+        sys.exit("this benchmark needs the full MNIST: pass --data-dir or set FFCOMPILE_DATA_DIR")
+    x_train, y_train = load_mnist(source, "train")
+    x_train, y_train = x_train[: args.limit], y_train[: args.limit]
+    x_val, y_val = load_mnist(source, "val")
+    x_test, y_test = load_mnist(source, "test")
+    run_dir = Path(args.run_dir or out.with_suffix(".run"))
+    data = Dataset(x_train, y_train, x_val, y_val, source.describe(), monitor={"test": (x_test, y_test)})
+    started = time.perf_counter()
+    ckpt = train(model, data, run_dir, epochs, resume=(run_dir / CHECKPOINT).exists(),
+                 device=args.device, progress=args.progress, log=lambda m: print(m, file=sys.stderr, flush=True))
+    seconds = time.perf_counter() - started
+    history = json.loads((run_dir / METRICS).read_text())["epochs"]
+    return PaperRun(model, epochs, ckpt, history, seconds, len(x_train), x_test, y_test)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(REPO / "models" / "mnist-supervised.toml"))
@@ -54,23 +94,9 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="train on the first N images only (smoke runs)")
     args = ap.parse_args()
 
-    raw = apply_overrides(tomllib.loads(Path(args.model).read_text()), args.overrides)
-    model = model_from_dict(raw, source=args.model)
-    epochs = args.epochs or model.training.epochs
-    source = resolve_data_dir(args.data_dir)
-    if source.builtin:
-        sys.exit("this benchmark needs the full MNIST: pass --data-dir or set FFCOMPILE_DATA_DIR")
-    x_train, y_train = load_mnist(source, "train")
-    x_train, y_train = x_train[: args.limit], y_train[: args.limit]
-    x_val, y_val = load_mnist(source, "val")
-    x_test, y_test = load_mnist(source, "test")
-    run_dir = Path(args.run_dir or Path(args.out).with_suffix(".run"))
-    data = Dataset(x_train, y_train, x_val, y_val, source.describe(), monitor={"test": (x_test, y_test)})
-    started = time.perf_counter()
-    ckpt = train(model, data, run_dir, epochs, resume=(run_dir / "checkpoint.safetensors").exists(),
-                 device=args.device, progress=args.progress, log=lambda m: print(m, file=sys.stderr, flush=True))
-    seconds = time.perf_counter() - started
-    history = json.loads((run_dir / "metrics.json").read_text())["epochs"]
+    run = train_paper_run(Path(args.model), args, Path(args.out))
+    model, epochs, ckpt, history, seconds = run.model, run.epochs, run.ckpt, run.history, run.seconds
+    x_test, y_test = run.x_test, run.y_test
     reached = next((r["epoch"] for r in history if r.get("test_error.goodness", 100) <= 1.5), None)
     result = {
         "benchmark": "paper supervised MNIST (sec. 3.3)",
