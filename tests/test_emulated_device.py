@@ -11,23 +11,12 @@ import os
 import shutil
 
 import pytest
-from click.testing import CliRunner
 
 from ffcompile.bundle import build_bundle
-from ffcompile.cli import main
+from cli_helpers import error_line, invoke  # tests/cli_helpers.py
 
 TINY_SPEC = os.path.join(os.path.dirname(__file__), "bundle", "tiny.toml")
 
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def error_line(result) -> str:
-    assert result.exit_code == 1, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -8,25 +8,14 @@ from __future__ import annotations
 import json
 
 import pytest
-from click.testing import CliRunner
 
 from ffcompile.bundle import build_bundle
-from ffcompile.cli import main
 from ffcompile.emulation import elf_machine, host_arch
 from ffcompile.runtime.bundle import load_bundle
+from cli_helpers import error_line, invoke  # tests/cli_helpers.py
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # the ONNX importer renames dotted names
 
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def error_line(result) -> str:
-    assert result.exit_code == 1, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -3,21 +3,10 @@
 import json
 
 import numpy as np
-from click.testing import CliRunner
 
-from ffcompile.cli import main
 from ffcompile.runtime.manifest import checksums
+from cli_helpers import error_line, invoke  # tests/cli_helpers.py
 
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def error_line(result):
-    assert result.exit_code == 1, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    return lines[0]
 
 
 def test_build_run_verify_finetune(tiny_spec, tmp_path):

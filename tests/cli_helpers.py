@@ -1,0 +1,17 @@
+"""Shared by the CLI tests: run ``ffcompile`` in-process, and check a user error's one line."""
+
+from click.testing import CliRunner
+
+from ffcompile.cli import main
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def error_line(result) -> str:
+    """The single ``error: ...`` line a user error prints (exit 1, nothing else, no traceback)."""
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]
