@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from .data.datasets import data_dir_help
 from .errors import FFCompileError
 
 
@@ -36,21 +37,18 @@ def main():
     """
 
 
-DATA_DIR = click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-                        help="Folder with MNIST IDX files (gz or raw). Default: $FFCOMPILE_DATA_DIR, "
-                             "else the built-in subset shipped with ffcompile.")
+DATA_DIR = click.option("--data-dir", type=click.Path(path_type=Path), default=None, help=data_dir_help())
 
 
 def _echo(msg: str) -> None:
     click.echo(msg, err=True)
 
 
-def load_split(data_dir, split: str):
-    from .data import DataSource, load_mnist, resolve_data_dir
+def load_split(model, data_dir, split: str):
+    """(source, x, y) of the model's ``input.dataset``; pass the source back as data_dir for more splits."""
+    from .data.datasets import load_split as load
 
-    source = data_dir if isinstance(data_dir, DataSource) else resolve_data_dir(data_dir)
-    x, y = load_mnist(source, split)
-    return source, x, y
+    return load(model.input.dataset, data_dir, split)
 
 
 @main.command()
@@ -85,12 +83,12 @@ def train(model_path, data_dir, epochs, run_dir, resume, device, split, limit, e
 
         if not torch.cuda.is_available():
             raise FFCompileError("--device cuda: torch sees no CUDA GPU on this machine")
-    source, x, y = load_split(data_dir, split)
+    source, x, y = load_split(model, data_dir, split)
     if limit is not None:
         x, y = x[:limit], y[:limit]
     x_val = y_val = None
     if split == "train":
-        _, x_val, y_val = load_split(source, "val")
+        _, x_val, y_val = load_split(model, source, "val")
     _echo(f"data: {source.describe()}; training on {len(x)} examples ({split})"
           + (f", validating on {len(x_val)}" if x_val is not None else ""))
     data = Dataset(x, y, x_val, y_val, source.describe())
@@ -126,7 +124,7 @@ def eval_cmd(run_dir, data_dir, readout, split, device, batch, as_json):
 
     path = run_dir / CHECKPOINT if run_dir.is_dir() else run_dir
     ckpt = load_checkpoint(path)
-    source, x, y = load_split(data_dir, split)
+    source, x, y = load_split(ckpt.model, data_dir, split)
     readouts = readouts_of(ckpt.model) if readout == "all" else [readout]
     result = {"run": str(run_dir), "model": ckpt.model.name, "epochs_trained": ckpt.epoch, "data": source.describe(),
               "split": split, "examples": int(len(x)), "error_percent": {}}

@@ -54,12 +54,12 @@ def build(source, target_name, out_dir, batch, infer_batch, verify_steps, data_d
                f" (parity {'passed' if manifest['parity_passed'] else 'not run here' if manifest['parity_passed'] is None else 'FAILED'})")
 
 
-def _load_data(data_dir, split: str, input_path: Path | None, labels_path: Path | None):
-    """(x, y or None, description) from MNIST or from .npy files."""
+def _load_data(model, data_dir, split: str, input_path: Path | None, labels_path: Path | None):
+    """(x, y or None, description) from the model's data set or from .npy files."""
     if input_path is None:
         if labels_path is not None:
             raise FFCompileError("--labels needs --input")
-        source, x, y = load_split(data_dir, split)
+        source, x, y = load_split(model, data_dir, split)
         return x, y, f"{source.describe()}, {split} split"
     x = _load_npy(input_path, "--input")
     y = _load_npy(labels_path, "--labels") if labels_path is not None else None
@@ -93,7 +93,7 @@ def run(bundle_dir, data_dir, split, input_path, labels_path, readout, weights, 
     bundle = load_bundle(bundle_dir)
     if weights is not None:
         bundle = bundle.with_weights(weights)
-    x, y, described = _load_data(data_dir, split, input_path, labels_path)
+    x, y, described = _load_data(bundle.model, data_dir, split, input_path, labels_path)
     readouts = bundle.readouts if readout == "all" else [readout]
     result = {"bundle": str(bundle_dir), "model": bundle.model.name, "target": bundle.target["name"],
               "weights": bundle.weights_from, "data": described, "examples": int(len(x)), "readouts": {}}
@@ -147,13 +147,11 @@ def verify(bundle_dir, data_dir, steps, emulate, sysroot_cache, report_path, as_
                                  cache_dir=sysroot_cache, progress=progress and not as_json,
                                  log=(lambda _: None) if as_json else _echo)
     else:
-        from .data import load_mnist, resolve_data_dir
         from .parity import verify as run_verify
         from .runtime.bundle import load_bundle
 
         bundle = load_bundle(bundle_dir)
-        source = resolve_data_dir(data_dir)
-        x, y = load_mnist(source, "train")
+        source, x, y = load_split(bundle.model, data_dir, "train")
         report = run_verify(bundle.model, bundle.target, bundle.programs, bundle.params, bundle.state, bundle.step,
                             x, y, bundle.manifest["batch"]["infer"], 100 if steps is None else steps,
                             data=source.describe(), progress=progress and not as_json)
@@ -193,15 +191,15 @@ def finetune(bundle_dir, data_dir, epochs, out_dir, resume, split, limit, progre
     bundle = load_bundle(bundle_dir)
     out_dir = out_dir or bundle_dir.parent / f"{bundle_dir.name}.finetune"
     refuse_inside_bundle(out_dir, bundle_dir)
-    source, x, y = load_split(data_dir, split)
+    source, x, y = load_split(bundle.model, data_dir, split)
     if limit is not None:
         x, y = x[:limit], y[:limit]
-    val = load_split(source, "val")[1:] if split == "train" else None
+    val = load_split(bundle.model, source, "val")[1:] if split == "train" else None
     _echo(f"fine-tuning {bundle.model.name} on {bundle.target['name']} with {len(x)} examples ({source.describe()}); "
           f"writing {out_dir}")
     ckpt = bundle.finetune(x, y, epochs, out_dir, resume=resume, progress=progress, val=val, log=_echo)
     tuned = bundle.with_weights(out_dir / "checkpoint.safetensors")
-    _, x_test, y_test = load_split(source, "test")
+    _, x_test, y_test = load_split(bundle.model, source, "test")
     for readout in tuned.readouts:
         parts = []
         if val is not None:

@@ -40,6 +40,11 @@ class LabelEmbedding:
 
 @dataclass(frozen=True)
 class InputSpec:
+    """``dataset``: what ``ffcompile train``/``eval``/``build`` read (``ffcompile.data.datasets``):
+    ``mnist`` (28x28 digits), ``cifar10`` (the binary distribution) or ``text`` (next character,
+    sec. 4.1: rows are one-of-30 codes of 10-character contexts, labels the next character)."""
+
+    dataset: str = "mnist"
     size: int = 784
     image_shape: tuple[int, int] = (28, 28)
     label: LabelEmbedding = LabelEmbedding()
@@ -198,6 +203,7 @@ class Model:
 
 _LAYER_KINDS = {"dense": DenseLayer, "local": LocalLayer}
 _CHOICES = {
+    "input.dataset": ("mnist", "cifar10", "text"),
     "input.label.kind": ("first_pixels", "top_layer", "none"),
     "normalization.kind": ("rms", "l2", "l1"),
     "goodness.kind": ("ssq", "neg_ssq", "sum"),

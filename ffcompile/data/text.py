@@ -71,13 +71,42 @@ def one_hot(indices: np.ndarray) -> np.ndarray:
     return flat.reshape(indices.shape[0], -1)
 
 
-def load_corpus(path: str | os.PathLike | None = None) -> str:
+SPLIT_STRINGS = {"train": (0, STRINGS), "val": (STRINGS, STRINGS + 31), "trainval": (0, STRINGS + 31),
+                 "test": (STRINGS + 31, STRINGS + 62)}
+BUILTIN = Path(__file__).parent / "builtin" / "corpus.txt"
+
+
+def split_strings_of(text: str, split: str, origin: str = "corpus") -> np.ndarray:
+    """The strings of one split [count, 100]: train = the first 248 (the paper's), val and test
+    the 31 after that each (held out: never trained on)."""
+    first, last = SPLIT_STRINGS[split]
+    cleaned = clean(text)
+    if len(cleaned) < last * LENGTH:
+        raise DataError(f"{origin}: {len(cleaned)} characters after cleaning; the {split} split needs strings "
+                        f"{first}..{last - 1} of {LENGTH} characters ({last * LENGTH} characters)")
+    return encode(cleaned[first * LENGTH:last * LENGTH]).reshape(last - first, LENGTH)
+
+
+def split_predictions(text: str, split: str, origin: str = "corpus") -> tuple[np.ndarray, np.ndarray]:
+    """(one-hot contexts [n, 300], next characters [n]) of a split, string by string: rows
+    s * 90 .. s * 90 + 89 are string s, its first row the string's first 10 characters."""
+    ctx, nxt = contexts(split_strings_of(text, split, origin))
+    return one_hot(ctx), nxt
+
+
+def load_corpus(path: str | os.PathLike | None = None) -> tuple[str, str]:
+    """(where it came from, the raw text): ``path``, else $FFCOMPILE_TEXT_CORPUS, else the
+    built-in corpus."""
+    origin = str(path)
     if path is None:
-        if not os.environ.get(ENV_VAR):
-            raise DataError(f"no text corpus: pass a plain-text file or set ${ENV_VAR} "
-                            "(the paper used Aesop's fables)")
-        path = os.environ[ENV_VAR]
+        if os.environ.get(ENV_VAR):
+            path, origin = os.environ[ENV_VAR], f"${ENV_VAR} ({os.environ[ENV_VAR]})"
+        else:
+            path, origin = BUILTIN, "built-in"
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise DataError(f"text corpus {origin}: is a folder; pass a plain-text file")
     try:
-        return Path(path).expanduser().read_text(encoding="utf-8", errors="replace")
+        return origin, path.read_text(encoding="utf-8", errors="replace")
     except OSError as err:
-        raise DataError(f"cannot read text corpus {path}: {err.strerror or err}") from None
+        raise DataError(f"cannot read text corpus {origin}: {err.strerror or err}") from None
