@@ -20,7 +20,7 @@ from pathlib import Path
 from . import __version__
 from .checkpoint import load_checkpoint
 from .errors import FFCompileError
-from .lowering import READOUT_PROGRAMS, build_program, init_state, readouts_of
+from .lowering import READOUT_PROGRAMS, build_program, init_state, is_train_program, readouts_of, train_programs
 from .runtime.host import why_not_here
 from .runtime.manifest import (FORMAT, FORMAT_VERSION, MANIFEST, OPTIMIZER, PARITY, PROGRAMS_DIR, WEIGHTS,
                                checksums, is_bundle_dir)
@@ -153,7 +153,7 @@ def build_bundle(source, target, out_dir, batch: int | None = None, infer_batch:
         raise FFCompileError(f"--infer-batch must be positive, got {infer_batch}")
     batches = {"train": model.training.batch_size, "infer": infer_batch}
 
-    programs = [build_program(model, "train_step", batches["train"])]
+    programs = [build_program(model, name, batches["train"]) for name in train_programs(model)]
     programs += [build_program(model, READOUT_PROGRAMS[r], infer_batch) for r in readouts_of(model)]
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -162,7 +162,7 @@ def build_bundle(source, target, out_dir, batch: int | None = None, infer_batch:
         (tmp / PROGRAMS_DIR).mkdir()
         entries = {}
         for program in programs:
-            program_batch = batches["train"] if program.name == "train_step" else infer_batch
+            program_batch = batches["train"] if is_train_program(program.name) else infer_batch
             log(f"compile {program.name} (batch {program_batch}, {len(program.nodes)} ops) for {target.name}")
             rel = COMPILERS[target.backend](program, model, target, tmp)
             entries[program.name] = {"file": rel, "backend": target.backend, **program.signature()}
@@ -261,7 +261,7 @@ def _proxy_runners(model: Model, proxy: dict, root: Path, entries: dict, infer_b
     runners = {}
     try:
         for name, e in entries.items():
-            program = build_program(model, name, model.training.batch_size if name == "train_step" else infer_batch)
+            program = build_program(model, name, model.training.batch_size if is_train_program(name) else infer_batch)
             lib = compile_onnx(to_onnx(program, fuse=False), target["tvm"], work / f"{name}.so")
             runners[name] = load_program(lib, target, f"host proxy of {e['file']}", e)
     finally:  # a loaded library stays mapped after its file is removed

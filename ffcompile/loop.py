@@ -22,7 +22,7 @@ from tqdm import tqdm
 from .spec import Model
 
 StepFn = Callable[[object, object, dict], tuple[object, object, dict]]
-FEEDS = ("x", "y", "u", "lr", "step", "x_other", "mask_bits")
+FEEDS = ("x", "y", "u", "lr", "step", "x_other", "mask_bits", "x_neg")
 
 
 def learning_rate(model: Model, epoch: int, epochs: int) -> float:
@@ -162,5 +162,7 @@ def epoch_line(record: dict) -> str:
             parts.append(f"{k.split('.', 1)[1]} sep {v:.1f}")
         if k.startswith("val_error."):
             parts.append(f"val {k.split('.', 1)[1]} {v:.2f}%")
+        if k.endswith("_perplexity"):
+            parts.append(f"{k.split('_', 1)[0]} perplexity {v:.2f}")
     parts.append(f"{record['seconds']:.1f}s")
     return "  ".join(parts)

@@ -49,7 +49,7 @@ import torch
 from tqdm import tqdm
 
 from .backends.torch_backend import TorchProgram
-from .lowering import build_program, negative_probs_program
+from .lowering import build_program, is_train_program, negative_probs_program
 from .loop import epoch_plan, learning_rate, step_feeds, uses_hybrid_negatives
 from .spec import Model
 
@@ -188,7 +188,7 @@ def random_feeds(model: Model, signature_inputs, params: dict, state: dict, rng:
             feeds[name] = (params[name] + rng.normal(0, 0.05, shape)).astype(np.float32)
         elif name in state:
             feeds[name] = np.abs(rng.normal(0, 0.05, shape)).astype(np.float32)
-        elif name in ("x", "x_other"):
+        elif name in ("x", "x_other", "x_neg"):
             feeds[name] = rng.random(shape, dtype=np.float32)
         elif name == "mask_bits":
             feeds[name] = rng.integers(0, 2, shape).astype(np.float32)
@@ -212,12 +212,19 @@ def _batches(model: Model, x, y, seed: int, first_step: int):
     if model.training.jitter:
         from .data import shift_images as shift
     labels = y if uses_hybrid_negatives(model) else None
+    # Self-generated negatives come from a generation pass with infer_softmax (checked on its
+    # own); the step only needs one-of-N rows, so here they are other real rows of the data.
+    external = model.negatives.kind == "self_generated" and model.training.learn_hidden
     epoch = 0
     while True:
         plan = epoch_plan(model, len(x), epoch, seed, labels)
         lr = np.float32(learning_rate(model, epoch, model.training.epochs))
+        stand_in = x[np.random.default_rng([seed, epoch, 99]).permutation(len(x))] if external else None
         for k in range(len(plan.order)):
-            yield step_feeds(plan, k, x, y, lr, first_step, shift)
+            feeds = step_feeds(plan, k, x, y, lr, first_step, shift)
+            if external:
+                feeds["x_neg"] = stand_in[plan.order[k]]
+            yield feeds
             first_step += 1
         epoch += 1
 
@@ -356,7 +363,7 @@ def plan_checks(model: Model, names, params: dict, state: dict, step: int, x, y,
     batch = model.training.batch_size
     rng = np.random.default_rng([seed, 1234])
     ties = _LabelTies(model, batch) if "train_step" in names else None
-    references = {name: Reference(model, name, batch if name == "train_step" else infer_batch) for name in names}
+    references = {name: Reference(model, name, batch if is_train_program(name) else infer_batch) for name in names}
     feeds_iter = _batches(model, x, y, seed, step + 1)
     params, state, warmup = _warm_up(model, references.get("train_step"), params, state, step, feeds_iter)
     real = next(feeds_iter)
@@ -366,7 +373,7 @@ def plan_checks(model: Model, names, params: dict, state: dict, step: int, x, y,
         for kind in ("random", "real"):
             if kind == "random":
                 feeds = random_feeds(model, inputs, params, state, rng)
-            elif name == "train_step":
+            elif is_train_program(name):
                 feeds = {v.name: {**params, **state, **real}[v.name] for v in inputs}
             elif len(x) >= infer_batch:
                 feeds = {v.name: {**params, "x": x[:infer_batch]}[v.name] for v in inputs}

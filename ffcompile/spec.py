@@ -47,6 +47,7 @@ class InputSpec:
     dataset: str = "mnist"
     size: int = 784
     image_shape: tuple[int, int] = (28, 28)
+    channels: int = 1  # colour planes, stored one after another (CIFAR-10: the 32x32 R, G, B planes)
     label: LabelEmbedding = LabelEmbedding()
     normalize: bool = True  # length-normalize the raw input before the first layer
 
@@ -62,8 +63,10 @@ class DenseLayer:
 @dataclass(frozen=True)
 class LocalLayer:
     """Locally connected, no weight sharing (footnote 8): a grid of locations, each with
-    ``channels`` units seeing a ``field`` x ``field`` window of the layer below (pixels for the
-    first layer, grid points for later ones) placed every ``stride`` steps."""
+    ``channels`` units seeing a ``field`` x ``field`` window of the layer below (pixels of every
+    input channel for the first layer, grid points for later ones) placed every ``stride`` steps.
+    ``padding``: zeros around the layer below, so windows at the edge are truncated there
+    (footnote 12; a 32x32 grid over 32x32 pixels with field 11 and stride 1 needs padding 5)."""
 
     name: str
     grid: int
@@ -72,6 +75,7 @@ class LocalLayer:
     channels: int
     kind: str = "local"
     threshold: float | None = None
+    padding: int = 0
 
     @property
     def size(self) -> int:
@@ -164,6 +168,11 @@ class Training:
     epochs: int = 60
     seed: int = 0
     jitter: int = 0  # max shift in pixels for jittered MNIST (sec. 3.3); 0 = off
+    # Sequence models (sec. 4.1). "together": each step combines positive and negative gradients.
+    # "separate": an epoch of positive-only steps, then negatives from the updated model and an
+    # epoch of negative-only steps (negatives made offline, in a "sleep phase").
+    phases: str = "together"
+    learn_hidden: bool = True  # false: fixed random hidden weights, only the softmax learns (fig. 5 baseline)
 
 
 @dataclass(frozen=True)
@@ -210,6 +219,7 @@ _CHOICES = {
     "optimizer.kind": ("sgd", "adam"),
     "schedule.kind": ("constant", "linear_cooldown"),
     "negatives.kind": ("random_label", "hard_label", "hybrid_image", "teacher_forcing", "self_generated"),
+    "training.phases": ("together", "separate"),
 }
 
 
@@ -349,8 +359,10 @@ def validate(model: Model, source: str = "<model>") -> None:
     inp = model.input
     if inp.size <= 0:
         fail("input.size", f"must be a positive integer, got {inp.size}")
-    if len(inp.image_shape) != 2 or inp.image_shape[0] * inp.image_shape[1] != inp.size:
-        fail("input.image_shape", f"{list(inp.image_shape)} does not have input.size = {inp.size} pixels")
+    if inp.channels <= 0:
+        fail("input.channels", f"must be a positive integer, got {inp.channels}")
+    if len(inp.image_shape) != 2 or inp.channels * inp.image_shape[0] * inp.image_shape[1] != inp.size:
+        fail("input.image_shape", f"{inp.channels} channel(s) x {list(inp.image_shape)} is not input.size = {inp.size}")
     if inp.label.kind == "first_pixels":
         if not 2 <= inp.label.classes <= inp.size:
             fail("input.label.classes", f"must be between 2 and input.size, got {inp.label.classes}")
@@ -420,6 +432,7 @@ def validate(model: Model, source: str = "<model>") -> None:
         fail("training.epochs", f"must be >= 0, got {t.epochs}")
     if t.jitter < 0:
         fail("training.jitter", f"must be >= 0, got {t.jitter}")
+    _validate_sequence(model, fail)
     if model.recurrent is not None:
         r = model.recurrent
         if r.iterations <= 0:
@@ -434,20 +447,64 @@ def validate(model: Model, source: str = "<model>") -> None:
         fail("input.label.kind", "\"top_layer\" labels belong to recurrent networks: add a [recurrent] section")
 
 
+SEQUENCE_NEGATIVES = ("teacher_forcing", "self_generated")
+
+
+def _validate_sequence(model: Model, fail) -> None:
+    """Next-character models (sec. 4.1): contexts of one-of-N codes in, the next symbol out."""
+    text = model.input.dataset == "text"
+    sequence = model.negatives.kind in SEQUENCE_NEGATIVES
+    if sequence and not text:
+        fail("negatives.kind", f"{model.negatives.kind!r} negatives are for next-character models "
+                               "(input.dataset = \"text\")")
+    if text and not sequence:
+        fail("negatives.kind", f"next-character models take \"teacher_forcing\" or \"self_generated\" negatives, "
+                               f"not {model.negatives.kind!r}")
+    if not text:
+        if model.training.phases != "together":
+            fail("training.phases", "\"separate\" phases are for next-character models (input.dataset = \"text\")")
+        if not model.training.learn_hidden:
+            fail("training.learn_hidden", "false (a fixed random baseline) is for next-character models only")
+        return
+    if model.input.label.kind != "none":
+        fail("input.label.kind", "a next-character model has no label in its input: set \"none\" "
+                                 "(input.label.classes is the alphabet size)")
+    symbols = model.input.label.classes
+    if symbols < 2 or model.input.size % symbols:
+        fail("input.size", f"must be a whole number of one-of-{symbols} codes (input.label.classes), "
+                           f"got {model.input.size}")
+    if model.input.size // symbols < 2:
+        fail("input.size", "the context must hold at least 2 characters")
+    if not model.readout.softmax_layers:
+        fail("readout.softmax_layers", "a next-character model predicts with its softmax readout: list its layers")
+    if model.recurrent is not None:
+        fail("recurrent", "next-character models are feed-forward (figure 4)")
+    if any(not isinstance(layer, DenseLayer) for layer in model.layers):
+        fail("layers", "next-character models have dense layers only")
+    if model.training.jitter:
+        fail("training.jitter", "jitter shifts images; a next-character model has none")
+
+
 def _validate_recurrent(model: Model, fail) -> None:
-    """The sec. 3.4 network: pixels below, a one-of-N label layer on top, dense hidden layers between."""
+    """The sec. 3.4 network: pixels below, a one-of-N label layer on top, hidden layers between.
+    A local layer above another one gets top-down input through the same window, so it must
+    keep the grid (stride 1): then unit (y, x) of the lower layer sees the upper layer's field
+    x field window around (y, x), padded as the upper layer pads (sec. 4: "an 11 x 11 receptive
+    field in the layer above")."""
     if model.input.label.kind != "top_layer":
         fail("input.label.kind", f"a recurrent network takes its label as the top layer: set \"top_layer\", "
                                  f"not {model.input.label.kind!r}")
     if model.input.label.classes < 2:
         fail("input.label.classes", f"must be at least 2, got {model.input.label.classes}")
-    for i, layer in enumerate(model.layers):
-        if not isinstance(layer, DenseLayer):
-            fail(f"layers[{i}] ({layer.name}).kind", f"recurrent networks have dense layers only, not {layer.kind!r}")
+    for i, layer in enumerate(model.layers[1:], start=1):
+        below = model.layers[i - 1]
+        if isinstance(layer, LocalLayer) and isinstance(below, LocalLayer) and (
+                layer.stride != 1 or layer.grid != below.grid):
+            fail(f"layers[{i}] ({layer.name}).grid", f"in a recurrent net a local layer above local layer "
+                 f"{below.name!r} needs stride 1 and the same grid ({below.grid}) for its top-down windows, "
+                 f"got grid {layer.grid}, stride {layer.stride}")
     if model.regularizers.peer_norm is not None:
         fail("regularizers.peer_norm", "is not supported for recurrent networks yet")
-    if model.readout.softmax_layers:
-        fail("readout.softmax_layers", "recurrent networks read out by goodness per label only (sec. 3.4)")
     if model.negatives.kind not in ("hard_label", "random_label"):
         fail("negatives.kind", f"recurrent networks take \"hard_label\" or \"random_label\" negatives, "
                                f"not {model.negatives.kind!r}")
@@ -458,6 +515,9 @@ def _validate_local(model: Model, i: int, fail) -> None:
     for name in ("grid", "field", "stride", "channels"):
         if getattr(layer, name) <= 0:
             fail(name, f"must be a positive integer, got {getattr(layer, name)}")
+    if not 0 <= layer.padding < layer.field:
+        fail("padding", f"must be in [0, field - 1 = {layer.field - 1}] (a window must touch the layer below), "
+                        f"got {layer.padding}")
     if i == 0:
         below, what = model.input.image_shape[0], "pixels"
         if model.input.image_shape[0] != model.input.image_shape[1]:
@@ -468,9 +528,10 @@ def _validate_local(model: Model, i: int, fail) -> None:
             fail("kind", f"a local layer must follow the input or another local layer, not {prev.kind!r} layer {prev.name!r}")
         below, what = prev.grid, "grid points"
     span = (layer.grid - 1) * layer.stride + layer.field
-    if span > below:
+    if span > below + 2 * layer.padding:
+        padded = f" (+ 2 x padding {layer.padding})" if layer.padding else ""
         fail("field", f"grid {layer.grid} x stride {layer.stride} with field {layer.field} spans {span} {what}, "
-                      f"but the layer below has only {below}")
+                      f"but the layer below has only {below}{padded}")
 
 
 def _to_json(obj):

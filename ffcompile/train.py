@@ -14,8 +14,10 @@ from .backends.torch_backend import TorchProgram
 from .checkpoint import CHECKPOINT, METRICS, Checkpoint, resume_run, save_checkpoint, write_json
 from .errors import FFCompileError
 from .evaluate import error_rate
-from .lowering import READOUT_PROGRAMS, build_program, init_state, readouts_of
+from .lowering import READOUT_PROGRAMS, build_program, init_state, readouts_of, train_programs
+from .lowering.sequence import is_sequence
 from .loop import FEEDS, epoch_line, run_epoch
+from .sequence import batched, perplexity, run_sequence_epoch
 from .spec import Model
 
 
@@ -23,8 +25,9 @@ from .spec import Model
 class ReferenceStep:
     """``train_step`` as a loop step function; params and state stay torch tensors on ``device``."""
 
-    def __init__(self, model: Model, device: str = "cpu", cuda_graph: bool | None = None, log=print):
-        self.program = TorchProgram(build_program(model, "train_step", model.training.batch_size), device)
+    def __init__(self, model: Model, device: str = "cpu", cuda_graph: bool | None = None, log=print,
+                 program: str = "train_step"):
+        self.program = TorchProgram(build_program(model, program, model.training.batch_size), device)
         self.device = self.program.device
         names = [v.name for v in self.program.program.inputs]
         self.feed_names = {n for n in FEEDS if n in names}
@@ -91,6 +94,38 @@ def evaluate_params(model: Model, params: dict[str, np.ndarray], x, y, readout: 
     return error_rate(runner, {k: v for k, v in params.items() if k in needed}, x, y, batch, progress, f"eval {readout}")
 
 
+def _epoch_runner(model: Model, step_fn: ReferenceStep, device: str, eval_batch: int, seed: int, progress: bool, log):
+    """(params, state, x, y, epoch, epochs, step) -> (params, state, step, metrics) for the model's kind."""
+    if not is_sequence(model):
+        shift = None
+        if model.training.jitter:
+            from .data import shift_images as shift
+
+        def epoch_fn(params, state, x, y, epoch, epochs, step):
+            return run_epoch(model, step_fn, params, state, x, y, epoch, epochs, step, seed, progress, shift=shift)
+        return epoch_fn
+
+    from .data.text import CONTEXT, LENGTH
+
+    steps = {name: step_fn if name == "train_step" else ReferenceStep(model, device, log=log, program=name)
+             for name in train_programs(model)}
+    probs = TorchProgram(build_program(model, "infer_softmax", eval_batch), device)
+    needed = {v.name for v in probs.program.inputs}
+    probs_fn = batched(probs.run_numpy, eval_batch)
+
+    def epoch_fn(params, state, x, y, epoch, epochs, step):
+        return run_sequence_epoch(model, steps, probs_fn, params, state, x, y, epoch, epochs, step, seed,
+                                  LENGTH - CONTEXT, progress,
+                                  host_params=lambda p: {k: v for k, v in numpy_dict(p).items() if k in needed})
+    return epoch_fn
+
+
+def sequence_perplexity(model: Model, params: dict[str, np.ndarray], x, y, batch: int = 100, device: str = "cpu") -> float:
+    runner = reference_runner(model, "infer_softmax", batch, device)
+    needed = {v.name for v in runner.__self__.program.inputs}
+    return perplexity(batched(runner, batch), {k: v for k, v in params.items() if k in needed}, x, y)
+
+
 @dataclass
 class Dataset:
     x_train: np.ndarray
@@ -123,20 +158,22 @@ def train(model: Model, data: Dataset, run_dir: Path, epochs: int, resume: bool 
     # epoch's training in the H200 runs); larger batches give the same predictions.
     eval_batch = 1000 if step_fn.device.type == "cuda" else 100
     params, state = step_fn.to_device(ckpt.params), step_fn.to_device(ckpt.state)
-    shift = None
-    if model.training.jitter:
-        from .data import shift_images
-        shift = shift_images
+    epoch_fn = _epoch_runner(model, step_fn, device, eval_batch, seed, progress, log)
     step = ckpt.step
     for epoch in range(ckpt.epoch, epochs):
         started = time.perf_counter()
-        params, state, step, metrics = run_epoch(model, step_fn, params, state, data.x_train, data.y_train,
-                                                 epoch, epochs, step, seed, progress, shift=shift)
+        params, state, step, metrics = epoch_fn(params, state, data.x_train, data.y_train, epoch, epochs, step)
         record = {"epoch": epoch + 1, "step": step, "seconds": round(time.perf_counter() - started, 3), **metrics}
         np_params = numpy_dict(params)
         if (epoch + 1) % eval_every == 0 or epoch + 1 == epochs:
             sets = {"val": (data.x_val, data.y_val), **data.monitor} if data.x_val is not None else data.monitor
+            if is_sequence(model):
+                sets = {"train": (data.x_train, data.y_train), **sets}
             for set_name, (xs, ys) in sets.items():
+                if is_sequence(model):
+                    record[f"{set_name}_perplexity"] = sequence_perplexity(model, np_params, xs, ys, eval_batch, device)
+                    if set_name == "train":
+                        continue
                 for readout in readouts_of(model):
                     record[f"{set_name}_error.{readout}"] = evaluate_params(
                         model, np_params, xs, ys, readout, batch=eval_batch, device=device)

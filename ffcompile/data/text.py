@@ -1,13 +1,16 @@
 """Next-character data (sec. 4.1): a 30-symbol alphabet, 248 strings of 100 characters, each
 predicted from the previous 10 characters after a 10-character start.
 
-The paper's corpus is Aesop's fables. No copy is available offline here, so the corpus is any
-plain-text file given as ``path`` or ``$FFCOMPILE_TEXT_CORPUS`` (e.g. a Project Gutenberg
-Aesop); tests use text written for them.
+The paper's corpus is Aesop's fables. Built in: Joseph Jacobs' *The Fables of Aesop* (1894,
+public domain; Project Gutenberg eBook #28, as shipped in the PyPI sdist puren-tonbo 0.0.3 at
+``puren_tonbo/tests/data/pg28_the_fables_of_aesop_utf8.txt``, sha256 b247333c...2a48), cut to the
+82 fables (title, story, moral; the Gutenberg header, preface, essay and licence removed),
+sha256 in ``builtin/SHA256SUMS``. Any other plain-text file: ``path`` or $FFCOMPILE_TEXT_CORPUS.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -25,11 +28,11 @@ _INDEX = {c: i for i, c in enumerate(ALPHABET)}
 
 
 def clean(text: str) -> str:
-    """Lower-case and delete every character outside the alphabet. Line breaks and other white
-    space become one space first: in a text file they separate words, they are not characters
-    of the text (deleting them would glue words together)."""
-    text = re.sub(r"\s+", " ", text.lower())
-    return "".join(c for c in text if c in _INDEX)
+    """Lower-case and delete every character outside the alphabet. Runs of white space and dashes
+    become one space first: in a text file they separate words, they are not characters of the
+    text (deleting them would glue "but\u2014whack\u2014his" into one word)."""
+    text = re.sub(r"[\s\u2010-\u2015-]+", " ", text.lower())
+    return re.sub(" +", " ", "".join(c for c in text if c in _INDEX))
 
 
 def encode(text: str) -> np.ndarray:
@@ -73,7 +76,7 @@ def one_hot(indices: np.ndarray) -> np.ndarray:
 
 SPLIT_STRINGS = {"train": (0, STRINGS), "val": (STRINGS, STRINGS + 31), "trainval": (0, STRINGS + 31),
                  "test": (STRINGS + 31, STRINGS + 62)}
-BUILTIN = Path(__file__).parent / "builtin" / "corpus.txt"
+BUILTIN = Path(__file__).parent / "builtin" / "aesop.txt"
 
 
 def split_strings_of(text: str, split: str, origin: str = "corpus") -> np.ndarray:
@@ -102,7 +105,7 @@ def load_corpus(path: str | os.PathLike | None = None) -> tuple[str, str]:
         if os.environ.get(ENV_VAR):
             path, origin = os.environ[ENV_VAR], f"${ENV_VAR} ({os.environ[ENV_VAR]})"
         else:
-            path, origin = BUILTIN, "built-in"
+            return "built-in (Aesop's fables, Jacobs 1894)", _read_builtin()
     path = Path(path).expanduser()
     if path.is_dir():
         raise DataError(f"text corpus {origin}: is a folder; pass a plain-text file")
@@ -110,3 +113,11 @@ def load_corpus(path: str | os.PathLike | None = None) -> tuple[str, str]:
         return origin, path.read_text(encoding="utf-8", errors="replace")
     except OSError as err:
         raise DataError(f"cannot read text corpus {origin}: {err.strerror or err}") from None
+
+
+def _read_builtin() -> str:
+    data = BUILTIN.read_bytes()
+    sums = dict(line.split()[::-1] for line in (BUILTIN.parent / "SHA256SUMS").read_text().splitlines() if line.strip())
+    if hashlib.sha256(data).hexdigest() != sums.get(BUILTIN.name):
+        raise DataError(f"{BUILTIN}: SHA256 mismatch with {BUILTIN.parent / 'SHA256SUMS'} (damaged installation?)")
+    return data.decode("utf-8")

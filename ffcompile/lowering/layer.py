@@ -81,33 +81,45 @@ class LocalGradient:
     weight: Value
     bias: Value
     loss: Value
-    goodness_pos: Value
-    goodness_neg: Value
+    goodness_pos: Value | None
+    goodness_neg: Value | None
+    dz: Value | None = None  # dloss/dz [rows, out], for inputs the rule does not know (recurrent top-down)
 
 
-def local_gradient(b: Builder, x: Value, z: Value, y: Value, model: Model, i: int, batch: int) -> LocalGradient:
+def local_gradient(b: Builder, x: Value, z: Value, y: Value, model: Model, i: int, batch: int,
+                   phase: str = "both") -> LocalGradient:
     """Analytic gradient of the layer's own loss for rows [positives; negatives] (B each).
 
     loss = mean over the 2B rows of softplus(-logit) for positives and softplus(logit) for
     negatives; dloss/dlogit = (sigmoid(logit) - target) / 2B, then the chain rule down to the
     weights: dlogit/dmeasure = sign, dmeasure/dy = 2y (or 1), dy/dz = step(z), dz/dW = x (eq. 3).
+    ``phase`` "positive" / "negative": the rows are only the B positives / negatives and the
+    result is that half of the sum (same 1/2B scale), so the two halves add up to "both".
     """
+    targets = {"both": [1.0] * batch + [0.0] * batch, "positive": [1.0] * batch, "negative": [0.0] * batch}[phase]
+    rows = len(targets)
     with b.scope("local_rule"):
         m = measure(b, y, model)
         lg = logit(b, m, model, i)
-        target = b.constant([1.0] * batch + [0.0] * batch)
+        target = b.constant(targets)
         dlogit = b.mul(b.sub(b.sigmoid(lg), target), goodness_sign(model) / (2 * batch))
         dmeasure_dy = b.constant(1.0) if model.goodness.kind == "sum" else b.mul(y, 2.0)
-        dz = b.mul(b.mul(b.reshape(dlogit, [2 * batch, 1]), dmeasure_dy), b.step(z))
-        per_row = softplus(b, b.mul(lg, b.constant([-1.0] * batch + [1.0] * batch)))
-        loss = b.reduce_mean(per_row, [0])
+        dz = b.mul(b.mul(b.reshape(dlogit, [rows, 1]), dmeasure_dy), b.step(z))
+        per_row = softplus(b, b.mul(lg, b.constant([1.0 - 2.0 * t for t in targets])))
+        loss = b.mul(b.reduce_sum(per_row, [0]), 1.0 / (2 * batch))
         dw = local.weight_gradient(b, dz, x, model, i) if local.is_local(model, i) else b.matmul(dz, x, trans_a=True)
         db = b.reduce_sum(dz, [0])
         sign = goodness_sign(model)
         g = b.mul(m, sign) if sign < 0 else m
-        g_pos = b.reduce_mean(b.slice(g, 0, 0, batch), [0])
-        g_neg = b.reduce_mean(b.slice(g, 0, batch, 2 * batch), [0])
-    return LocalGradient(dw, db, loss, g_pos, g_neg)
+        g_pos = g_neg = None
+        if phase == "both":
+            g_pos = b.reduce_mean(b.slice(g, 0, 0, batch), [0])
+            g_neg = b.reduce_mean(b.slice(g, 0, batch, 2 * batch), [0])
+        elif phase == "positive":
+            g_pos = b.reduce_mean(g, [0])
+        else:
+            g_neg = b.reduce_mean(g, [0])
+    return LocalGradient(dw, db, loss, g_pos, g_neg, dz)
 
 
 def peer_normalization(b: Builder, x_pos: Value, y_pos: Value, old_mean: Value, model: Model, i: int | None = None):

@@ -33,12 +33,18 @@ def apply_update(b: Builder, model: Model, name: str, param: Value, grad: Value,
 def emit_updates(b: Builder, model: Model, params: dict[str, Value], grads: dict[str, Value], state: dict[str, Value],
                  new_state: dict[str, Value], metrics: dict[str, Value], lr: Value, step: Value | None) -> None:
     """The end of every train step: the optimizer update of each parameter (weight decay on
-    weights only), then the outputs ``new.<param>``, ``new.<state>`` and the metrics."""
+    weights only), then the outputs ``new.<param>``, ``new.<state>`` and the metrics. A parameter
+    without a gradient is not learned by this step: it and its optimizer slots pass through."""
     new_params = {}
     for name in params:
+        if name not in grads:
+            new_params[name] = params[name]
+            continue
         new_params[name], slots = apply_update(
             b, model, name, params[name], grads[name], state, lr, step, decay=name.endswith(".weight"))
         new_state.update(slots)
+    for name in state:
+        new_state.setdefault(name, state[name])
     for name in params:
         b.output(f"new.{name}", new_params[name])
     for name in state:

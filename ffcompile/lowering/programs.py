@@ -22,7 +22,7 @@ from ..program.builder import Builder
 from ..program.ir import Program, Value
 from ..spec import Model
 from . import labels as lbl
-from . import recurrent
+from . import recurrent, sequence
 from .hybrid import hybrid_images
 from .layer import forward, goodness, layer_input, local_gradient, normalize, peer_normalization
 from .optimizers import emit_updates
@@ -34,11 +34,11 @@ EXTRA_PROGRAMS = ("hybrid_negatives",)
 
 
 def build_program(model: Model, name: str, batch: int) -> Program:
-    if model.recurrent is not None:
+    if model.recurrent is not None or sequence.is_sequence(model):
         if batch <= 0:
             raise FFCompileError(f"batch size must be positive, got {batch}")
         b = Builder(name)
-        recurrent.build(b, model, name, batch)
+        (sequence if sequence.is_sequence(model) else recurrent).build(b, model, name, batch)
         return b.build()
     builders = {"train_step": _train_step, "infer_goodness": _infer_goodness, "infer_softmax": _infer_softmax,
                 "hybrid_negatives": _hybrid_negatives}
@@ -79,9 +79,21 @@ def readouts_of(model: Model) -> list[str]:
     return [r for r in READOUT_PROGRAMS if has[r]]
 
 
+def train_programs(model: Model) -> list[str]:
+    """The training programs a bundle carries: ``train_step``, and for next-character models the
+    positive-only and negative-only halves (sec. 4.1's sleep phase)."""
+    return sequence.train_programs(model) if sequence.is_sequence(model) else ["train_step"]
+
+
+def is_train_program(name: str) -> bool:
+    return name.startswith("train_")
+
+
 def negative_probs_program(model: Model) -> str | None:
     """The program whose ``probs`` output holds the class probabilities ``train_step`` draws
-    hard-label negatives from (None for other negatives)."""
+    hard-label (or teacher-forced) negatives from (None for other negatives)."""
+    if model.negatives.kind == "teacher_forcing" and model.training.learn_hidden:
+        return "infer_softmax"
     if model.negatives.kind != "hard_label":
         return None
     return "negative_probs" if model.recurrent is not None else "infer_softmax"

@@ -1,7 +1,8 @@
 """Names, shapes and initial values of everything a train step carries from one step to the next.
 
-Parameters: ``{layer}.weight`` [out, in] (local layers: [out, receptive field], see ``local``),
-``{layer}.bias`` [out], recurrent nets' ``{layer}.top_down.weight`` [out, size above], and the softmax readout's
+Parameters: ``{layer}.weight`` [out, in] (local layers: [out, receptive field] or masked [out,
+in], see ``local``), ``{layer}.bias`` [out], recurrent nets' ``{layer}.top_down.weight`` [out, size
+above] (a local layer under a local layer: shaped like a local weight), and the softmax readout's
 ``softmax.weight`` / ``softmax.bias``. Optimizer state: ``{param}.velocity`` (SGD) or
 ``{param}.m`` / ``{param}.v`` (Adam). Peer normalization: ``{layer}.peer_mean``.
 Initial values come from numpy with an explicit seed so no backend's RNG is involved.
@@ -26,8 +27,11 @@ def param_specs(model: Model) -> dict[str, tuple[int, ...]]:
         specs[f"{layer.name}.weight"] = local.weight_shape(model, i) if local_layer else (layer.size, model.fan_in(i))
         specs[f"{layer.name}.bias"] = (layer.size,)
         if model.recurrent is not None:  # sec. 3.4: input from the layer above (the label layer on top)
-            above = model.layers[i + 1].size if i + 1 < len(model.layers) else model.input.label.classes
-            specs[f"{layer.name}.top_down.weight"] = (layer.size, above)
+            if local.has_local_top_down(model, i):
+                specs[f"{layer.name}.top_down.weight"] = local.shape(local.top_down_geometry(model, i))
+            else:
+                above = model.layers[i + 1].size if i + 1 < len(model.layers) else model.input.label.classes
+                specs[f"{layer.name}.top_down.weight"] = (layer.size, above)
     if model.readout.softmax_layers:
         classes = model.input.label.classes
         specs["softmax.weight"] = (classes, softmax_features(model))
@@ -52,10 +56,13 @@ def init_state(model: Model, seed: int) -> tuple[dict[str, np.ndarray], dict[str
     state 0. Peer means start at 0 too; they track the first batches within a few steps."""
     rng = np.random.default_rng(seed)
     params = {}
-    local_layers = {f"{layer.name}.weight": i for i, layer in enumerate(model.layers) if isinstance(layer, LocalLayer)}
+    local_layers = {f"{layer.name}.weight": local.geometry(model, i)
+                    for i, layer in enumerate(model.layers) if isinstance(layer, LocalLayer)}
+    local_layers.update({f"{layer.name}.top_down.weight": local.top_down_geometry(model, i)
+                         for i, layer in enumerate(model.layers) if local.has_local_top_down(model, i)})
     for name, shape in param_specs(model).items():
         if name in local_layers:
-            params[name] = local.init_weight(model, local_layers[name], rng)
+            params[name] = local.init(local_layers[name], rng)
         elif name.endswith(".weight") and not name.startswith("softmax."):
             bound = 1.0 / np.sqrt(shape[1])
             params[name] = rng.uniform(-bound, bound, size=shape).astype(np.float32)

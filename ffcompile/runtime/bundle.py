@@ -93,6 +93,17 @@ class Bundle:
                           error_percent=float(np.mean(predictions != labels) * 100.0), batch=batch,
                           median_batch_ms=median * 1e3, examples_per_second=batch / median if median > 0 else float("inf"))
 
+    def perplexity(self, x, y) -> float:
+        """Next-character models: exp(mean -log p(true next character)) with ``infer_softmax``."""
+        from ..sequence import batched, perplexity
+
+        if "infer_softmax" not in self.programs:
+            raise FFCompileError(f"bundle {self.path} has no infer_softmax program")
+        images = as_images(x, self.model.input.size)
+        labels = as_labels(y, len(images), self.model.input.label.classes)
+        run = batched(self.programs["infer_softmax"].run, self.manifest["batch"]["infer"])
+        return perplexity(run, self.program_params("infer_softmax"), images, labels)
+
     def _predict(self, x, readout: str) -> tuple[np.ndarray, list[float]]:
         name = self._readout_program(readout)
         images = as_images(x, self.model.input.size)

@@ -1,5 +1,7 @@
 """Forward-Forward fine-tuning on the device, driven entirely by the bundle's compiled
-``train_step`` through the shared training loop (``ffcompile.loop``): the same batches, random
+``train_step`` (next-character models: and its positive-only / negative-only halves, with
+``infer_softmax`` generating negatives) through the shared training loops (``ffcompile.loop``,
+``ffcompile.sequence``): the same batches, random
 draws and learning rates as the PyTorch reference trainer, so a run here and ``ffcompile train``
 from the same weights take the same steps up to fp32 rounding.
 
@@ -73,16 +75,11 @@ def finetune(bundle, x, y, epochs: int, out_dir, resume: bool = False, progress:
         ckpt = Checkpoint(model, bundle.params, bundle.state, 0, bundle.step)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    step_fn = CompiledTrainStep(bundle.programs["train_step"], bundle.signature("train_step"), [*ckpt.params, *ckpt.state])
-    shift = None
-    if model.training.jitter:
-        from ..data import shift_images
-        shift = shift_images
+    epoch_fn = _epoch_runner(bundle, [*ckpt.params, *ckpt.state], seed, progress)
     params, state, step = dict(ckpt.params), dict(ckpt.state), ckpt.step
     for epoch in range(ckpt.epoch, epochs):
         started = time.perf_counter()
-        params, state, step, metrics = run_epoch(model, step_fn, params, state, x, y, epoch, epochs, step, seed,
-                                                 progress, desc=f"finetune ({bundle.target['name']})", shift=shift)
+        params, state, step, metrics = epoch_fn(params, state, x, y, epoch, epochs, step)
         bad = [k for k, v in params.items() if not np.all(np.isfinite(v))]
         if bad:
             raise FFCompileError(f"fine-tuning diverged in epoch {epoch + 1}: non-finite {', '.join(bad)}; "
@@ -90,6 +87,8 @@ def finetune(bundle, x, y, epochs: int, out_dir, resume: bool = False, progress:
         record = {"epoch": epoch + 1, "step": step, "seconds": round(time.perf_counter() - started, 3), **metrics}
         if val is not None:
             tuned = bundle.with_params(params, state, epoch + 1, step)
+            if model.input.dataset == "text":
+                record["val_perplexity"] = tuned.perplexity(val[0], val[1])
             for readout in bundle.readouts:
                 record[f"val_error.{readout}"] = tuned.evaluate(val[0], val[1], readout).error_percent
         history.append(record)
@@ -99,6 +98,38 @@ def finetune(bundle, x, y, epochs: int, out_dir, resume: bool = False, progress:
                                        "started_from": bundle.weights_from, "epochs": history})
         log(epoch_line(record))
     return ckpt
+
+
+def _epoch_runner(bundle, carried, seed: int, progress: bool):
+    """(params, state, x, y, epoch, epochs, step) -> (params, state, step, metrics): the shared
+    loop for the model's kind, driving the bundle's compiled training programs."""
+    model, desc = bundle.model, f"finetune ({bundle.target['name']})"
+    steps = {name: CompiledTrainStep(program, bundle.signature(name), carried)
+             for name, program in bundle.programs.items() if name.startswith("train_")}
+    if model.input.dataset != "text":
+        shift = None
+        if model.training.jitter:
+            from ..data import shift_images as shift
+
+        def epoch_fn(params, state, x, y, epoch, epochs, step):
+            return run_epoch(model, steps["train_step"], params, state, x, y, epoch, epochs, step, seed, progress,
+                             desc=desc, shift=shift)
+        return epoch_fn
+
+    from ..data.text import CONTEXT, LENGTH
+    from ..sequence import batched, run_sequence_epoch
+
+    needed = {v["name"] for v in bundle.signature("infer_softmax")["inputs"]}
+    probs_fn = batched(bundle.programs["infer_softmax"].run, bundle.manifest["batch"]["infer"])
+
+    def epoch_fn(params, state, x, y, epoch, epochs, step):
+        if len(x) % (LENGTH - CONTEXT):
+            raise FFCompileError(f"{len(x)} training rows is not a whole number of strings of {LENGTH - CONTEXT} "
+                                 "predictions (self-generated negatives start from each string's first characters)")
+        return run_sequence_epoch(model, steps, probs_fn, params, state, x, y, epoch, epochs, step, seed,
+                                  LENGTH - CONTEXT, progress, desc=desc,
+                                  host_params=lambda p: {k: v for k, v in p.items() if k in needed})
+    return epoch_fn
 
 
 def refuse_inside_bundle(out_dir: Path, bundle_dir: Path) -> None:
