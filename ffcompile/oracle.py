@@ -144,32 +144,42 @@ def _optimizer_step(model, P, state, new_state, lr, step) -> None:
             new_state[f"{k}.v"] = optim.state[P[k]]["exp_avg_sq"]
 
 
-def oracle_recurrent_train_step(model: Model, params: dict, state: dict, x, y, u, lr: float, step: int):
+def oracle_recurrent_train_step(model: Model, params: dict, state: dict, x, y, u, lr: float, step: int,
+                                masks: dict | None = None):
     """The sec. 3.4 recurrent net's train step, written directly: states rolled forward in time,
     every other layer's input and the layer's own previous state ``detach()``ed (no
     backpropagation through time), one loss per layer per iteration, torch.optim update.
     Negatives: wrong labels drawn from the softmax over labels of the goodness after the bottom-up
-    pass and one iteration. Returns (new params, new state, negative labels)."""
+    pass and one iteration. A softmax readout learns from the positive images' bottom-up pass
+    (cross-entropy on its normalized states, detached). ``masks``: {parameter name: [out, in]
+    0/1} for local connections (sec. 4), whose weights are dense here. Returns (new params, new
+    state, negative labels)."""
     classes, rec = model.input.label.classes, model.recurrent
     names = [layer.name for layer in model.layers]
     P = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+    masks = masks or {}
+    W = lambda key: P[key] * masks[key] if key in masks else P[key]
     batch, dtype = x.shape[0], x.dtype
     sign = -1.0 if model.goodness.kind == "neg_ssq" else 1.0
     scored = [model.layer_index(n) for n in model.readout.goodness_layers] or list(range(len(names)))
     pixels = _norm(x, model) if model.input.normalize else x
 
-    def run(pixels, label, iterations):
-        h, states = x.repeat(len(pixels) // batch, 1), []
-        for name in names:  # iteration 0: bottom-up only
+    def bottom_up(rows):  # iteration 0
+        h, states = rows, []
+        for name in names:
             inp = h if not states and not model.input.normalize else _norm(h, model)
-            h = torch.relu(inp @ P[f"{name}.weight"].T + P[f"{name}.bias"]).detach()
+            h = torch.relu(inp @ W(f"{name}.weight").T + P[f"{name}.bias"]).detach()
             states.append(h)
+        return states
+
+    def run(pixels, label, iterations):
+        states = bottom_up(x.repeat(len(pixels) // batch, 1))
         for t in range(1, iterations + 1):
             previous = [s.detach() for s in states]
             for i, name in enumerate(names):
                 below = pixels if i == 0 else _norm(previous[i - 1], model)
                 above = _norm(label, model) if i == len(names) - 1 else _norm(previous[i + 1], model)
-                z = below.detach() @ P[f"{name}.weight"].T + above.detach() @ P[f"{name}.top_down.weight"].T + P[f"{name}.bias"]
+                z = below.detach() @ W(f"{name}.weight").T + above.detach() @ W(f"{name}.top_down.weight").T + P[f"{name}.bias"]
                 states[i] = rec.damping * previous[i] + (1 - rec.damping) * torch.relu(z)
             yield t, states
 
@@ -183,6 +193,11 @@ def oracle_recurrent_train_step(model: Model, params: dict, state: dict, x, y, u
     cdf = torch.cumsum(q, 1)
     cdf = cdf / cdf[:, -1:]
     negative_labels = (cdf < torch.clamp(u, min=1e-7)[:, None]).sum(1)
+
+    if model.readout.softmax_layers:
+        first = bottom_up(x)
+        feats = [_norm(first[i], model) for i in sorted(map(model.layer_index, model.readout.softmax_layers))]
+        F.cross_entropy(torch.cat(feats, 1) @ P["softmax.weight"].T + P["softmax.bias"], y).backward()
 
     label = torch.cat([F.one_hot(y, classes), F.one_hot(negative_labels, classes)]).to(dtype)
     target = torch.cat([torch.ones(batch, dtype=dtype), torch.zeros(batch, dtype=dtype)])

@@ -362,7 +362,8 @@ def validate(model: Model, source: str = "<model>") -> None:
     if inp.channels <= 0:
         fail("input.channels", f"must be a positive integer, got {inp.channels}")
     if len(inp.image_shape) != 2 or inp.channels * inp.image_shape[0] * inp.image_shape[1] != inp.size:
-        fail("input.image_shape", f"{inp.channels} channel(s) x {list(inp.image_shape)} is not input.size = {inp.size}")
+        planes = f" x {inp.channels} channels" if inp.channels > 1 else ""
+        fail("input.image_shape", f"{list(inp.image_shape)}{planes} does not have input.size = {inp.size} values")
     if inp.label.kind == "first_pixels":
         if not 2 <= inp.label.classes <= inp.size:
             fail("input.label.classes", f"must be between 2 and input.size, got {inp.label.classes}")

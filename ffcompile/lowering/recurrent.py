@@ -1,6 +1,8 @@
 """A static image treated as a boring video (sec. 3.4, figure 3): pixels at the bottom, a one-of-N
-label layer on top, dense hidden layers between, each receiving the normalized states of the
-layer below and the layer above.
+label layer on top, hidden layers between, each receiving the normalized states of the layer
+below and the layer above. Hidden layers are dense, or local (sec. 4, CIFAR-10: topographic maps
+whose units see a window of the map or image below and, through the same window, of the map
+above; the last hidden layer sees the whole label; ``local``).
 
 State dynamics. Iteration 0 is one bottom-up pass (no top-down input yet). At every later
 iteration all hidden layers update synchronously from the states at the previous iteration:
@@ -16,10 +18,12 @@ Learning. Each hidden layer at each iteration 1..T has its own FF loss on the go
 backpropagation through time — so dh_t/dz_t = (1 - damping) · step(z_t) and the per-iteration
 gradients of W_up, W_down and b are summed over the iterations.
 
-Readout. Each label in turn sits on top; the score is the goodness (summed over
+Readouts. Goodness: each label in turn sits on top; the score is the goodness (summed over
 ``readout.goodness_layers``, all hidden layers if empty) averaged over iterations
 ``readout_iterations[0]..[1]`` inclusive; later iterations cannot change it, so inference unrolls
-only that far.
+only that far. One-pass softmax (table 1): the bottom-up pass alone (it never sees the label), a
+linear softmax on the normalized states of ``readout.softmax_layers``, learned in the train step
+from the positive images' bottom-up pass, with no gradient into the hidden layers.
 
 Negatives (sec. 3.4: "a single forward pass through the net to get probabilities for all the
 classes"). In this net a bottom-up pass never sees the label, so the single pass is: the
@@ -37,22 +41,38 @@ from ..program.builder import Builder
 from ..program.ir import Value
 from ..spec import Model
 from . import labels as lbl
-from .layer import goodness, layer_input, local_gradient, normalize
+from . import local
+from .layer import forward, goodness, layer_input, local_gradient, normalize
 from .optimizers import emit_updates
-from .readouts import softmax
+from .readouts import softmax, softmax_gradient, softmax_logits
 from .state import param_specs, state_specs
 
-PROGRAMS = ("train_step", "infer_goodness")
+PROGRAMS = ("train_step", "infer_goodness", "infer_softmax")
 EXTRA_PROGRAMS = ("recurrent_states", "negative_probs")
 
 
 def build(b: Builder, model: Model, name: str, batch: int) -> None:
-    builders = {"train_step": _train_step, "infer_goodness": _infer_goodness, "recurrent_states": _states,
-                "negative_probs": _negative_probs}
-    if name not in builders:
-        raise FFCompileError(f"model {model.name!r} is recurrent: its programs are "
-                             f"{', '.join(PROGRAMS + EXTRA_PROGRAMS)}, not {name!r}")
+    builders = {"train_step": _train_step, "infer_goodness": _infer_goodness, "infer_softmax": _infer_softmax,
+                "recurrent_states": _states, "negative_probs": _negative_probs}
+    known = [p for p in PROGRAMS + EXTRA_PROGRAMS if p != "infer_softmax" or model.readout.softmax_layers]
+    if name not in known:
+        raise FFCompileError(f"model {model.name!r} is recurrent: its programs are {', '.join(known)}, not {name!r}"
+                             + (" (readout.softmax_layers is empty)" if name == "infer_softmax" else ""))
     builders[name](b, model, batch)
+
+
+def top_down(b: Builder, model: Model, params: dict[str, Value], i: int, above: Value) -> Value:
+    """Layer i's input from the normalized layer above (or the label rows), no bias."""
+    weight = params[f"{model.layers[i].name}.top_down.weight"]
+    if local.has_local_top_down(model, i):
+        return local.apply(b, above, weight, local.top_down_geometry(model, i))
+    return b.matmul(above, weight, trans_b=True)
+
+
+def top_down_gradient(b: Builder, model: Model, i: int, dz: Value, above: Value) -> Value:
+    if local.has_local_top_down(model, i):
+        return local.gradient(b, dz, above, local.top_down_geometry(model, i))
+    return b.matmul(dz, above, trans_a=True)
 
 
 def scored_layers(model: Model) -> list[int]:
@@ -67,18 +87,19 @@ class Unrolled:
     def __init__(self, b: Builder, model: Model, params: dict[str, Value], pixels: Value, label: Value, tag: str):
         self.b, self.model, self.params, self.pixels, self.label, self.tag = b, model, params, pixels, label, tag
         self.states: list[Value] = []
+        self.first: list[Value] = []  # iteration 0 of one copy of the rows
         self.t = 0
 
-    def bottom_up(self, x: Value, copies: int = 1) -> None:
+    def bottom_up(self, x: Value, copies: int = 1, layers: int | None = None) -> None:
         """Iteration 0 from the image rows ``x``; ``copies``: the states are tiled that many times
-        (the pass does not depend on the label, so labelled copies share it)."""
+        (the pass does not depend on the label, so labelled copies share it); ``layers``: stop
+        after that many (a readout that needs no more)."""
         b, model = self.b, self.model
         below = x
-        for i, layer in enumerate(model.layers):
+        for i, layer in enumerate(model.layers[:layers]):
             with b.scope(f"{self.tag}/t0/{layer.name}"):
-                inp = layer_input(b, below, model, i)
-                z = b.add(b.matmul(inp, self.params[f"{layer.name}.weight"], trans_b=True), self.params[f"{layer.name}.bias"])
-                below = b.relu(z)
+                below = forward(b, layer_input(b, below, model, i), self.params, model, i)[1]
+            self.first.append(below)
             self.states.append(below if copies == 1 else b.concat([below] * copies, axis=0))
 
     def step(self):
@@ -95,9 +116,7 @@ class Unrolled:
             below = self.pixels if i == 0 else normed[i - 1]
             above = self.label if i == len(names) - 1 else normed[i + 1]
             with b.scope(f"{self.tag}/t{self.t}/{name}"):
-                z = b.add(b.add(b.matmul(below, self.params[f"{name}.weight"], trans_b=True),
-                                b.matmul(above, self.params[f"{name}.top_down.weight"], trans_b=True)),
-                          self.params[f"{name}.bias"])
+                z = b.add(forward(b, below, self.params, model, i)[0], top_down(b, model, self.params, i, above))
                 new_states.append(b.add(b.mul(self.states[i], damping), b.mul(b.relu(z), 1.0 - damping)))
             parts.append((below, above, z))
         self.states = new_states
@@ -147,6 +166,25 @@ def _infer_goodness(b: Builder, model: Model, batch: int) -> None:
     scores = _per_label(b, model, b.mul(score, 1.0 / (hi - lo + 1)), batch)
     b.output("scores", scores)
     b.output("prediction", b.argmax(scores, 1))
+
+
+def _softmax_features(b: Builder, model: Model, net: Unrolled) -> Value:
+    """The one-pass readout's input: normalized bottom-up states of ``readout.softmax_layers``."""
+    features = []
+    for i in sorted(model.layer_index(n) for n in model.readout.softmax_layers):
+        with b.scope(f"{net.tag}/t0/{model.layers[i].name}/feature"):
+            features.append(normalize(b, net.first[i], model))
+    return features[0] if len(features) == 1 else b.concat(features, axis=1)
+
+
+def _infer_softmax(b: Builder, model: Model, batch: int) -> None:
+    params = {name: b.input(name, shape) for name, shape in param_specs(model).items()}
+    x = b.input("x", (batch, model.input.size))
+    net = Unrolled(b, model, params, None, None, "one_pass")  # no iterations: no pixels or label rows
+    net.bottom_up(x, layers=1 + max(model.layer_index(n) for n in model.readout.softmax_layers))
+    probs = softmax(b, softmax_logits(b, _softmax_features(b, model, net), params))
+    b.output("probs", probs)
+    b.output("prediction", b.argmax(probs, 1))
 
 
 def _states(b: Builder, model: Model, batch: int) -> None:
@@ -205,6 +243,12 @@ def _train_step(b: Builder, model: Model, batch: int) -> None:
 
     grads: dict[str, Value] = {}
     sums: dict[str, Value] = {}
+    if model.readout.softmax_layers:
+        with b.scope("softmax"):
+            features = _softmax_features(b, model, net)
+            probs = softmax(b, softmax_logits(b, features, params))
+            grads["softmax.weight"], grads["softmax.bias"], metrics["loss.softmax"] = softmax_gradient(
+                b, features, probs, labels)
 
     def accumulate(key: str, value: Value) -> None:
         sums[key] = value if key not in sums else b.add(sums[key], value)
@@ -214,9 +258,9 @@ def _train_step(b: Builder, model: Model, batch: int) -> None:
         for i, (below, above, z) in enumerate(parts):
             name = model.layers[i].name
             with b.scope(f"posneg/t{net.t}/{name}"):
-                rule = local_gradient(b, b.concat([below, above], axis=1), z, net.states[i], model, i, batch)
-                accumulate(f"{name}.weight", b.slice(rule.weight, 1, 0, below.shape[1]))
-                accumulate(f"{name}.top_down.weight", b.slice(rule.weight, 1, below.shape[1], rule.weight.shape[1]))
+                rule = local_gradient(b, below, z, net.states[i], model, i, batch)
+                accumulate(f"{name}.weight", rule.weight)
+                accumulate(f"{name}.top_down.weight", top_down_gradient(b, model, i, rule.dz, above))
                 accumulate(f"{name}.bias", rule.bias)
                 accumulate(f"loss.{name}", rule.loss)
                 accumulate(f"goodness_pos.{name}", rule.goodness_pos)
