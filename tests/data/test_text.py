@@ -5,7 +5,7 @@ import pytest
 
 from ffcompile.data.idx import DataError
 from ffcompile.data.text import (ALPHABET, ENV_VAR, clean, contexts, decode, encode, load_corpus, one_hot,
-                                 split_strings)
+                                 split_predictions, split_strings, split_strings_of)
 
 
 def test_alphabet_is_the_papers_30_symbols():
@@ -16,7 +16,8 @@ def test_alphabet_is_the_papers_30_symbols():
 
 
 def test_clean_lowercases_and_deletes_other_characters():
-    assert clean("The Fox & the GRAPES!\n\"Sour,\" said he;\tthen left.") == "the fox  the grapes sour, said he; then left."
+    assert clean("The Fox & the GRAPES!\n\"Sour,\" said he;\tthen left.") == "the fox the grapes sour, said he; then left."
+    assert clean("but\u2014_whack_\u2014his well-known") == "but whack his well known"  # dashes separate words
     assert clean("don't 42") == "dont "
     with pytest.raises(DataError, match="alphabet"):
         encode("A")
@@ -37,9 +38,28 @@ def test_strings_and_contexts_give_22320_predictions():
 def test_short_or_missing_corpus(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="too short"):
         split_strings("a short fable.")
-    monkeypatch.delenv(ENV_VAR, raising=False)
-    with pytest.raises(DataError, match=ENV_VAR):
-        load_corpus()
     (tmp_path / "fables.txt").write_text("The Ant and the Grasshopper.")
     monkeypatch.setenv(ENV_VAR, str(tmp_path / "fables.txt"))
-    assert load_corpus() == "The Ant and the Grasshopper."
+    origin, text = load_corpus()
+    assert text == "The Ant and the Grasshopper." and ENV_VAR in origin
+    with pytest.raises(DataError, match="the train split needs strings 0..247"):
+        split_predictions(text, "train", origin)
+    with pytest.raises(DataError, match="is a folder"):
+        load_corpus(tmp_path)
+    with pytest.raises(DataError, match="cannot read text corpus"):
+        load_corpus(tmp_path / "missing.txt")
+
+
+def test_builtin_corpus_is_aesop_with_every_split(monkeypatch):
+    """Built in: Jacobs' Aesop (sha256-checked); train = the paper's 248 strings = 22,320
+    predictions; val and test 31 strings each, none overlapping."""
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    origin, text = load_corpus()
+    assert "Aesop" in origin and text.startswith("The Cock and the Pearl")
+    strings = {split: split_strings_of(text, split) for split in ("train", "val", "test", "trainval")}
+    assert [len(strings[s]) for s in ("train", "val", "test", "trainval")] == [248, 31, 31, 279]
+    assert np.array_equal(strings["trainval"], np.concatenate([strings["train"], strings["val"]]))
+    x, y = split_predictions(text, "train")
+    assert x.shape == (22320, 300) and y.shape == (22320,)
+    assert np.all(x.sum(1) == 10)  # ten one-of-30 codes per context
+    assert decode(x[0].reshape(10, 30).argmax(1)) == "the cock a" and decode(y[:3]) == "nd "
