@@ -85,6 +85,7 @@ def train(model_path, data_dir, epochs, run_dir, resume, device, split, limit, e
             raise FFCompileError("--device cuda: torch sees no CUDA GPU on this machine")
     source, x, y = load_split(model, data_dir, split)
     if limit is not None:
+        _check_limit(model, limit)
         x, y = x[:limit], y[:limit]
     x_val = y_val = None
     if split == "train":
@@ -106,6 +107,17 @@ def train(model_path, data_dir, epochs, run_dir, resume, device, split, limit, e
         hybrid_examples(model, x, y, run_dir / "hybrid_negatives.png", seed=model.training.seed)
         wrote += ", hybrid_negatives.png"
     _echo(f"wrote {run_dir}/{wrote}")
+
+
+def _check_limit(model, limit: int) -> None:
+    if limit <= 0:
+        raise FFCompileError(f"--limit must be positive, got {limit}")
+    if model.input.dataset == "text":
+        from .data.text import CONTEXT, LENGTH
+
+        if limit % (LENGTH - CONTEXT):
+            raise FFCompileError(f"--limit {limit}: a next-character model trains on whole strings of "
+                                 f"{LENGTH - CONTEXT} predictions; use a multiple of {LENGTH - CONTEXT}")
 
 
 @main.command("eval")
@@ -132,11 +144,17 @@ def eval_cmd(run_dir, data_dir, readout, split, device, batch, as_json):
         if r not in readouts_of(ckpt.model):
             raise FFCompileError(f"model {ckpt.model.name!r} has no {r} readout")
         result["error_percent"][r] = round(evaluate_params(ckpt.model, ckpt.params, x, y, r, batch, device, progress=not as_json), 4)
+    if ckpt.model.input.dataset == "text":
+        from .train import sequence_perplexity
+
+        result["perplexity"] = round(sequence_perplexity(ckpt.model, ckpt.params, x, y, batch, device), 4)
     if as_json:
         click.echo(json.dumps(result))
     else:
         for r, err in result["error_percent"].items():
             click.echo(f"{ckpt.model.name} {split} error ({r} readout): {err:.2f}% of {len(x)}")
+        if "perplexity" in result:
+            click.echo(f"{ckpt.model.name} {split} perplexity of the next character: {result['perplexity']:.3f}")
 
 
 @main.group()

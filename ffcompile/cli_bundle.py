@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from .cli import DATA_DIR, _echo, load_split, main
+from .cli import DATA_DIR, _check_limit, _echo, load_split, main
 from .errors import FFCompileError
 
 
@@ -106,9 +106,13 @@ def run(bundle_dir, data_dir, split, input_path, labels_path, readout, weights, 
         result["readouts"][r] = {"error_percent": round(ev.error_percent, 4), "accuracy_percent": round(ev.accuracy_percent, 4),
                                  "batch": ev.batch, "median_batch_ms": round(ev.median_batch_ms, 3),
                                  "examples_per_second": round(ev.examples_per_second, 1)}
+    if y is not None and bundle.model.input.dataset == "text":
+        result["perplexity"] = round(bundle.perplexity(x, y), 4)
     if as_json:
         click.echo(json.dumps(result))
         return
+    if "perplexity" in result:
+        click.echo(f"{bundle.model.name} on {bundle.target['name']}: perplexity of the next character {result['perplexity']:.3f}")
     for r, res in result["readouts"].items():
         if "predictions" in res:
             counts = np.bincount(np.asarray(res["predictions"], np.int64), minlength=bundle.model.input.label.classes)
@@ -193,6 +197,7 @@ def finetune(bundle_dir, data_dir, epochs, out_dir, resume, split, limit, progre
     refuse_inside_bundle(out_dir, bundle_dir)
     source, x, y = load_split(bundle.model, data_dir, split)
     if limit is not None:
+        _check_limit(bundle.model, limit)
         x, y = x[:limit], y[:limit]
     val = load_split(bundle.model, source, "val")[1:] if split == "train" else None
     _echo(f"fine-tuning {bundle.model.name} on {bundle.target['name']} with {len(x)} examples ({source.describe()}); "
