@@ -38,16 +38,22 @@ def learning_curves(history: list[dict], path: Path, title: str = "") -> Path:
 def receptive_fields(weight: np.ndarray, image_shape: tuple[int, int], path: Path, count: int = 100,
                      title: str = "") -> Path:
     """The incoming weights of the first ``count`` units of the first layer as images; with the
-    label in the first pixels, the top-left row shows each unit's label preference (fig. 2)."""
+    label in the first pixels, the top-left row shows each unit's label preference (fig. 2).
+    Rows of 3 channel planes (CIFAR-10) are drawn in colour: 0 is mid-grey, each unit scaled to
+    its largest weight; other channel counts as the sum over channels."""
     count = min(count, weight.shape[0])
+    channels = weight.shape[1] // (image_shape[0] * image_shape[1])
     side = int(np.ceil(np.sqrt(count)))
     fig, axes = plt.subplots(side, side, figsize=(side * 0.9, side * 0.9))
     for k, ax in enumerate(np.atleast_1d(axes).ravel()):
         ax.axis("off")
         if k < count:
-            w = weight[k].reshape(image_shape)
+            w = weight[k].reshape(channels, *image_shape)
             lim = float(np.abs(w).max()) or 1.0
-            ax.imshow(w, cmap="gray", vmin=-lim, vmax=lim)
+            if channels == 3:
+                ax.imshow(w.transpose(1, 2, 0) / (2 * lim) + 0.5)
+            else:
+                ax.imshow(w.sum(0), cmap="gray", vmin=-lim * channels, vmax=lim * channels)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout(pad=0.1)
     fig.savefig(path, dpi=90)
@@ -66,7 +72,10 @@ def first_layer_images(model, weight: np.ndarray, count: int = 100) -> np.ndarra
     geo = local.geometry(model, 0)
     per_location = max(1, min(geo.channels, -(-count // geo.locations)))
     rows = (np.arange(geo.locations)[:, None] * geo.channels + np.arange(per_location)).ravel()
-    return local.dense_weight(model, 0, weight)[rows[:count]]
+    if len(rows) > count:  # fewer units than locations: spread them over the whole grid
+        rows = rows[np.linspace(0, len(rows) - 1, count).round().astype(int)]
+    dense = weight if local.form(geo) == "masked_dense" else local.dense_weight(model, 0, weight)
+    return dense[rows]
 
 
 def hybrid_examples(model, x: np.ndarray, y: np.ndarray, path: Path, count: int = 8, seed: int = 0,

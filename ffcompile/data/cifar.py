@@ -5,14 +5,19 @@ red plane, then green, then blue, each row-major. Only this format is read: the 
 of the data set is pickled, and unpickling runs arbitrary code.
 
 The directory comes from ``data_dir`` or ``$FFCOMPILE_CIFAR_DIR``; it may be
-``cifar-10-batches-bin`` itself or the folder the tarball was unpacked in. Checksums: no per-file
-sums are pinned here (none could be stated reliably), so every file is checked for its record
-structure only: whole records, labels below 10.
+``cifar-10-batches-bin`` itself or the folder the tarball was unpacked in. ``download_cifar10``
+fetches the official archive and checks the MD5 its authors publish (``ARCHIVE_MD5``) and its
+size before extracting the six batch files, nothing else. No per-file sums are pinned, so every
+file is checked for its record structure: whole records, labels below 10.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import tarfile
+import tempfile
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +33,9 @@ CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 IMAGE_SHAPE = (3, 32, 32)
 PIXELS = 3 * 32 * 32
 RECORD = 1 + PIXELS
+ARCHIVE_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
+ARCHIVE_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"  # the "binary version" row of www.cs.toronto.edu/~kriz/cifar.html
+ARCHIVE_BYTES = 170_052_171
 
 
 @dataclass(frozen=True)
@@ -93,3 +101,50 @@ def load_cifar10(data_dir: str | os.PathLike | None = None) -> Cifar10:
 def to_images(rows: np.ndarray) -> np.ndarray:
     """[n, 3072] rows -> [n, 32, 32, 3] (height, width, RGB) for pictures."""
     return rows.reshape(-1, *IMAGE_SHAPE).transpose(0, 2, 3, 1)
+
+
+def download_cifar10(dest_dir: str | os.PathLike, url: str = ARCHIVE_URL, md5: str = ARCHIVE_MD5,
+                     size: int | None = ARCHIVE_BYTES, timeout: float = 60.0, log=print) -> Path:
+    """Fetch the binary archive into ``dest_dir``, verify its MD5 (and size), extract only the six
+    batch files into ``dest_dir/cifar-10-batches-bin`` and check their records. Files already
+    there and readable are kept. Returns the batch folder."""
+    dest = Path(dest_dir).expanduser()
+    try:
+        present = resolve_cifar_dir(dest)
+        for name in TRAIN_FILES + (TEST_FILE,):
+            read_batch(present / name)
+        log(f"CIFAR-10 binary files already present in {present}")
+        return present
+    except DataError:
+        pass
+    folder = dest / SUBDIR
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest, prefix=".cifar-download-") as tmp:
+        archive = Path(tmp) / "cifar-10-binary.tar.gz"
+        digest, got = hashlib.md5(), 0
+        log(f"downloading {url}")
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response, archive.open("wb") as out:
+                while chunk := response.read(1 << 20):
+                    digest.update(chunk)
+                    got += len(chunk)
+                    out.write(chunk)
+        except OSError as err:
+            raise DataError(f"could not download {url}: {err}") from None
+        if digest.hexdigest() != md5 or (size is not None and got != size):
+            raise DataError(f"{url}: wrong archive (md5 {digest.hexdigest()}, {got} bytes; expected md5 {md5}"
+                            + (f", {size} bytes)" if size is not None else ")"))
+        with tarfile.open(archive, "r:gz") as tar:
+            for name in TRAIN_FILES + (TEST_FILE,):
+                try:
+                    member = tar.getmember(f"{SUBDIR}/{name}")
+                except KeyError:
+                    raise DataError(f"{url}: the archive has no {SUBDIR}/{name}") from None
+                if not member.isfile():
+                    raise DataError(f"{url}: {SUBDIR}/{name} is not a regular file")
+                part = folder / f".{name}.part"
+                part.write_bytes(tar.extractfile(member).read())
+                read_batch(part)
+                os.replace(part, folder / name)
+    log(f"CIFAR-10 binary files verified in {folder}")
+    return folder

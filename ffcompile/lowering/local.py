@@ -30,9 +30,9 @@ MNIST sizes, batch 100): the whole train step of models/mnist-local.toml (16, 9 
 takes ~0.45 s vs ~1.9 s with the torch backend and ~0.14 s vs ~0.65 s with onnxruntime on 1 CPU
 thread, and ~23 ms vs ~63 ms with torch on an H200. But it emits ~4 ops per location and use:
 CIFAR-10's 32x32 maps (1024 locations, sec. 4) would make the recurrent train step of
-models/cifar-local-3.toml a program of ~10^6 nodes (the masked form: ~3 * 10^3), too large to
-build, compile or launch kernel by kernel, while its dense matmuls (88 % zeros) are what a GPU
-does best — the way footnote 13 says the paper ran them.
+models/cifar-local-3.toml a program of 571,468 nodes (masked dense: 2,670), too large to compile
+or to launch kernel by kernel, while its dense matmuls (88 % zeros) are what a GPU does best —
+the way footnote 13 says the paper ran them.
 
 ``dense_weight`` / ``compact_weight`` convert between the two layouts; ``lowering_form``
 forces one form everywhere (benchmarks and the equivalence tests).
@@ -41,6 +41,8 @@ forces one form everywhere (benchmarks and the equivalence tests).
 from __future__ import annotations
 
 import contextlib
+import functools
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -157,6 +159,11 @@ def form(geo: Geometry, forced: str | None = None) -> str:
     return "blocked" if geo.locations <= BLOCKED_MAX_LOCATIONS else "masked_dense"
 
 
+@functools.lru_cache(maxsize=8)
+def _mask(geo: Geometry) -> np.ndarray:
+    return mask(geo)
+
+
 def mask(geo: Geometry) -> np.ndarray:
     """The 0/1 connectivity [out, in]: one row per unit, ones on its window inside the map."""
     out = np.zeros((geo.units, geo.dense_fan_in), np.float32)
@@ -254,10 +261,22 @@ def apply(b: Builder, x: Value, weight: Value, geo: Geometry, forced: str | None
     return b.concat(per_location, axis=1)
 
 
+_MASKS: "weakref.WeakKeyDictionary[Builder, dict]" = weakref.WeakKeyDictionary()
+
+
+def _mask_constant(b: Builder, geo: Geometry) -> Value:
+    """One constant per connectivity and program (a recurrent step uses each at every iteration;
+    at CIFAR size a mask is 38 MB)."""
+    per_program = _MASKS.setdefault(b, {})
+    if geo not in per_program:
+        per_program[geo] = b.constant(_mask(geo))
+    return per_program[geo]
+
+
 def gradient(b: Builder, dz: Value, x: Value, geo: Geometry, forced: str | None = None) -> Value:
     """dz^T x restricted to the connectivity: [out, in] masked (masked dense) or [out, window]."""
     if form(geo, forced) == "masked_dense":
-        return b.mul(b.matmul(dz, x, trans_a=True), b.constant(mask(geo)))
+        return b.mul(b.matmul(dz, x, trans_a=True), _mask_constant(b, geo))
     blocks = [b.matmul(_unit_block(b, dz, 1, loc, geo), p, trans_a=True) for loc, p in enumerate(patches(b, x, geo))]
     return b.concat(blocks, axis=0)
 

@@ -70,3 +70,51 @@ def test_missing_files_are_listed(tmp_path, monkeypatch):
     monkeypatch.delenv(ENV_VAR, raising=False)
     with pytest.raises(DataError, match="data_batch_1.bin"):
         resolve_cifar_dir()
+
+
+def test_splits_hold_out_the_last_tenth_of_the_training_records(tmp_path):
+    from ffcompile.data.datasets import load_split
+
+    make_dataset(tmp_path, per_file=4)
+    _, x_train, y_train = load_split("cifar10", tmp_path, "train")
+    source, x_val, y_val = load_split("cifar10", tmp_path, "val")
+    _, x_all, y_all = load_split("cifar10", source, "trainval")
+    _, x_test, _ = load_split("cifar10", source, "test")
+    assert (len(x_train), len(x_val), len(x_all), len(x_test)) == (18, 2, 20, 4)
+    np.testing.assert_array_equal(np.concatenate([x_train, x_val]), x_all)
+    np.testing.assert_array_equal(np.concatenate([y_train, y_val]), y_all)
+
+
+def _archive(tmp_path, members):
+    import io
+    import tarfile
+
+    path = tmp_path / "cifar-10-binary.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_download_verifies_the_archive_and_extracts_only_the_batches(tmp_path):
+    import hashlib
+
+    from ffcompile.data.cifar import download_cifar10
+
+    source, written = make_dataset(tmp_path / "src")
+    members = {f"{SUBDIR}/{n}": (source / n).read_bytes() for n in written}
+    members[f"{SUBDIR}/batches.meta.txt"] = b"airplane\n"
+    members["../escape.bin"] = b"x"
+    archive = _archive(tmp_path, members)
+    data = archive.read_bytes()
+    url = archive.as_uri()
+    with pytest.raises(DataError, match="wrong archive"):
+        download_cifar10(tmp_path / "bad", url=url, md5="0" * 32, size=None, log=lambda _: None)
+    folder = download_cifar10(tmp_path / "dest", url=url, md5=hashlib.md5(data).hexdigest(), size=len(data),
+                              log=lambda _: None)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(written)
+    assert not (tmp_path / "escape.bin").exists() and not (tmp_path / "dest" / "escape.bin").exists()
+    assert load_cifar10(tmp_path / "dest").y_test.tolist() == written[TEST_FILE][0].tolist()
+    assert download_cifar10(tmp_path / "dest", url="file:///nonexistent", log=lambda _: None) == folder
