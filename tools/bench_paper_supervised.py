@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 
 from ffcompile.checkpoint import CHECKPOINT, METRICS, Checkpoint  # noqa: E402
-from ffcompile.data import load_mnist, resolve_data_dir  # noqa: E402
+from ffcompile.data.datasets import load_split  # noqa: E402
 from ffcompile.spec import Model, model_from_dict  # noqa: E402
 from ffcompile.train import Dataset, evaluate_params, readouts_of, train  # noqa: E402
 
@@ -58,19 +58,20 @@ class PaperRun:
 
 
 def train_paper_run(model_path: Path, args, out: Path) -> PaperRun:
-    """The part every paper benchmark shares: the spec with ``--set`` overrides, the full MNIST
-    splits (50k train / 10k val; the test set monitored per epoch, for the report only), and a
-    reference training run in ``--run-dir`` (default beside ``out``) that resumes if interrupted."""
+    """The part every paper benchmark shares: the spec with ``--set`` overrides, the full splits of
+    its ``input.dataset`` (MNIST: 50k train / 10k val; the test set monitored per epoch, for the
+    report only), and a reference training run in ``--run-dir`` (default beside ``out``) that
+    resumes if interrupted."""
     raw = apply_overrides(tomllib.loads(model_path.read_text()), args.overrides)
     model = model_from_dict(raw, source=str(model_path))
     epochs = model.training.epochs if args.epochs is None else args.epochs
-    source = resolve_data_dir(args.data_dir)
-    if source.builtin:
+    dataset = model.input.dataset
+    source, x_train, y_train = load_split(dataset, args.data_dir, "train")
+    if getattr(source, "builtin", False):
         sys.exit("this benchmark needs the full MNIST: pass --data-dir or set FFCOMPILE_DATA_DIR")
-    x_train, y_train = load_mnist(source, "train")
     x_train, y_train = x_train[: args.limit], y_train[: args.limit]
-    x_val, y_val = load_mnist(source, "val")
-    x_test, y_test = load_mnist(source, "test")
+    _, x_val, y_val = load_split(dataset, source, "val")
+    _, x_test, y_test = load_split(dataset, source, "test")
     run_dir = Path(args.run_dir or out.with_suffix(".run"))
     data = Dataset(x_train, y_train, x_val, y_val, source.describe(), monitor={"test": (x_test, y_test)})
     started = time.perf_counter()
