@@ -187,19 +187,16 @@ def data_verify(data_dir):
 @click.argument("model_path", metavar="MODEL.toml", type=click.Path(path_type=Path))
 @click.option("--batch", type=int, default=None, help="Static batch of the programs (default: training.batch_size).")
 def inspect(model_path, batch):
-    """Validate MODEL.toml and print its IR (JSON) and a summary of each lowered program."""
-    from .lowering import PROGRAMS, build_program
+    """Validate MODEL.toml and print its IR (JSON) and a summary of each program a bundle of it
+    carries."""
+    from .lowering import READOUT_PROGRAMS, build_program, readouts_of, train_programs
     from .spec import load_model
 
     model = load_model(model_path)
     batch = batch or model.training.batch_size
     click.echo(model.dumps())
-    for name in PROGRAMS:
-        try:
-            program = build_program(model, name, batch)
-        except FFCompileError as e:
-            click.echo(f"{name}: not available ({e})")
-            continue
+    for name in train_programs(model) + [READOUT_PROGRAMS[r] for r in readouts_of(model)]:
+        program = build_program(model, name, batch)
         sig = program.signature()
         click.echo(f"{name}: {len(program.nodes)} ops, {len(sig['inputs'])} inputs, {len(sig['outputs'])} outputs")
 

@@ -484,6 +484,8 @@ def _validate_sequence(model: Model, fail) -> None:
         fail("layers", "next-character models have dense layers only")
     if model.training.jitter:
         fail("training.jitter", "jitter shifts images; a next-character model has none")
+    if not model.training.learn_hidden and model.training.phases != "together":
+        fail("training.phases", "with learn_hidden = false only the softmax learns: there are no phases to separate")
 
 
 def _validate_recurrent(model: Model, fail) -> None:

@@ -29,13 +29,16 @@ import json
 import platform
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))
 
+from bench_paper_supervised import apply_overrides  # noqa: E402
 from ffcompile.data.datasets import load_split  # noqa: E402
-from ffcompile.spec import load_model  # noqa: E402
+from ffcompile.spec import model_from_dict  # noqa: E402
 from ffcompile.train import Dataset, train  # noqa: E402
 
 REGIMES = {
@@ -90,6 +93,8 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=None, help="hidden units per layer (default: the spec's)")
     ap.add_argument("--batch", type=int, default=None, help="predictions per update (default: the spec's)")
     ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    help="override a spec field, TOML value: --set goodness.threshold_per_unit=2.0")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--runs", type=Path, default=Path("runs/bench_text"), help="run folders (resumable)")
     ap.add_argument("--out", type=Path, default=Path("bench_text.json"))
@@ -97,7 +102,7 @@ def main() -> None:
     ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     args = ap.parse_args()
 
-    base = load_model(args.model)
+    base = model_from_dict(apply_overrides(tomllib.loads(args.model.read_text()), args.overrides), source=str(args.model))
     source, x, y = load_split("text", args.data_dir, "train")
     _, x_val, y_val = load_split("text", source, "val")
     data = Dataset(x, y, x_val, y_val, source.describe())

@@ -220,5 +220,7 @@ def test_paper_spec_and_its_errors(tmp_path):
         model_from_dict({**mnist, "training": {**mnist["training"], "phases": "separate"}})
     with pytest.raises(SpecError, match="training.learn_hidden"):
         model_from_dict({**mnist, "training": {**mnist["training"], "learn_hidden": False}})
+    with pytest.raises(SpecError, match="no phases to separate"):
+        model_from_dict({**raw, "training": {**raw["training"], "phases": "separate", "learn_hidden": False}})
     with pytest.raises(SpecError, match="training.phases: unknown value 'sleep'"):
         model_from_dict({**raw, "training": {**raw["training"], "phases": "sleep"}})
