@@ -23,7 +23,8 @@ from .spec import Model
 
 
 class ReferenceStep:
-    """``train_step`` as a loop step function; params and state stay torch tensors on ``device``."""
+    """A training program (``train_step``, or a next-character model's ``train_positive`` /
+    ``train_negative``) as a loop step function; params and state stay torch tensors on ``device``."""
 
     def __init__(self, model: Model, device: str = "cpu", cuda_graph: bool | None = None, log=print,
                  program: str = "train_step"):

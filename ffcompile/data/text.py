@@ -5,7 +5,7 @@ The paper's corpus is Aesop's fables. Built in: Joseph Jacobs' *The Fables of Ae
 public domain; Project Gutenberg eBook #28, as shipped in the PyPI sdist puren-tonbo 0.0.3 at
 ``puren_tonbo/tests/data/pg28_the_fables_of_aesop_utf8.txt``, sha256 b247333c...2a48), cut to the
 82 fables (title, story, moral; the Gutenberg header, preface, essay and licence removed),
-sha256 in ``builtin/SHA256SUMS``. Any other plain-text file: ``path`` or $FFCOMPILE_TEXT_CORPUS.
+sha256 in ``builtin/text/SHA256SUMS``. Any other plain-text file: ``path`` or $FFCOMPILE_TEXT_CORPUS.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def one_hot(indices: np.ndarray) -> np.ndarray:
 
 SPLIT_STRINGS = {"train": (0, STRINGS), "val": (STRINGS, STRINGS + 31), "trainval": (0, STRINGS + 31),
                  "test": (STRINGS + 31, STRINGS + 62)}
-BUILTIN = Path(__file__).parent / "builtin" / "aesop.txt"
+BUILTIN = Path(__file__).parent / "builtin" / "text" / "aesop.txt"
 
 
 def split_strings_of(text: str, split: str, origin: str = "corpus") -> np.ndarray:

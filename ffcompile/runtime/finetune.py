@@ -1,9 +1,9 @@
 """Forward-Forward fine-tuning on the device, driven entirely by the bundle's compiled
-``train_step`` (next-character models: and its positive-only / negative-only halves, with
+``train_step`` (next-character models: also its positive-only / negative-only halves, with
 ``infer_softmax`` generating negatives) through the shared training loops (``ffcompile.loop``,
-``ffcompile.sequence``): the same batches, random
-draws and learning rates as the PyTorch reference trainer, so a run here and ``ffcompile train``
-from the same weights take the same steps up to fp32 rounding.
+``ffcompile.sequence``): the same batches, random draws and learning rates as the PyTorch
+reference trainer, so a run here and ``ffcompile train`` from the same weights take the same
+steps up to fp32 rounding.
 
 A run starts from the bundle's weights and optimizer state (Adam's step count included) and
 counts its own epochs from 0; it saves ``checkpoint.safetensors`` atomically after every epoch and

@@ -63,3 +63,14 @@ def test_builtin_corpus_is_aesop_with_every_split(monkeypatch):
     assert x.shape == (22320, 300) and y.shape == (22320,)
     assert np.all(x.sum(1) == 10)  # ten one-of-30 codes per context
     assert decode(x[0].reshape(10, 30).argmax(1)) == "the cock a" and decode(y[:3]) == "nd "
+
+
+def test_tampered_builtin_corpus_is_caught(tmp_path, monkeypatch):
+    from ffcompile.data import text
+
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    (tmp_path / "SHA256SUMS").write_text((text.BUILTIN.parent / "SHA256SUMS").read_text())
+    (tmp_path / "aesop.txt").write_text(text.BUILTIN.read_text().replace("Pearl", "Pear1", 1))
+    monkeypatch.setattr(text, "BUILTIN", tmp_path / "aesop.txt")
+    with pytest.raises(DataError, match="SHA256 mismatch"):
+        load_corpus()
