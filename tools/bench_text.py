@@ -60,6 +60,8 @@ def regime_model(base, regime: str, width: int | None, batch: int | None, epochs
 
 
 def plot(results: dict, path: Path, title: str) -> None:
+    """Figure 5's curves: perplexity per epoch on the training strings (left, the paper's) and on
+    the held-out strings (right)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -68,17 +70,18 @@ def plot(results: dict, path: Path, title: str) -> None:
     labels = {"random": "fixed random hidden weights", "together": "self-generated negatives, combined updates",
               "separate": "positive updates, then negatives from the updated model",
               "teacher": "teacher-forced negatives"}
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for regime, r in results.items():
-        epochs = [0] + [e["epoch"] for e in r["curve"]]
-        ax.plot(epochs, [r["initial_train_perplexity"]] + [e["train_perplexity"] for e in r["curve"]],
-                label=labels[regime])
-    ax.set_xlabel("epoch (weight updates with --batch 22320)")
-    ax.set_ylabel("perplexity of the next character (training strings)")
-    ax.set_ylim(bottom=1)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title(title, fontsize=9)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    for ax, key, where in zip(axes, ("train_perplexity", "val_perplexity"), ("training strings", "held-out strings")):
+        for regime, r in results.items():
+            epochs = [0] + [e["epoch"] for e in r["curve"]]
+            start = r["initial_train_perplexity"] if key == "train_perplexity" else r["initial_val_perplexity"]
+            ax.plot(epochs, [start] + [e[key] for e in r["curve"]], label=labels[regime])
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(f"perplexity of the next character ({where})")
+        ax.set_ylim(bottom=1)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -123,25 +126,27 @@ def main() -> None:
         started = time.perf_counter()
         print(f"== {regime}: {model.layers[0].size} units x {len(model.layers)} layers, batch "
               f"{model.training.batch_size}, {epochs} epochs -> {run_dir}", file=sys.stderr)
-        initial = sequence_perplexity(model, init_state(model, model.training.seed)[0], x, y)
+        initial = init_state(model, model.training.seed)[0]
         train(model, data, run_dir, epochs, resume=resume, device=args.device, progress=args.progress,
               log=lambda line: print(f"[{regime}] {line}", file=sys.stderr))
         history = json.loads((run_dir / "metrics.json").read_text())["epochs"]
         results[regime] = {
-            "spec": model.to_json(), "initial_train_perplexity": initial, "seconds": round(time.perf_counter() - started, 1),
+            "spec": model.to_json(), "initial_train_perplexity": sequence_perplexity(model, initial, x, y),
+            "initial_val_perplexity": sequence_perplexity(model, initial, x_val, y_val), "seconds": round(time.perf_counter() - started, 1),
             "final": {k: history[-1][k] for k in ("train_perplexity", "val_perplexity", "val_error.softmax")},
             "curve": [{k: e[k] for k in ("epoch", "train_perplexity", "val_perplexity")} for e in history],
         }
 
     summary = {}
-    if "random" in results:
-        baseline = results["random"]["final"]["train_perplexity"]
-        for regime in ("together", "separate", "teacher"):
-            if regime in results:
-                summary[f"{regime}_below_random"] = round(baseline - results[regime]["final"]["train_perplexity"], 3)
-    if "together" in results and "separate" in results:
-        a, b = (results[r]["final"]["train_perplexity"] for r in ("together", "separate"))
-        summary["together_vs_separate_relative_gap"] = round(abs(a - b) / min(a, b), 4)
+    for where in ("train", "val"):
+        final = {r: results[r]["final"][f"{where}_perplexity"] for r in results}
+        if "random" in final:
+            for regime in ("together", "separate", "teacher"):
+                if regime in final:
+                    summary[f"{where}: {regime} below random"] = round(final["random"] - final[regime], 3)
+        if "together" in final and "separate" in final:
+            a, b = final["together"], final["separate"]
+            summary[f"{where}: together vs separate, relative gap"] = round(abs(a - b) / min(a, b), 4)
     report = {"benchmark": "fig5_next_character", "data": source.describe(), "epochs": epochs,
               "host": {"machine": platform.machine(), "python": sys.version.split()[0]},
               "command": " ".join(sys.argv), "summary": summary, "regimes": results}
