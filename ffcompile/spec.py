@@ -169,8 +169,8 @@ class Training:
     seed: int = 0
     jitter: int = 0  # max shift in pixels for jittered MNIST (sec. 3.3); 0 = off
     # Sequence models (sec. 4.1). "together": each step combines positive and negative gradients.
-    # "separate": an epoch of positive-only steps, then negatives from the updated model and an
-    # epoch of negative-only steps (negatives made offline, in a "sleep phase").
+    # "separate": a positive-only update, then negatives from the updated model and a
+    # negative-only update, minibatch after minibatch (negatives made offline, a "sleep phase").
     phases: str = "together"
     learn_hidden: bool = True  # false: fixed random hidden weights, only the softmax learns (fig. 5 baseline)
 

@@ -99,7 +99,7 @@ class Recorder:
 
 
 @pytest.mark.parametrize("negatives", ["self_generated", "teacher_forcing"])
-def test_separate_phases_run_positive_then_negatives_from_the_updated_model(negatives):
+def test_separate_phases_alternate_with_negatives_from_the_updated_model(negatives):
     model = tiny_text("separate", negatives)
     x, y = text_rows()
     log, generated_with = [], []
@@ -110,13 +110,13 @@ def test_separate_phases_run_positive_then_negatives_from_the_updated_model(nega
         return np.full((len(rows), 30), 1 / 30, np.float32)
 
     _, _, step, _ = run_sequence_epoch(model, steps, probs_fn, {"w": 0}, {}, x, y, 0, 1, 0, 0, PER_STRING, False)
-    assert [entry[0] for entry in log] == ["train_positive"] * 2 + ["train_negative"] * 2
+    assert [entry[0] for entry in log] == ["train_positive", "train_negative"] * 2
     assert [entry[2] for entry in log] == [1, 2, 3, 4] and step == 4
-    if negatives == "self_generated":
-        assert set(generated_with) == {2}  # after both positive updates
-        assert "x_neg" in log[2][1] and "x_neg" not in log[0][1]
+    if negatives == "self_generated":  # each generation after a positive update, before the negative one
+        assert sorted(set(generated_with)) == [1, 3] and len(generated_with) == 2 * PER_STRING
+        assert "x_neg" in log[1][1] and "x_neg" not in log[0][1]
     else:
-        assert generated_with == [] and "u" in log[2][1]  # the step makes its own negatives
+        assert generated_with == [] and "u" in log[1][1]  # the step makes its own negatives
 
 
 @pytest.mark.parametrize("phases", ["together", "separate"])
