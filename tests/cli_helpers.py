@@ -1,4 +1,4 @@
-"""Shared by the CLI tests: run ``ffcompile`` in-process, and check a user error's one line."""
+"""Shared by the CLI tests: run ``ffcompile`` in-process, check success or a user error's one line."""
 
 from click.testing import CliRunner
 
@@ -7,6 +7,13 @@ from ffcompile.cli import main
 
 def invoke(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def succeeded(result):
+    """The result of a command that must succeed (exit 0, no traceback), for chaining."""
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    return result
 
 
 def error_line(result) -> str:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from cli_helpers import error_line, invoke  # tests/cli_helpers.py
+from cli_helpers import error_line, invoke, succeeded  # tests/cli_helpers.py
 from ffcompile.data.cifar import PIXELS, SUBDIR, TEST_FILE, TRAIN_FILES
 
 SPEC = """
@@ -90,29 +90,23 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
-def _ok(result):
-    assert result.exit_code == 0, result.output
-    assert "Traceback" not in result.output
-    return result
-
-
 def test_cifar_train_eval_build_run(tmp_path, one_torch_thread):
     data = write_cifar(tmp_path / "cifar")
     spec = tmp_path / "cifar-tiny.toml"
     spec.write_text(SPEC)
     run, bundle = tmp_path / "run", tmp_path / "bundle"
 
-    out = _ok(invoke("train", spec, "--data-dir", data, "--out", run, "--no-progress")).output
+    out = succeeded(invoke("train", spec, "--data-dir", data, "--out", run, "--no-progress")).output
     assert "training on 90 examples" in out and "validating on 10" in out
     for name in ("checkpoint.safetensors", "metrics.json", "curves.png", "receptive_fields.png"):
         assert (run / name).is_file(), name
     epoch = json.loads((run / "metrics.json").read_text())["epochs"][0]
     assert {"val_error.goodness", "val_error.softmax", "loss.softmax", "loss.h1", "loss.h2"} <= set(epoch)
 
-    evaluated = json.loads(_ok(invoke("eval", run, "--data-dir", data, "--batch", 10, "--json")).output)
+    evaluated = json.loads(succeeded(invoke("eval", run, "--data-dir", data, "--batch", 10, "--json")).output)
     assert set(evaluated["error_percent"]) == {"goodness", "softmax"}
 
-    _ok(invoke("build", run, "--data-dir", data, "--target", "x86-cpu", "-o", bundle, "--infer-batch", 10,
+    succeeded(invoke("build", run, "--data-dir", data, "--target", "x86-cpu", "-o", bundle, "--infer-batch", 10,
                "--verify-steps", 5, "--no-progress"))
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert set(manifest["programs"]) == {"train_step", "infer_goodness", "infer_softmax"}
@@ -120,7 +114,7 @@ def test_cifar_train_eval_build_run(tmp_path, one_torch_thread):
     assert manifest["parity_passed"] is True and report["passed"] is True
     assert report["summary"]["trajectory"]["steps"] == 5 and report["summary"]["trajectory"]["within_strict_tolerance"]
 
-    ran = json.loads(_ok(invoke("run", bundle, "--data-dir", data, "--json")).output)
+    ran = json.loads(succeeded(invoke("run", bundle, "--data-dir", data, "--json")).output)
     for readout in ("goodness", "softmax"):  # the same weights on the same test split as eval
         assert abs(ran["readouts"][readout]["error_percent"] - evaluated["error_percent"][readout]) <= 5.0
 

@@ -3,7 +3,8 @@
 
 import json
 
-from tests.test_cli import assert_user_error, invoke
+from cli_helpers import invoke, succeeded  # tests/cli_helpers.py
+from tests.test_cli import assert_user_error
 
 SPEC = """
 name = "recurrent-tiny"
@@ -56,44 +57,38 @@ seed = 0
 """
 
 
-def _ok(result):
-    assert result.exit_code == 0, result.output
-    assert "Traceback" not in result.output
-    return result
-
-
 def test_recurrent_train_eval_build_run_finetune(tmp_path):
     spec = tmp_path / "recurrent-tiny.toml"
     spec.write_text(SPEC)
     run, bundle = tmp_path / "run", tmp_path / "bundle"
 
-    _ok(invoke("train", spec, "--out", run, "--epochs", 1, "--limit", 200, "--no-progress"))
+    succeeded(invoke("train", spec, "--out", run, "--epochs", 1, "--limit", 200, "--no-progress"))
     for name in ("checkpoint.safetensors", "metrics.json", "curves.png", "receptive_fields.png"):
         assert (run / name).is_file(), name
     epoch = json.loads((run / "metrics.json").read_text())["epochs"][0]
     assert 0 <= epoch["val_error.goodness"] <= 100  # the goodness readout is validated every epoch
 
-    evaluated = json.loads(_ok(invoke("eval", run, "--json")).output)
+    evaluated = json.loads(succeeded(invoke("eval", run, "--json")).output)
     assert list(evaluated["error_percent"]) == ["goodness"]
     reference_error = evaluated["error_percent"]["goodness"]
     assert 0 <= reference_error <= 100
     assert_user_error(invoke("eval", run, "--readout", "softmax"), "has no softmax readout")
 
-    _ok(invoke("build", run, "--target", "x86-cpu", "-o", bundle, "--verify-steps", 10, "--no-progress"))
+    succeeded(invoke("build", run, "--target", "x86-cpu", "-o", bundle, "--verify-steps", 10, "--no-progress"))
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert set(manifest["programs"]) == {"train_step", "infer_goodness"}
     assert manifest["parity_passed"] is True
     parity = json.loads((bundle / "parity.json").read_text())
     assert parity["passed"] is True
 
-    ran = json.loads(_ok(invoke("run", bundle, "--json")).output)
+    ran = json.loads(succeeded(invoke("run", bundle, "--json")).output)
     assert list(ran["readouts"]) == ["goodness"]
     # the same weights on the same test split: the compiled readout agrees with the reference
     assert abs(ran["readouts"]["goodness"]["error_percent"] - reference_error) <= 0.2
 
     tuned = tmp_path / "tuned"
-    _ok(invoke("finetune", bundle, "--epochs", 1, "--limit", 200, "--out", tuned, "--no-progress"))
+    succeeded(invoke("finetune", bundle, "--epochs", 1, "--limit", 200, "--out", tuned, "--no-progress"))
     assert (tuned / "checkpoint.safetensors").is_file()
     record = json.loads((tuned / "metrics.json").read_text())["epochs"][0]
     assert 0 <= record["val_error.goodness"] <= 100
-    _ok(invoke("run", bundle, "--weights", tuned / "checkpoint.safetensors", "--json"))
+    succeeded(invoke("run", bundle, "--weights", tuned / "checkpoint.safetensors", "--json"))
