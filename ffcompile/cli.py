@@ -159,13 +159,21 @@ def eval_cmd(run_dir, data_dir, readout, split, device, batch, as_json):
 
 @main.group()
 def data():
-    """Get and check MNIST."""
+    """Get and check data sets (MNIST, CIFAR-10; the text corpus is built in)."""
 
 
 @data.command("download")
 @click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
-def data_download(dest):
-    """Download MNIST into DEST from the public mirrors, verifying every SHA256."""
+@click.option("--dataset", type=click.Choice(["mnist", "cifar10"]), default="mnist", show_default=True)
+def data_download(dest, dataset):
+    """Download a data set into DEST. mnist: from the public mirrors, verifying every SHA256.
+    cifar10: the official binary archive, verifying its MD5 and size, keeping only the six batch
+    files (pass DEST as --data-dir or $FFCOMPILE_CIFAR_DIR)."""
+    if dataset == "cifar10":
+        from .data.cifar import download_cifar10
+
+        _echo(f"ok: CIFAR-10 binary files in {download_cifar10(dest, log=_echo)}")
+        return
     from .data import download_mnist
 
     source = download_mnist(dest, progress=True, log=_echo)

@@ -118,3 +118,12 @@ def test_download_verifies_the_archive_and_extracts_only_the_batches(tmp_path):
     assert not (tmp_path / "escape.bin").exists() and not (tmp_path / "dest" / "escape.bin").exists()
     assert load_cifar10(tmp_path / "dest").y_test.tolist() == written[TEST_FILE][0].tolist()
     assert download_cifar10(tmp_path / "dest", url="file:///nonexistent", log=lambda _: None) == folder
+
+
+def test_cli_download_keeps_files_already_there(tmp_path):
+    """`ffcompile data download DEST --dataset cifar10` checks what DEST holds before fetching."""
+    from cli_helpers import invoke, succeeded  # tests/cli_helpers.py
+
+    make_dataset(tmp_path / "dest")
+    result = succeeded(invoke("data", "download", tmp_path / "dest", "--dataset", "cifar10"))
+    assert "already present" in result.output and f"ok: CIFAR-10 binary files in {tmp_path / 'dest' / SUBDIR}" in result.output
