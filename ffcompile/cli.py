@@ -100,6 +100,8 @@ def train(model_path, data_dir, epochs, run_dir, resume, device, split, limit, e
         learning_curves(history, run_dir / "curves.png", f"{model.name} ({source.describe()})")
     first = model.layers[0]
     label_note = " (label in the first pixels)" if model.input.label.kind == "first_pixels" else ""
+    if model.input.dataset == "text":
+        label_note = "\n(rows: the context's characters, oldest first; columns: a-z, space , ; .)"
     receptive_fields(first_layer_images(model, ckpt.params[f"{first.name}.weight"]), model.input.image_shape,
                      run_dir / "receptive_fields.png", title=f"{model.name}: first-layer receptive fields{label_note}")
     wrote = "checkpoint.safetensors, metrics.json, curves.png, receptive_fields.png"

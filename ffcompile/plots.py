@@ -13,17 +13,25 @@ import numpy as np  # noqa: E402
 
 
 def learning_curves(history: list[dict], path: Path, title: str = "") -> Path:
+    """Local losses, goodness separation, validation error; next-character models add the
+    perplexity of the next character on the training and validation strings."""
     epochs = [r["epoch"] for r in history]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    perplexities = sorted({k for r in history for k in r if k.endswith("_perplexity")})
+    fig, axes = plt.subplots(1, 4 if perplexities else 3, figsize=(18 if perplexities else 14, 4))
+    marker = "o" if len(epochs) == 1 else None  # a single epoch is a point, not a line
     for key in sorted({k for r in history for k in r if k.startswith("loss.")}):
-        axes[0].plot(epochs, [r.get(key, np.nan) for r in history], label=key[5:])
+        axes[0].plot(epochs, [r.get(key, np.nan) for r in history], marker=marker, label=key[5:])
     axes[0].set(title="local losses (train)", xlabel="epoch", yscale="log")
     for key in sorted({k for r in history for k in r if k.startswith("separation.")}):
-        axes[1].plot(epochs, [r.get(key, np.nan) for r in history], label=key.split(".", 1)[1])
+        axes[1].plot(epochs, [r.get(key, np.nan) for r in history], marker=marker, label=key.split(".", 1)[1])
     axes[1].set(title="goodness separation pos - neg (train)", xlabel="epoch")
     for key in sorted({k for r in history for k in r if k.startswith("val_error.")}):
         axes[2].plot(epochs, [r.get(key, np.nan) for r in history], marker="o", label=key.split(".", 1)[1])
     axes[2].set(title="validation error %", xlabel="epoch", ylim=(0, None))
+    for key in perplexities:
+        axes[3].plot(epochs, [r.get(key, np.nan) for r in history], marker="o", label=key.split("_", 1)[0])
+    if perplexities:
+        axes[3].set(title="perplexity of the next character", xlabel="epoch", ylim=(1, None))
     for ax in axes:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
