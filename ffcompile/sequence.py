@@ -45,11 +45,11 @@ def sample(probs: np.ndarray, u: np.ndarray) -> np.ndarray:
     return np.minimum((cdf <= u[:, None]).sum(axis=1), probs.shape[1] - 1)
 
 
-def shift_in(rows: np.ndarray, symbols_: np.ndarray, n_symbols: int) -> np.ndarray:
-    """The rows' contexts moved on by one character: drop the oldest code, append ``symbols_``."""
+def shift_in(rows: np.ndarray, codes: np.ndarray, n_symbols: int) -> np.ndarray:
+    """The rows' contexts moved on by one character: drop the oldest code, append ``codes``."""
     out = np.zeros_like(rows)
     out[:, :-n_symbols] = rows[:, n_symbols:]
-    out[np.arange(len(rows)), rows.shape[1] - n_symbols + symbols_] = 1.0
+    out[np.arange(len(rows)), rows.shape[1] - n_symbols + codes] = 1.0
     return out
 
 
