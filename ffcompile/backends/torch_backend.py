@@ -74,6 +74,17 @@ class TorchProgram:
         self.device = torch.device(device)
         self.float_dtype = float_dtype
         self.constants = {k: self._float(torch.as_tensor(v, device=self.device)) for k, v in program.constants.items()}
+        # Each intermediate value is dropped right after the last node that reads it: peak memory
+        # is the live set, not every value the program makes (at paper sizes, tens of GB).
+        keep = {v.name for v in program.outputs}
+        last_use: dict[str, int] = {}
+        for index, node in enumerate(program.nodes):
+            for name in node.inputs:
+                last_use[name] = index
+        self.release: dict[int, list[str]] = {}
+        for name, index in last_use.items():
+            if name not in keep:
+                self.release.setdefault(index, []).append(name)
 
     def _float(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.float_dtype) if t.is_floating_point() and t.dtype != self.float_dtype else t
@@ -84,12 +95,14 @@ class TorchProgram:
             if value.name not in feeds:
                 raise KeyError(f"{self.program.name}: missing input {value.name!r}")
             env[value.name] = feeds[value.name]
-        for node in self.program.nodes:
+        for index, node in enumerate(self.program.nodes):
             if node.op == "constant":
                 env[node.output.name] = self.constants[node.output.name]
                 continue
             out = PRIMITIVES[node.op](*(env[n] for n in node.inputs), **node.attrs)
             env[node.output.name] = out if self.float_dtype is torch.float32 else self._float(out)
+            for name in self.release.get(index, ()):
+                del env[name]
         return {v.name: env[v.name] for v in self.program.outputs}
 
     def run_numpy(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
