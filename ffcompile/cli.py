@@ -61,7 +61,7 @@ def load_split(model, data_dir, split: str):
 @click.option("--resume", is_flag=True, help="Continue from RUN_DIR/checkpoint.safetensors (bit-identical continuation).")
 @click.option("--device", default="cpu", show_default=True, help="torch device for the reference backend (cpu, cuda).")
 @click.option("--split", type=click.Choice(["train", "trainval"]), default="train", show_default=True,
-              help="train = 5/6 of the training file (paper: 50k) with the rest for validation; trainval = all.")
+              help="train = the training part (MNIST: 50k as in the paper; CIFAR-10: 45k; text: the paper's 248 strings), validating on the held-out part each epoch; trainval = both.")
 @click.option("--limit", type=int, default=None, help="Use only the first N training examples (quick runs).")
 @click.option("--eval-every", type=int, default=1, show_default=True, help="Validate every N epochs (and at the end).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar.")

@@ -183,7 +183,7 @@ def verify(bundle_dir, data_dir, steps, emulate, sysroot_cache, report_path, as_
               help="Output folder for checkpoint.safetensors and metrics.json (default: BUNDLE.finetune beside the bundle).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted fine-tuning run in --out.")
 @click.option("--split", type=click.Choice(["train", "trainval"]), default="train", show_default=True,
-              help="train: validate on the held-out sixth each epoch; trainval: all training images.")
+              help="train: validate on the held-out part each epoch (see train --help); trainval: train on both.")
 @click.option("--limit", type=int, default=None, help="Use only the first N training examples.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def finetune(bundle_dir, data_dir, epochs, out_dir, resume, split, limit, progress):
