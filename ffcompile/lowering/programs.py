@@ -13,6 +13,9 @@ positives are the images, the negatives hybrid images made inside the step (``hy
 readout learns from the positive rows' normalized activities in the same step (labels ``y``),
 without backprop into the hidden layers, and ``infer_softmax`` runs the plain images.
 ``hybrid_negatives`` (not part of a bundle) makes just the negatives, for tests and pictures.
+
+Recurrent nets (sec. 3.4) are lowered by ``recurrent``, next-character models (sec. 4.1) by
+``sequence``; ``build_program`` routes to them.
 """
 
 from __future__ import annotations
