@@ -7,16 +7,13 @@ and non-aarch64 bundles are one-line errors."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 
 import pytest
 
 from ffcompile.bundle import build_bundle
 from cli_helpers import error_line, invoke  # tests/cli_helpers.py
-
-TINY_SPEC = os.path.join(os.path.dirname(__file__), "bundle", "tiny.toml")
-
+from conftest import TINY_SPEC  # tests/conftest.py: the one tiny spec every bundle test builds
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/quickstart}
 TARGET=${TARGET:-x86-cpu}
-EPOCHS=${EPOCHS:-5}
+EPOCHS=${EPOCHS:-10}
 rm -rf "$OUT"
 step() { printf '\n\033[1m$ %s\033[0m\n' "$*"; "$@"; }
 step ffcompile train models/mnist-small.toml --out "$OUT/run" --epochs "$EPOCHS"
