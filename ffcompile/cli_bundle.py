@@ -1,7 +1,8 @@
-"""CLI commands for bundles: ``build``, ``run``, ``verify``, ``finetune``, ``targets``.
+"""CLI commands for bundles: ``build``, ``run``, ``verify``, ``finetune``, ``generate``, ``targets``.
 
-Registered on ``ffcompile.cli.main`` when that module is imported. ``run`` and ``finetune`` use
-only the torch-free runtime; ``build`` and ``verify`` need the compiler side (torch reference).
+Registered on ``ffcompile.cli.main`` when that module is imported. ``run``, ``finetune`` and
+``generate`` use only the torch-free runtime; ``build`` and ``verify`` need the compiler side
+(torch reference).
 """
 
 from __future__ import annotations
@@ -173,6 +174,24 @@ def verify(bundle_dir, data_dir, steps, emulate, sysroot_cache, report_path, as_
             click.echo(f"  ran on {e['device']}: train_step median {step_ms}, {e['guest_seconds']:.0f} s on the device")
     if not report["passed"]:
         raise SystemExit(1)
+
+
+@main.command()
+@click.argument("bundle_dir", metavar="BUNDLE", type=click.Path(path_type=Path))
+@click.option("--prompt", required=True, help="Text to continue; its last 10 characters (after cleaning) start the context.")
+@click.option("--length", type=int, default=200, show_default=True, help="Characters to generate.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the draws (the same seed, the same text).")
+@click.option("--greedy", is_flag=True, help="Always take the most probable character instead of drawing one.")
+@click.option("--weights", type=click.Path(path_type=Path), default=None, help="Use a checkpoint's weights instead of the bundle's.")
+def generate(bundle_dir, prompt, length, seed, greedy, weights):
+    """Next-character bundles: continue PROMPT with characters drawn from the model, with only the
+    bundle's infer_softmax and the torch-free runtime (the way self-generated negatives are made)."""
+    from .runtime.bundle import load_bundle
+
+    bundle = load_bundle(bundle_dir)
+    if weights is not None:
+        bundle = bundle.with_weights(weights)
+    click.echo(bundle.generate(prompt, length, seed, greedy))
 
 
 @main.command()

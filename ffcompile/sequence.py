@@ -53,6 +53,22 @@ def shift_in(rows: np.ndarray, codes: np.ndarray, n_symbols: int) -> np.ndarray:
     return out
 
 
+def generate(probs_fn: ProbsFn, params, context: np.ndarray, steps: int, n_symbols: int,
+             rng: np.random.Generator | None, greedy: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Continue every row of ``context`` (one-of-N contexts) by ``steps`` characters, each drawn
+    from the model's prediction for the context so far (``greedy``: its most probable one; else
+    an inverse-CDF draw with ``rng.random(rows)`` per step). Returns (codes [rows, steps], the
+    context after each step [steps, rows, features])."""
+    codes = np.empty((len(context), steps), np.int64)
+    windows = np.empty((steps, *context.shape), np.float32)
+    for t in range(steps):
+        probs = probs_fn(params, context)
+        codes[:, t] = probs.argmax(1) if greedy else sample(probs, rng.random(len(context)))
+        context = shift_in(context, codes[:, t], n_symbols)
+        windows[t] = context
+    return codes, windows
+
+
 def generate_negatives(probs_fn: ProbsFn, params, x: np.ndarray, per_string: int, n_symbols: int,
                        rng: np.random.Generator) -> np.ndarray:
     """Negative rows from sequences the model generates itself, starting from each string's first
@@ -60,14 +76,8 @@ def generate_negatives(probs_fn: ProbsFn, params, x: np.ndarray, per_string: int
     at the position of prediction r (so it pairs with that prediction's positive row)."""
     if len(x) % per_string:
         raise ValueError(f"{len(x)} rows is not a whole number of strings of {per_string} predictions")
-    strings = len(x) // per_string
-    context = x[::per_string].copy()  # each string's first K characters
-    out = np.empty((strings, per_string, x.shape[1]), np.float32)
-    for t in range(per_string):
-        made = sample(probs_fn(params, context), rng.random(strings))
-        context = shift_in(context, made, n_symbols)
-        out[:, t] = context
-    return out.reshape(len(x), x.shape[1])
+    _, windows = generate(probs_fn, params, x[::per_string].copy(), per_string, n_symbols, rng)
+    return windows.transpose(1, 0, 2).reshape(len(x), x.shape[1])
 
 
 def perplexity(probs_fn: ProbsFn, params, x: np.ndarray, y: np.ndarray) -> float:

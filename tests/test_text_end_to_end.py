@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file
 
+from ffcompile.data.text import ALPHABET
+
 from cli_helpers import invoke, succeeded  # tests/cli_helpers.py
 from tests.test_cli import assert_user_error
 
@@ -50,6 +52,13 @@ def test_text_train_resume_eval_build_run_finetune(tmp_path, monkeypatch):
     ran = json.loads(succeeded(invoke("run", bundle, "--json", "--split", "val")).output)
     assert abs(ran["perplexity"] - evaluated["perplexity"]) < 1e-3  # compiled == reference on the same weights
     assert abs(ran["readouts"]["softmax"]["error_percent"] - evaluated["error_percent"]["softmax"]) <= 0.2
+
+    # continuing a prompt with the bundle alone: reproducible per seed, in the alphabet
+    prompt = "The Wolf and the Lamb. Once upon a time"
+    text = succeeded(invoke("generate", bundle, "--prompt", prompt, "--length", 40, "--seed", 3)).output.rstrip("\n")
+    assert len(text) == 40 and set(text) <= set(ALPHABET)
+    assert succeeded(invoke("generate", bundle, "--prompt", prompt, "--length", 40, "--seed", 3)).output.rstrip("\n") == text
+    assert_user_error(invoke("generate", bundle, "--prompt", "The Wolf"), "needs at least 10 characters")
 
     tuned = tmp_path / "tuned"
     assert_user_error(invoke("finetune", bundle, "--epochs", 1, "--limit", 91, "--out", tuned), "multiple of 90")

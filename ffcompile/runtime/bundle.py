@@ -104,6 +104,28 @@ class Bundle:
         run = batched(self.programs["infer_softmax"].run, self.manifest["batch"]["infer"])
         return perplexity(run, self.program_params("infer_softmax"), images, labels)
 
+    def generate(self, prompt: str, length: int, seed: int = 0, greedy: bool = False) -> str:
+        """Next-character models: ``length`` characters continuing ``prompt`` (cleaned to the
+        alphabet; its last K characters are the first context), drawn with ``infer_softmax``."""
+        from ..data.text import ALPHABET, clean, decode, encode, one_hot
+        from ..sequence import batched, generate
+
+        if self.model.input.dataset != "text" or "infer_softmax" not in self.programs:
+            raise FFCompileError(f"bundle {self.path}: model {self.model.name!r} is not a next-character model")
+        if length < 0:
+            raise FFCompileError(f"length must be >= 0, got {length}")
+        symbols = self.model.input.label.classes
+        chars = self.model.input.size // symbols
+        text = clean(prompt)
+        if symbols != len(ALPHABET) or len(text) < chars:
+            raise FFCompileError(f"the prompt needs at least {chars} characters of {ALPHABET!r} after cleaning, "
+                                 f"got {len(text)} ({text!r})")
+        context = one_hot(encode(text[-chars:])[None, :])
+        run = batched(self.programs["infer_softmax"].run, self.manifest["batch"]["infer"])
+        codes, _ = generate(run, self.program_params("infer_softmax"), context, length, symbols,
+                            np.random.default_rng(seed), greedy)
+        return decode(codes[0])
+
     def _predict(self, x, readout: str) -> tuple[np.ndarray, list[float]]:
         name = self._readout_program(readout)
         images = as_images(x, self.model.input.size)

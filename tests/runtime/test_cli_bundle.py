@@ -75,6 +75,7 @@ def test_errors_are_one_line(tiny_bundle, tmp_path):
     assert "not a bundle" in error_line(invoke("run", tmp_path))
     assert "must be outside the bundle" in error_line(invoke("finetune", tiny_bundle, "--epochs", "1",
                                                              "--out", tiny_bundle / "ft"))
+    assert "is not a next-character model" in error_line(invoke("generate", tiny_bundle, "--prompt", "a" * 20))
 
 
 def test_verify_fails_on_a_miscompiled_program(tiny_spec, bundle_copy, tmp_path):
