@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ffcompile.data.idx import DataError
+from ffcompile.data.mnist import DataSource
 
 SPLITS = ("train", "val", "trainval", "test")
 
@@ -47,7 +48,7 @@ class TextSource:
 def resolve_source(dataset: str, data_dir):
     """The data source for ``dataset`` from ``data_dir`` (or its environment variable / built-in
     default). A source returned before is passed through, so callers can reuse it per split."""
-    if isinstance(data_dir, (CifarSource, TextSource)) or type(data_dir).__name__ == "DataSource":
+    if isinstance(data_dir, (CifarSource, TextSource, DataSource)):
         return data_dir
     if dataset == "mnist":
         from ffcompile.data.mnist import resolve_data_dir
