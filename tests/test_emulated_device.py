@@ -13,7 +13,7 @@ import pytest
 
 from ffcompile.bundle import build_bundle
 from cli_helpers import error_line, invoke  # tests/cli_helpers.py
-from conftest import TINY_SPEC  # tests/conftest.py: the one tiny spec every bundle test builds
+from tests.conftest import TINY_SPEC  # the one tiny spec every bundle test builds
 
 
 @pytest.fixture(scope="module")
