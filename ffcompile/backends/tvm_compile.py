@@ -571,47 +571,42 @@ class _CPUScheduler:
 
     # -- inlining ------------------------------------------------------------------------------
     def inline(self):
-        sch = self.sch
+        """Inline cheap producers into their consumers, then injective consumers (e.g. a scale
+        after a transpose) into their single non-reduction producer; each to a fixpoint."""
+        self._inline_to_fixpoint("compute_inline", self._may_inline_into_consumers)
+        self._inline_to_fixpoint("reverse_compute_inline", self._may_inline_into_producer)
+
+    def _may_inline_into_consumers(self, blk) -> bool:
+        consumers = self.sch.get_consumers(blk)
+        if not consumers:
+            return False
+        size = _block_size(self.sch, blk)
+        # do not recompute expensive values across a broadcast
+        return _is_cheap(self.sch.get(blk)) or all(_block_size(self.sch, c) <= size for c in consumers)
+
+    def _may_inline_into_producer(self, blk) -> bool:
+        prods = self.sch.get_producers(blk)
+        return len(prods) == 1 and not any(self._is_reduction(self.sch.get(p).name_hint) for p in prods)
+
+    def _inline_to_fixpoint(self, primitive: str, eligible) -> None:
+        """Apply the schedule primitive ``primitive`` to one eligible non-reduction block at a time
+        until none is left; a block the primitive rejects is skipped (the schedule restored)."""
         changed = True
         while changed:
             changed = False
             for name in self._blocks():
                 if self._is_reduction(name):
                     continue
-                blk = sch.get_sblock(name)
-                stmt = sch.get(blk)
-                consumers = sch.get_consumers(blk)
-                if not consumers:
+                blk = self.sch.get_sblock(name)
+                if not eligible(blk):
                     continue
-                size = _block_size(sch, blk)
-                # do not recompute expensive values across a broadcast
-                if not _is_cheap(stmt) and any(_block_size(sch, c) > size for c in consumers):
-                    continue
-                saved = sch.copy()
+                saved = self.sch.copy()
                 try:
-                    sch.compute_inline(blk)
+                    getattr(self.sch, primitive)(blk)
                     changed = True
                     break
                 except Exception:  # noqa: BLE001
-                    self.sch = sch = saved
-        # consumers of injective producers (e.g. a transpose followed by a scale)
-        changed = True
-        while changed:
-            changed = False
-            for name in self._blocks():
-                if self._is_reduction(name):
-                    continue
-                blk = sch.get_sblock(name)
-                prods = sch.get_producers(blk)
-                if len(prods) != 1 or any(self._is_reduction(sch.get(p).name_hint) for p in prods):
-                    continue
-                saved = sch.copy()
-                try:
-                    sch.reverse_compute_inline(blk)
-                    changed = True
-                    break
-                except Exception:  # noqa: BLE001
-                    self.sch = sch = saved
+                    self.sch = saved
 
     # -- GEMM ------------------------------------------------------------------------------------
     def _gemm_operands(self, name):
