@@ -19,7 +19,6 @@ Machine load is recorded before and after: compare numbers only within one run.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import sys
@@ -32,17 +31,11 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))
 warnings.filterwarnings("ignore", category=UserWarning)  # the ONNX importer renames dotted names
 
+import bench_ort as B  # noqa: E402  (its timing, peak and program helpers)
 
-def _bench_ort():
-    spec = importlib.util.spec_from_file_location("_bench_ort", REPO / "tools" / "bench_ort.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-B = _bench_ort()
 log = B.log
 
 

@@ -5,7 +5,7 @@ import subprocess
 import sys
 import textwrap
 
-SCRIPT = textwrap.dedent("""
+BLOCK_TORCH = textwrap.dedent("""
     import sys
 
     class NoTorch:
@@ -14,7 +14,9 @@ SCRIPT = textwrap.dedent("""
                 raise ImportError("torch is blocked in this test: " + name)
 
     sys.meta_path.insert(0, NoTorch())
+""")
 
+SCRIPT = BLOCK_TORCH + textwrap.dedent("""
     from ffcompile.data import load_mnist
     from ffcompile.runtime.bundle import load_bundle
 
@@ -41,15 +43,7 @@ def test_runtime_never_imports_torch(tiny_bundle, tmp_path):
 
 
 def test_cli_run_and_finetune_never_import_torch(tiny_bundle, tmp_path):
-    script = textwrap.dedent("""
-        import sys
-
-        class NoTorch:
-            def find_spec(self, name, path=None, target=None):
-                if name == "torch" or name.startswith("torch."):
-                    raise ImportError("torch is blocked in this test: " + name)
-
-        sys.meta_path.insert(0, NoTorch())
+    script = BLOCK_TORCH + textwrap.dedent("""
         from ffcompile.cli import main
         main()
     """)
