@@ -46,6 +46,17 @@ def forward(b: Builder, x: Value, params: dict[str, Value], model: Model, i: int
     return z, b.relu(z)
 
 
+def run_layers(b: Builder, rows: Value, params: dict[str, Value], model: Model, tag: str):
+    """Forward pass through every layer; yields (i, layer input, z, y) per layer."""
+    below = rows
+    for i, layer in enumerate(model.layers):
+        with b.scope(f"{tag}/{layer.name}"):
+            x = layer_input(b, below, model, i)
+            z, y = forward(b, x, params, model, i)
+        yield i, x, z, y
+        below = y
+
+
 def softplus(b: Builder, x: Value) -> Value:
     """log(1 + exp(x)) written so it never overflows: relu(x) + log(1 + exp(-|x|)). Goodness far
     from the threshold gives logits in the hundreds, where a naive exp overflows fp32."""

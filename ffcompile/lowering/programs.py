@@ -27,10 +27,10 @@ from ..spec import Model
 from . import labels as lbl
 from . import recurrent, sequence
 from .hybrid import hybrid_images
-from .layer import forward, goodness, layer_input, local_gradient, normalize, peer_normalization
+from .layer import goodness, local_gradient, peer_normalization, run_layers
 from .optimizers import emit_updates
-from .readouts import softmax, softmax_gradient, softmax_logits
-from .state import param_specs, state_specs
+from .readouts import layer_feature, readout_features, softmax, softmax_gradient, softmax_logits
+from .state import param_inputs, state_inputs
 
 PROGRAMS = ("train_step", "infer_goodness", "infer_softmax")
 EXTRA_PROGRAMS = ("hybrid_negatives",)
@@ -106,38 +106,6 @@ def supervised(model: Model) -> bool:
     return model.input.label.kind != "none"
 
 
-def _param_inputs(b: Builder, model: Model) -> dict[str, Value]:
-    return {name: b.input(name, shape) for name, shape in param_specs(model).items()}
-
-
-def _run_layers(b: Builder, rows: Value, params: dict[str, Value], model: Model, tag: str):
-    """Forward pass through every layer; yields (i, layer input, z, y) per layer."""
-    below = rows
-    for i, layer in enumerate(model.layers):
-        with b.scope(f"{tag}/{layer.name}"):
-            x = layer_input(b, below, model, i)
-            z, y = forward(b, x, params, model, i)
-        yield i, x, z, y
-        below = y
-
-
-def _softmax_features(b: Builder, rows: Value, params, model: Model, tag: str) -> Value:
-    chosen = {model.layer_index(n) for n in model.readout.softmax_layers}
-    features = []
-    for i, _x, _z, y in _run_layers(b, rows, params, model, tag):
-        if i in chosen:
-            features.append(_feature(b, y, model, i, tag))
-        if i == max(chosen):
-            break
-    return features[0] if len(features) == 1 else b.concat(features, axis=1)
-
-
-def _feature(b: Builder, y: Value, model: Model, i: int, tag: str) -> Value:
-    """One layer's part of the softmax readout's input: its normalized activities."""
-    with b.scope(f"{tag}/{model.layers[i].name}"):
-        return normalize(b, y, model)
-
-
 def _readout_rows(b: Builder, x: Value, model: Model) -> Value:
     """What the softmax readout runs on: the image with the neutral label, or just the image."""
     return lbl.with_label(b, x, lbl.neutral_rows(b, x.shape[0], model), model) if supervised(model) else x
@@ -165,8 +133,8 @@ def _hybrid_inputs(b: Builder, model: Model, batch: int) -> tuple[Value, Value]:
 
 
 def _train_step(b: Builder, model: Model, batch: int) -> None:
-    params = _param_inputs(b, model)
-    state = {name: b.input(name, shape) for name, shape in state_specs(model).items()}
+    params = param_inputs(b, model)
+    state = state_inputs(b, model)
     x = b.input("x", (batch, model.input.size))
     labels = b.input("y", (batch,), "int64")
     u = b.input("u", (batch,)) if supervised(model) else None
@@ -184,7 +152,7 @@ def _train_step(b: Builder, model: Model, batch: int) -> None:
     if supervised(model):
         probs = None
         if model.readout.softmax_layers:
-            probs = learn_softmax(_softmax_features(b, _readout_rows(b, x, model), params, model, "neutral"))
+            probs = learn_softmax(readout_features(b, _readout_rows(b, x, model), params, model, "neutral"))
         positives, negatives = _label_negatives(b, x, labels, u, probs, model, batch, metrics)
     else:
         x_other, bits = _hybrid_inputs(b, model, batch)
@@ -194,7 +162,7 @@ def _train_step(b: Builder, model: Model, batch: int) -> None:
     new_state: dict[str, Value] = {}
     positive_activities: dict[int, Value] = {}
     readout_layers = set() if supervised(model) else {model.layer_index(n) for n in model.readout.softmax_layers}
-    for i, xin, z, y in _run_layers(b, rows, params, model, "posneg"):
+    for i, xin, z, y in run_layers(b, rows, params, model, "posneg"):
         name = model.layers[i].name
         with b.scope(f"posneg/{name}"):
             rule = local_gradient(b, xin, z, y, model, i, batch)
@@ -216,7 +184,7 @@ def _train_step(b: Builder, model: Model, batch: int) -> None:
 
     if not supervised(model) and model.readout.softmax_layers:
         # the positive rows are the plain images: their pass already holds the readout's features
-        features = [_feature(b, positive_activities[i], model, i, "posneg") for i in sorted(readout_layers)]
+        features = [layer_feature(b, positive_activities[i], model, i, "posneg") for i in sorted(readout_layers)]
         learn_softmax(features[0] if len(features) == 1 else b.concat(features, axis=1))
 
     emit_updates(b, model, params, grads, state, new_state, metrics, lr, step)
@@ -226,7 +194,7 @@ def _train_step(b: Builder, model: Model, batch: int) -> None:
 def _infer_goodness(b: Builder, model: Model, batch: int) -> None:
     """Scores [B, N]: goodness summed over the readout layers, each label in turn; all N labelled
     copies of the batch go through the network as one [N*B]-row pass."""
-    params = _param_inputs(b, model)
+    params = param_inputs(b, model)
     x = b.input("x", (batch, model.input.size))
     classes = model.input.label.classes
     copies = [lbl.with_label(b, x, b.constant([[float(j == c) for j in range(classes)]] * batch), model)
@@ -234,7 +202,7 @@ def _infer_goodness(b: Builder, model: Model, batch: int) -> None:
     rows = b.concat(copies, axis=0)
     chosen = {model.layer_index(n) for n in model.readout.goodness_layers}
     total = None
-    for i, _x, _z, y in _run_layers(b, rows, params, model, "labelled"):
+    for i, _x, _z, y in run_layers(b, rows, params, model, "labelled"):
         if i in chosen:
             g = goodness(b, y, model)
             total = g if total is None else b.add(total, g)
@@ -246,9 +214,9 @@ def _infer_goodness(b: Builder, model: Model, batch: int) -> None:
 
 
 def _infer_softmax(b: Builder, model: Model, batch: int) -> None:
-    params = _param_inputs(b, model)
+    params = param_inputs(b, model)
     x = b.input("x", (batch, model.input.size))
-    features = _softmax_features(b, _readout_rows(b, x, model), params, model, "neutral")
+    features = readout_features(b, _readout_rows(b, x, model), params, model, "neutral")
     probs = softmax(b, softmax_logits(b, features, params))
     b.output("probs", probs)
     b.output("prediction", b.argmax(probs, 1))

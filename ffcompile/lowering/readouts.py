@@ -5,6 +5,27 @@ from __future__ import annotations
 
 from ..program.builder import Builder
 from ..program.ir import Value
+from ..spec import Model
+from .layer import normalize, run_layers
+
+
+def layer_feature(b: Builder, y: Value, model: Model, i: int, tag: str) -> Value:
+    """One layer's part of the softmax readout's input: its normalized activities."""
+    with b.scope(f"{tag}/{model.layers[i].name}"):
+        return normalize(b, y, model)
+
+
+def readout_features(b: Builder, rows: Value, params: dict[str, Value], model: Model, tag: str) -> Value:
+    """The softmax readout's input for ``rows``: a forward pass up to the highest readout layer,
+    the readout layers' normalized activities side by side."""
+    chosen = {model.layer_index(n) for n in model.readout.softmax_layers}
+    features = []
+    for i, _x, _z, y in run_layers(b, rows, params, model, tag):
+        if i in chosen:
+            features.append(layer_feature(b, y, model, i, tag))
+        if i == max(chosen):
+            break
+    return features[0] if len(features) == 1 else b.concat(features, axis=1)
 
 
 def softmax(b: Builder, logits: Value) -> Value:

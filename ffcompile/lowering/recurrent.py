@@ -45,7 +45,7 @@ from . import local
 from .layer import forward, goodness, layer_input, local_gradient, normalize
 from .optimizers import emit_updates
 from .readouts import softmax, softmax_gradient, softmax_logits
-from .state import param_specs, state_specs
+from .state import param_inputs, state_inputs
 
 PROGRAMS = ("train_step", "infer_goodness", "infer_softmax")
 EXTRA_PROGRAMS = ("recurrent_states", "negative_probs")
@@ -156,7 +156,7 @@ def _per_label(b: Builder, model: Model, total: Value, batch: int) -> Value:
 
 
 def _infer_goodness(b: Builder, model: Model, batch: int) -> None:
-    params = {name: b.input(name, shape) for name, shape in param_specs(model).items()}
+    params = param_inputs(b, model)
     x = b.input("x", (batch, model.input.size))
     lo, hi = model.recurrent.readout_iterations
     score = None
@@ -178,7 +178,7 @@ def _softmax_features(b: Builder, model: Model, net: Unrolled) -> Value:
 
 
 def _infer_softmax(b: Builder, model: Model, batch: int) -> None:
-    params = {name: b.input(name, shape) for name, shape in param_specs(model).items()}
+    params = param_inputs(b, model)
     x = b.input("x", (batch, model.input.size))
     net = Unrolled(b, model, params, None, None, "one_pass")  # no iterations: no pixels or label rows
     net.bottom_up(x, layers=1 + max(model.layer_index(n) for n in model.readout.softmax_layers))
@@ -190,7 +190,7 @@ def _infer_softmax(b: Builder, model: Model, batch: int) -> None:
 def _states(b: Builder, model: Model, batch: int) -> None:
     """Every layer's state at every iteration for images ``x`` with labels ``y`` (for tests and
     pictures): outputs ``state.{layer}.{t}``, t = 0..iterations."""
-    params = {name: b.input(name, shape) for name, shape in param_specs(model).items()}
+    params = param_inputs(b, model)
     x = b.input("x", (batch, model.input.size))
     y = b.input("y", (batch,), "int64")
     net = Unrolled(b, model, params, layer_input(b, x, model, 0),
@@ -212,14 +212,14 @@ def _single_pass_probs(b: Builder, model: Model, params, x: Value, batch: int) -
 
 def _negative_probs(b: Builder, model: Model, batch: int) -> None:
     """``probs``: the wrong-label probabilities of ``train_step`` alone (for parity's tie checks)."""
-    params = {name: b.input(name, shape) for name, shape in param_specs(model).items()}
+    params = param_inputs(b, model)
     x = b.input("x", (batch, model.input.size))
     b.output("probs", _single_pass_probs(b, model, params, x, batch))
 
 
 def _train_step(b: Builder, model: Model, batch: int) -> None:
-    params = {name: b.input(name, shape) for name, shape in param_specs(model).items()}
-    state = {name: b.input(name, shape) for name, shape in state_specs(model).items()}
+    params = param_inputs(b, model)
+    state = state_inputs(b, model)
     x = b.input("x", (batch, model.input.size))
     labels = b.input("y", (batch,), "int64")
     u = b.input("u", (batch,))

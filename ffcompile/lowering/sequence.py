@@ -28,10 +28,10 @@ from ..program.builder import Builder
 from ..program.ir import Value
 from ..spec import Model
 from . import labels as lbl
-from .layer import forward, layer_input, local_gradient, normalize
+from .layer import local_gradient, run_layers
 from .optimizers import emit_updates
-from .readouts import softmax, softmax_gradient, softmax_logits
-from .state import param_specs, state_specs
+from .readouts import readout_features, softmax, softmax_gradient, softmax_logits
+from .state import param_inputs, state_inputs
 
 PHASES = {"train_step": "both", "train_positive": "positive", "train_negative": "negative"}
 
@@ -60,34 +60,14 @@ def symbols(model: Model) -> int:
     return model.input.label.classes
 
 
-def _params(b: Builder, model: Model) -> dict[str, Value]:
-    return {name: b.input(name, shape) for name, shape in param_specs(model).items()}
-
-
-def _features(b: Builder, rows: Value, params, model: Model, tag: str, keep: bool = False):
-    """Normalized activities of the readout layers for ``rows`` (and every layer's (x, z, y) if ``keep``)."""
-    chosen = {model.layer_index(n) for n in model.readout.softmax_layers}
-    last = len(model.layers) - 1 if keep else max(chosen)
-    below, features, passes = rows, [], []
-    for i in range(last + 1):
-        with b.scope(f"{tag}/{model.layers[i].name}"):
-            x = layer_input(b, below, model, i)
-            z, y = forward(b, x, params, model, i)
-            if i in chosen:
-                features.append(normalize(b, y, model))
-        passes.append((x, z, y))
-        below = y
-    return (features[0] if len(features) == 1 else b.concat(features, axis=1)), passes
-
-
 def _ending_in(b: Builder, context: Value, codes: Value, model: Model) -> Value:
     """The K-character rows whose first K-1 characters are the context's last K-1, then ``codes``."""
     return b.concat([b.slice(context, 1, symbols(model), model.input.size), codes], axis=1)
 
 
 def _train(b: Builder, model: Model, batch: int, phase: str) -> None:
-    params = _params(b, model)
-    state = {name: b.input(name, shape) for name, shape in state_specs(model).items()}
+    params = param_inputs(b, model)
+    state = state_inputs(b, model)
     x = b.input("x", (batch, model.input.size))
     y = b.input("y", (batch,), "int64")
     teacher = model.negatives.kind == "teacher_forcing"
@@ -101,7 +81,7 @@ def _train(b: Builder, model: Model, batch: int, phase: str) -> None:
 
     probs = None
     if phase != "negative" or (negatives_needed and teacher):
-        features, _ = _features(b, x, params, model, "context")
+        features = readout_features(b, x, params, model, "context")
         with b.scope("softmax"):
             probs = softmax(b, softmax_logits(b, features, params))
             if phase != "negative":
@@ -120,8 +100,7 @@ def _train(b: Builder, model: Model, batch: int, phase: str) -> None:
             else:
                 parts.append(x_neg)
         rows = parts[0] if len(parts) == 1 else b.concat(parts, axis=0)
-        _, passes = _features(b, rows, params, model, phase, keep=True)
-        for i, (xin, z, act) in enumerate(passes):
+        for i, xin, z, act in run_layers(b, rows, params, model, phase):
             name = model.layers[i].name
             with b.scope(f"{phase}/{name}"):
                 rule = local_gradient(b, xin, z, act, model, i, batch, phase)
@@ -136,9 +115,9 @@ def _train(b: Builder, model: Model, batch: int, phase: str) -> None:
 
 
 def _infer_softmax(b: Builder, model: Model, batch: int) -> None:
-    params = _params(b, model)
+    params = param_inputs(b, model)
     x = b.input("x", (batch, model.input.size))
-    features, _ = _features(b, x, params, model, "context")
+    features = readout_features(b, x, params, model, "context")
     probs = softmax(b, softmax_logits(b, features, params))
     b.output("probs", probs)
     b.output("prediction", b.argmax(probs, 1))

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..program.builder import Builder
+from ..program.ir import Value
 from ..spec import LocalLayer, Model
 from . import local
 
@@ -49,6 +51,16 @@ def state_specs(model: Model) -> dict[str, tuple[int, ...]]:
         for layer in model.layers:
             specs[f"{layer.name}.peer_mean"] = (layer.size,)
     return specs
+
+
+def param_inputs(b: Builder, model: Model) -> dict[str, Value]:
+    """Every parameter as a program input."""
+    return {name: b.input(name, shape) for name, shape in param_specs(model).items()}
+
+
+def state_inputs(b: Builder, model: Model) -> dict[str, Value]:
+    """Every optimizer-state (and peer-mean) tensor as a program input."""
+    return {name: b.input(name, shape) for name, shape in state_specs(model).items()}
 
 
 def init_state(model: Model, seed: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
