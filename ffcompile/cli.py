@@ -115,11 +115,10 @@ def _check_limit(model, limit: int) -> None:
     if limit <= 0:
         raise FFCompileError(f"--limit must be positive, got {limit}")
     if model.input.dataset == "text":
-        from .data.text import CONTEXT, LENGTH
+        from .data.text import PREDICTIONS
+        from .sequence import check_whole_strings
 
-        if limit % (LENGTH - CONTEXT):
-            raise FFCompileError(f"--limit {limit}: a next-character model trains on whole strings of "
-                                 f"{LENGTH - CONTEXT} predictions; use a multiple of {LENGTH - CONTEXT}")
+        check_whole_strings(limit, PREDICTIONS)
 
 
 @main.command("eval")

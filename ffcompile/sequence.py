@@ -30,6 +30,7 @@ from collections.abc import Callable
 import numpy as np
 from tqdm import tqdm
 
+from .errors import FFCompileError
 from .loop import epoch_plan, learning_rate, step_feeds, summarize
 from .spec import Model
 
@@ -78,6 +79,13 @@ def generate_negatives(probs_fn: ProbsFn, params, x: np.ndarray, per_string: int
         raise ValueError(f"{len(x)} rows is not a whole number of strings of {per_string} predictions")
     _, windows = generate(probs_fn, params, x[::per_string].copy(), per_string, n_symbols, rng)
     return windows.transpose(1, 0, 2).reshape(len(x), x.shape[1])
+
+
+def check_whole_strings(rows: int, per_string: int) -> None:
+    if rows % per_string:
+        raise FFCompileError(f"{rows} training rows: a next-character model trains on whole strings of {per_string} "
+                             "predictions (self-generated negatives start from each string's first characters); "
+                             f"use a multiple of {per_string}")
 
 
 def perplexity(probs_fn: ProbsFn, params, x: np.ndarray, y: np.ndarray) -> float:

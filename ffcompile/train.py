@@ -16,8 +16,8 @@ from .errors import FFCompileError
 from .evaluate import error_rate
 from .lowering import READOUT_PROGRAMS, build_program, init_state, readouts_of, train_programs
 from .lowering.sequence import is_sequence
-from .loop import FEEDS, epoch_line, run_epoch
-from .sequence import batched, perplexity, run_sequence_epoch
+from .loop import FEEDS, epoch_line, epoch_runner
+from .sequence import batched, perplexity
 from .spec import Model
 
 
@@ -96,29 +96,15 @@ def evaluate_params(model: Model, params: dict[str, np.ndarray], x, y, readout: 
 
 
 def _epoch_runner(model: Model, step_fn: ReferenceStep, device: str, eval_batch: int, seed: int, progress: bool, log):
-    """(params, state, x, y, epoch, epochs, step) -> (params, state, step, metrics) for the model's kind."""
+    """The shared loop (``loop.epoch_runner``) driving the reference's training programs."""
     if not is_sequence(model):
-        shift = None
-        if model.training.jitter:
-            from .data import shift_images as shift
-
-        def epoch_fn(params, state, x, y, epoch, epochs, step):
-            return run_epoch(model, step_fn, params, state, x, y, epoch, epochs, step, seed, progress, shift=shift)
-        return epoch_fn
-
-    from .data.text import CONTEXT, LENGTH
-
+        return epoch_runner(model, {"train_step": step_fn}, seed, progress)
     steps = {name: step_fn if name == "train_step" else ReferenceStep(model, device, log=log, program=name)
              for name in train_programs(model)}
     probs = TorchProgram(build_program(model, "infer_softmax", eval_batch), device)
     needed = {v.name for v in probs.program.inputs}
-    probs_fn = batched(probs.run_numpy, eval_batch)
-
-    def epoch_fn(params, state, x, y, epoch, epochs, step):
-        return run_sequence_epoch(model, steps, probs_fn, params, state, x, y, epoch, epochs, step, seed,
-                                  LENGTH - CONTEXT, progress,
-                                  host_params=lambda p: {k: v for k, v in numpy_dict(p).items() if k in needed})
-    return epoch_fn
+    return epoch_runner(model, steps, seed, progress, probs_fn=batched(probs.run_numpy, eval_batch),
+                        host_params=lambda p: {k: v for k, v in numpy_dict(p).items() if k in needed})
 
 
 def sequence_perplexity(model: Model, params: dict[str, np.ndarray], x, y, batch: int = 100, device: str = "cpu") -> float:

@@ -24,6 +24,7 @@ ALPHABET = "abcdefghijklmnopqrstuvwxyz ,;."
 STRINGS = 248
 LENGTH = 100
 CONTEXT = 10
+PREDICTIONS = LENGTH - CONTEXT  # per string: the first CONTEXT characters are context only
 _INDEX = {c: i for i, c in enumerate(ALPHABET)}
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..checkpoint import CHECKPOINT, METRICS, Checkpoint, resume_run, save_checkpoint, write_json
 from ..errors import FFCompileError
-from ..loop import FEEDS, epoch_line, run_epoch
+from ..loop import FEEDS, epoch_line, epoch_runner
 from .inputs import as_images, as_labels
 from .programs import Runnable
 
@@ -101,35 +101,19 @@ def finetune(bundle, x, y, epochs: int, out_dir, resume: bool = False, progress:
 
 
 def _epoch_runner(bundle, carried, seed: int, progress: bool):
-    """(params, state, x, y, epoch, epochs, step) -> (params, state, step, metrics): the shared
-    loop for the model's kind, driving the bundle's compiled training programs."""
-    model, desc = bundle.model, f"finetune ({bundle.target['name']})"
+    """The shared loop (``loop.epoch_runner``) driving the bundle's compiled training programs
+    (and, for next-character models, its ``infer_softmax`` for generation)."""
     steps = {name: CompiledTrainStep(program, bundle.signature(name), carried)
              for name, program in bundle.programs.items() if name.startswith("train_")}
-    if model.input.dataset != "text":
-        shift = None
-        if model.training.jitter:
-            from ..data import shift_images as shift
-
-        def epoch_fn(params, state, x, y, epoch, epochs, step):
-            return run_epoch(model, steps["train_step"], params, state, x, y, epoch, epochs, step, seed, progress,
-                             desc=desc, shift=shift)
-        return epoch_fn
-
-    from ..data.text import CONTEXT, LENGTH
-    from ..sequence import batched, run_sequence_epoch
+    desc = f"finetune ({bundle.target['name']})"
+    if bundle.model.input.dataset != "text":
+        return epoch_runner(bundle.model, steps, seed, progress, desc)
+    from ..sequence import batched
 
     needed = {v["name"] for v in bundle.signature("infer_softmax")["inputs"]}
-    probs_fn = batched(bundle.programs["infer_softmax"].run, bundle.manifest["batch"]["infer"])
-
-    def epoch_fn(params, state, x, y, epoch, epochs, step):
-        if len(x) % (LENGTH - CONTEXT):
-            raise FFCompileError(f"{len(x)} training rows is not a whole number of strings of {LENGTH - CONTEXT} "
-                                 "predictions (self-generated negatives start from each string's first characters)")
-        return run_sequence_epoch(model, steps, probs_fn, params, state, x, y, epoch, epochs, step, seed,
-                                  LENGTH - CONTEXT, progress, desc=desc,
-                                  host_params=lambda p: {k: v for k, v in p.items() if k in needed})
-    return epoch_fn
+    return epoch_runner(bundle.model, steps, seed, progress, desc,
+                        probs_fn=batched(bundle.programs["infer_softmax"].run, bundle.manifest["batch"]["infer"]),
+                        host_params=lambda p: {k: v for k, v in p.items() if k in needed})
 
 
 def refuse_inside_bundle(out_dir: Path, bundle_dir: Path) -> None:
