@@ -84,15 +84,17 @@ def numpy_dict(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy() for k, v in tensors.items()}
 
 
-def reference_runner(model: Model, program: str, batch: int, device: str = "cpu"):
-    return TorchProgram(build_program(model, program, batch), device).run_numpy
+def reference_runner(model: Model, program: str, batch: int, params: dict[str, np.ndarray], device: str = "cpu"):
+    """(numpy runner of ``program`` at ``batch``, the part of ``params`` it takes)."""
+    torch_program = TorchProgram(build_program(model, program, batch), device)
+    needed = {v.name for v in torch_program.program.inputs}
+    return torch_program.run_numpy, {k: v for k, v in params.items() if k in needed}
 
 
 def evaluate_params(model: Model, params: dict[str, np.ndarray], x, y, readout: str, batch: int = 100,
                     device: str = "cpu", progress: bool = False) -> float:
-    runner = reference_runner(model, READOUT_PROGRAMS[readout], batch, device)
-    needed = {v.name for v in runner.__self__.program.inputs}
-    return error_rate(runner, {k: v for k, v in params.items() if k in needed}, x, y, batch, progress, f"eval {readout}")
+    runner, inputs = reference_runner(model, READOUT_PROGRAMS[readout], batch, params, device)
+    return error_rate(runner, inputs, x, y, batch, progress, f"eval {readout}")
 
 
 def _epoch_runner(model: Model, step_fn: ReferenceStep, device: str, eval_batch: int, seed: int, progress: bool, log):
@@ -108,9 +110,8 @@ def _epoch_runner(model: Model, step_fn: ReferenceStep, device: str, eval_batch:
 
 
 def sequence_perplexity(model: Model, params: dict[str, np.ndarray], x, y, batch: int = 100, device: str = "cpu") -> float:
-    runner = reference_runner(model, "infer_softmax", batch, device)
-    needed = {v.name for v in runner.__self__.program.inputs}
-    return perplexity(batched(runner, batch), {k: v for k, v in params.items() if k in needed}, x, y)
+    runner, inputs = reference_runner(model, "infer_softmax", batch, params, device)
+    return perplexity(batched(runner, batch), inputs, x, y)
 
 
 @dataclass
