@@ -48,16 +48,6 @@ def decode(indices) -> str:
     return "".join(ALPHABET[int(i)] for i in indices)
 
 
-def split_strings(text: str, count: int = STRINGS, length: int = LENGTH) -> np.ndarray:
-    """The first ``count`` consecutive ``length``-character pieces of the cleaned text, encoded
-    [count, length]."""
-    cleaned = clean(text)
-    if len(cleaned) < count * length:
-        raise DataError(f"corpus too short: {len(cleaned)} characters after cleaning, "
-                        f"{count} strings of {length} need {count * length}")
-    return encode(cleaned[:count * length]).reshape(count, length)
-
-
 def contexts(strings: np.ndarray, context: int = CONTEXT) -> tuple[np.ndarray, np.ndarray]:
     """Every prediction the strings hold: (previous ``context`` characters [n, context], next
     character [n]); the first ``context`` characters of each string are context only, so 248
@@ -86,8 +76,8 @@ def split_strings_of(text: str, split: str, origin: str = "corpus") -> np.ndarra
     first, last = SPLIT_STRINGS[split]
     cleaned = clean(text)
     if len(cleaned) < last * LENGTH:
-        raise DataError(f"{origin}: {len(cleaned)} characters after cleaning; the {split} split needs strings "
-                        f"{first}..{last - 1} of {LENGTH} characters ({last * LENGTH} characters)")
+        raise DataError(f"{origin}: corpus too short: {len(cleaned)} characters after cleaning; the {split} split "
+                        f"needs strings {first}..{last - 1} of {LENGTH} characters ({last * LENGTH} characters)")
     return encode(cleaned[first * LENGTH:last * LENGTH]).reshape(last - first, LENGTH)
 
 

@@ -5,7 +5,7 @@ import pytest
 
 from ffcompile.data.idx import DataError
 from ffcompile.data.text import (ALPHABET, ENV_VAR, clean, contexts, decode, encode, load_corpus, one_hot,
-                                 split_predictions, split_strings, split_strings_of)
+                                 split_predictions, split_strings_of)
 
 
 def test_alphabet_is_the_papers_30_symbols():
@@ -25,7 +25,7 @@ def test_clean_lowercases_and_deletes_other_characters():
 
 def test_strings_and_contexts_give_22320_predictions():
     text = "A Wolf, meeting with a Lamb astray from the fold; resolved not to lay violent hands. " * 400
-    strings = split_strings(text)
+    strings = split_strings_of(text, "train")
     assert strings.shape == (248, 100)
     assert decode(strings[0][:12]) == "a wolf, meet"
     x, y = contexts(strings)
@@ -37,7 +37,7 @@ def test_strings_and_contexts_give_22320_predictions():
 
 def test_short_or_missing_corpus(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="too short"):
-        split_strings("a short fable.")
+        split_strings_of("a short fable.", "train")
     (tmp_path / "fables.txt").write_text("The Ant and the Grasshopper.")
     monkeypatch.setenv(ENV_VAR, str(tmp_path / "fables.txt"))
     origin, text = load_corpus()
