@@ -763,24 +763,31 @@ class _CPUScheduler:
         self.log.append(f"gemm {name}: {layout} M={M} N={N}{' (padded)' if padded else ''} K={K} "
                         f"MR={MR} NR={NR} JB={JB}")
 
+    def _loop_nest(self, name):
+        """(block, statement, iter vars, loops, static extents) of a block whose loops map one to
+        one onto iter vars of static extent; ValueError otherwise (the block stays unscheduled)."""
+        blk = self.sch.get_sblock(name)
+        stmt = self.sch.get(blk)
+        ivs = list(stmt.iter_vars)
+        loops = self.sch.get_loops(blk)
+        exts = [_int(iv.dom.extent) for iv in ivs]
+        if len(loops) != len(ivs) or any(e is None for e in exts):
+            raise ValueError("unsupported loop nest")
+        return blk, stmt, ivs, loops, exts
+
     # -- other reductions -----------------------------------------------------------------------
     def reduction(self, name):
         from tvm import tirx
 
         sch = self.sch
-        blk = sch.get_sblock(name)
-        stmt = sch.get(blk)
-        ivs = list(stmt.iter_vars)
-        loops = sch.get_loops(blk)
-        if len(loops) != len(ivs) or any(_int(iv.dom.extent) is None for iv in ivs):
-            raise ValueError("unsupported loop nest")
+        blk, stmt, ivs, loops, exts = self._loop_nest(name)
         kinds = ["R" if iv.iter_type == tirx.IterVar.CommReduce else "S" for iv in ivs]
         if len(stmt.writes) != 1:
             raise ValueError("multi-output reduction")
         s_loops = [lp for lp, k in zip(loops, kinds) if k == "S"]
         r_loops = [lp for lp, k in zip(loops, kinds) if k == "R"]
-        s_ext = [_int(iv.dom.extent) for iv, k in zip(ivs, kinds) if k == "S"]
-        r_ext = [_int(iv.dom.extent) for iv, k in zip(ivs, kinds) if k == "R"]
+        s_ext = [e for e, k in zip(exts, kinds) if k == "S"]
+        r_ext = [e for e, k in zip(exts, kinds) if k == "R"]
         total = _prod(s_ext) * _prod(r_ext)
         # which loop is contiguous in the dominant read?
         reads = [r for r in stmt.reads if len(r.region) > 0]
@@ -838,12 +845,8 @@ class _CPUScheduler:
     # -- elementwise / injective -----------------------------------------------------------------
     def spatial(self, name):
         sch = self.sch
-        blk = sch.get_sblock(name)
-        stmt = sch.get(blk)
-        ivs = list(stmt.iter_vars)
-        loops = sch.get_loops(blk)
-        exts = [_int(iv.dom.extent) for iv in ivs]
-        if len(loops) != len(ivs) or any(e is None for e in exts) or not loops:
+        blk, stmt, ivs, loops, exts = self._loop_nest(name)
+        if not loops:
             raise ValueError("unsupported loop nest")
         total = _prod(exts)
         lanes = self.lanes
