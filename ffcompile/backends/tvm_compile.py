@@ -301,7 +301,7 @@ def _gpu_schedule_pass(target):
     internal rfactor error on some of our fused kernels (and ApplyDefaultSchedule lets that
     abort the build), so every rule is tried in turn and a failing rule is skipped."""
     import tvm
-    from tvm import s_tir, tirx
+    from tvm import s_tir
     from tvm.s_tir import dlight as dl
 
     rules = [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
@@ -309,11 +309,7 @@ def _gpu_schedule_pass(target):
     @tvm.transform.module_pass(opt_level=0, name="FFCGPUSchedule")
     def _pass(mod, _ctx):
         updates = {}
-        for gv, func in mod.functions_items():
-            if not isinstance(func, tirx.PrimFunc):
-                continue
-            if func.attrs is not None and "tirx.is_scheduled" in func.attrs and func.attrs["tirx.is_scheduled"]:
-                continue
+        for gv, func in _unscheduled_prim_funcs(mod):
             for rule in rules:
                 try:
                     space = rule.apply(func, target, False)
@@ -918,9 +914,20 @@ def _schedule_func(func, target):
     return out, s.log
 
 
+def _unscheduled_prim_funcs(mod):
+    """(global var, PrimFunc) of every TIR function in ``mod`` that no schedule has claimed yet."""
+    from tvm import tirx
+
+    for gv, func in mod.functions_items():
+        if not isinstance(func, tirx.PrimFunc):
+            continue
+        if func.attrs is not None and "tirx.is_scheduled" in func.attrs and func.attrs["tirx.is_scheduled"]:
+            continue
+        yield gv, func
+
+
 def _hand_schedule_pass(target, log: list | None = None):
     import tvm
-    from tvm import tirx
 
     target = _as_target(target)
 
@@ -929,11 +936,7 @@ def _hand_schedule_pass(target, log: list | None = None):
         if target.kind.name != "llvm":
             return mod
         updates = {}
-        for gv, func in mod.functions_items():
-            if not isinstance(func, tirx.PrimFunc):
-                continue
-            if func.attrs is not None and "tirx.is_scheduled" in func.attrs and func.attrs["tirx.is_scheduled"]:
-                continue
+        for gv, func in _unscheduled_prim_funcs(mod):
             new, flog = _schedule_func(func, target)
             if log is not None:
                 log.append({"func": gv.name_hint, "log": flog})
