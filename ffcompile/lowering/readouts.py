@@ -39,11 +39,15 @@ def softmax_logits(b: Builder, features: Value, params: dict[str, Value]) -> Val
 
 
 def softmax_gradient(b: Builder, features: Value, probs: Value, labels: Value):
-    """Cross-entropy over the batch: dlogits = (p - onehot) / B. Returns (dW, db, loss)."""
+    """Cross-entropy over the batch: dlogits = (p - onehot) / B. Returns (dW, db, loss).
+
+    The true class's entry p - 1 is computed as minus the other classes' probabilities: near
+    p = 1, p - 1 in fp32 is rounding noise, which Adam would turn into steps of size lr."""
     batch, classes = probs.shape
     with b.scope("softmax_rule"):
         onehot = b.one_hot(labels, classes)
-        dlogits = b.mul(b.sub(probs, onehot), 1.0 / batch)
+        others = b.mul(probs, b.sub(1.0, onehot))
+        dlogits = b.mul(b.sub(others, b.mul(onehot, b.reduce_sum(others, [1], keepdims=True))), 1.0 / batch)
         picked = b.reduce_sum(b.mul(probs, onehot), [1])
         loss = b.neg(b.reduce_mean(b.log(b.maximum(picked, 1e-30)), [0]))
         return b.matmul(dlogits, features, trans_a=True), b.reduce_sum(dlogits, [0]), loss

@@ -129,3 +129,44 @@ def test_random_negatives_are_uniform_over_wrong_labels():
     assert not np.any(k == labels)
     offsets = (k - labels) % 10
     np.testing.assert_allclose(np.bincount(offsets, minlength=10)[1:] / n, 1 / 9, atol=5 * math.sqrt(0.25 / n))
+
+
+def _ort_and_torch(build, feeds):
+    """The same one-off program through onnxruntime and the torch reference."""
+    from ffcompile.backends.onnx_backend import to_onnx
+    from ffcompile.runtime.ort import OrtProgram
+    b = Builder("t")
+    build(b)
+    program = b.build()
+    return OrtProgram(to_onnx(program).SerializeToString(), threads=1).run(feeds), TorchProgram(program).run_numpy(feeds)
+
+
+def test_sigmoid_keeps_relative_precision_when_saturated():
+    """The local rule's sigmoid is within 1e-6 (relative) of float64 on both backends out to
+    |x| = 80, where onnxruntime's own Sigmoid is 0 (a saturated FF logit's gradient is there)."""
+    from ffcompile.lowering.layer import sigmoid
+    x = np.concatenate([-np.geomspace(80, 1e-3, 40), [0.0], np.geomspace(1e-3, 80, 40)]).astype(np.float32)
+    want = 1 / (1 + np.exp(-x.astype(np.float64)))
+    for got in _ort_and_torch(lambda b: b.output("y", sigmoid(b, b.input("x", x.shape))), {"x": x}):
+        np.testing.assert_allclose(got["y"], want, rtol=1e-6, atol=0)
+
+
+def test_softmax_gradient_of_a_confident_true_class_is_precise():
+    """p - 1 for a true class with p ~ 1 - 1e-9: computed from the other classes, not as fp32
+    noise (which Adam would turn into a full step)."""
+    from ffcompile.lowering.readouts import softmax, softmax_gradient
+    logits = np.array([[30.0, 9.0, 10.0], [0.0, 1.0, -1.0]], np.float32)
+    features = np.eye(2, dtype=np.float32)
+    labels = np.array([0, 2])
+
+    def build(b):
+        probs = softmax(b, b.input("logits", (2, 3)))
+        dw, db, _ = softmax_gradient(b, b.input("features", (2, 2)), probs, b.input("labels", (2,), "int64"))
+        b.output("dw", dw)
+
+    z = logits.astype(np.float64)
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    want = ((p - np.eye(3)[labels]) / 2).T  # dW = dlogits^T features, features the identity
+    for got in _ort_and_torch(build, {"logits": logits, "features": features, "labels": labels}):
+        np.testing.assert_allclose(got["dw"], want, rtol=1e-5, atol=0)
