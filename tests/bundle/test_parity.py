@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from ffcompile.data import load_mnist
-from ffcompile.parity import PROGRAM_ATOL, PROGRAM_RTOL, verify, wrong_label_margin
+from ffcompile.parity import (MIN_JUDGED_STEPS, PROGRAM_ATOL, PROGRAM_RTOL, plan_checks, summary_lines,
+                              trajectory_parity, verify, wrong_label_margin)
 from ffcompile.runtime.bundle import load_bundle
 
 
@@ -85,6 +86,49 @@ def test_harness_catches_wrong_negative_labels(loaded, train_data):
     rows = report["programs"][0]["integer_mismatches"]["negative_labels"]
     assert len(rows) == 20 and not any(r["tie"] for r in rows)
     assert any(e["cause"] == "mismatch" for e in report["trajectory"]["negative_label_events"])
+
+
+class DriftingFloat64:
+    """A reference whose float64 side is pushed off its fp32 side by ``rate`` (rel, in h2.weight)
+    every step, and then drifts as a chaotic training run's does (measured on mnist-unsupervised; see the parity
+    module doc). Its fp32 side is the real reference."""
+
+    def __init__(self, reference, rate):
+        self.reference, self.rate, self.f32 = reference, rate, reference.f32
+
+    def run32(self, feeds):
+        return self.reference.run32(feeds)
+
+    def run64(self, feeds):
+        out = dict(self.reference.run64(feeds))
+        out["new.h2.weight"] = out["new.h2.weight"] + self.rate * np.abs(out["new.h2.weight"]).max()
+        return out
+
+
+def _drifting_trajectory(loaded, train_data, rate, steps):
+    x, y = train_data
+    plan = plan_checks(loaded.model, ["train_step"], loaded.params, loaded.state, loaded.step, x, y, 100)
+    reference = DriftingFloat64(plan.references["train_step"], rate)
+    return trajectory_parity(loaded.programs["train_step"].run, reference, plan.ties, plan.params, plan.state,
+                             plan.trajectory_feeds, steps)
+
+
+def test_trajectory_stops_where_the_reference_stops_being_one(loaded, train_data):
+    """Past the step where fp32 and float64 references differ by more than 1e-2, nothing is
+    judged; a horizon after MIN_JUDGED_STEPS passes, one before it fails with the reason."""
+    t = _drifting_trajectory(loaded, train_data, 1e-4, 40)  # the horizon comes at step ~23
+    h = t["reference_horizon"]
+    assert t["passed"] and t["within_strict_tolerance"] and h["reference_rel_vs_float64"] > 1e-2
+    assert MIN_JUDGED_STEPS <= t["judged_steps"] == len(t["per_step"]) < 40
+    assert h["step"] == t["per_step"][-1]["step"] + 1
+
+    early = _drifting_trajectory(loaded, train_data, 4e-3, 40)
+    assert not early["passed"] and early["judged_steps"] < MIN_JUDGED_STEPS
+    assert "too short" in early["reference_horizon"]["why_failed"]
+    report = {"passed": False, "model": "m", "target": "t", "backend": "b", "device": "d",
+              "summary": {"programs": {}, "trajectory": {**early, "max_rel": 0.0, "worst_tensor": None,
+                                                          "negative_label_events": 0}}}
+    assert any("the fp32 reference itself" in line and "too short" in line for line in summary_lines(report))
 
 
 def test_wrong_label_margin():
