@@ -46,10 +46,20 @@ Why this is needed (measured on mnist-small, not assumed):
   with every side O(1) apart).
 
   So the check **re-synchronizes**: at a step where the fp32 reference is more than
-  ``REFERENCE_HORIZON_RTOL`` from float64 in any tensor, the float64 side restarts from the fp32
-  reference's state; if the backend is not within the strict 1e-4 of the fp32 reference there,
-  that step is not judged and the backend restarts from the reference's state too. A negative
-  label drawn differently on a sampling tie does the same for the backend. Re-synchronizations
+  ``REFERENCE_HORIZON_RTOL`` from float64 in any tensor, the float64 side and the backend restart
+  from the fp32 reference's state; the step is judged only if the backend was within the strict
+  1e-4 of the fp32 reference there. (Restarting the float64 side alone would hold the backend,
+  still at its distance accumulated since the start, to the floor of a fresh float64 trajectory:
+  mnist-minssq failed that way, onnxruntime "2000x as far from float64" as a reference that had
+  just restarted.) A negative label drawn differently on a sampling tie leaves its step unjudged
+  and restarts the backend.
+
+  Within a trajectory the float64 floor of a tensor is the fp32 reference's distance from float64
+  in that tensor or, if larger, its largest relative distance over the whole state (the quantity
+  the horizon watches). In chaotic dynamics rounding differences spread through the state at rates
+  that differ per tensor and per implementation: mnist-minssq failed at steps 82-84, where ORT
+  was 17-37x as far from float64 as torch in h3's Adam moments while the whole reference was
+  within 1e-3 of float64 and ORT within 2.5e-3 of torch. Re-synchronizations
   depend on the reference alone (or on a tie the reference computes), never on how far off the
   backend is, so a wrong backend still fails at the next judged step; at least
   ``MIN_JUDGED_FRACTION`` of the steps must be judged. The horizon is 1e-3 rather than 1e-2
@@ -89,11 +99,13 @@ TOLERANCES = {
     "integers": f"exact, except ties: argmax gap within the float tolerance, or |u - CDF boundary| <= {LABEL_TIE:g}",
     "float64_floor": f"a float tensor outside its tolerance still passes if max|out - ref64| <= tolerance + "
                      f"{FLOAT64_FACTOR:g} * max|ref32 - ref64| (no less accurate than the fp32 reference, within "
-                     f"{FLOAT64_FACTOR:g}x, against the float64 evaluation of the same program)",
+                     f"{FLOAT64_FACTOR:g}x, against the float64 evaluation of the same program); in trajectories "
+                     f"max|ref32 - ref64| is at least the reference's largest relative distance over the whole "
+                     f"state times max|ref64|",
     "resync": f"a step where the fp32 reference is more than {REFERENCE_HORIZON_RTOL:g} (rel) from float64 in some "
-              f"tensor, or where the backend draws a negative label differently on a sampling tie, restarts the "
-              f"float64 side (and, unless the backend is within the strict tolerance, the backend, that step "
-              f"unjudged) from the fp32 reference's state; at least {MIN_JUDGED_FRACTION:.0%} of the steps must be judged",
+              f"tensor restarts the float64 side and the backend from the fp32 reference's state (the step judged only "
+              f"if the backend was within the strict tolerance); a negative label drawn differently on a sampling tie "
+              f"restarts the backend (the step unjudged); at least {MIN_JUDGED_FRACTION:.0%} of the steps must be judged",
 }
 
 
@@ -124,15 +136,19 @@ def _max(a) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64)))) if np.size(a) else 0.0
 
 
-def compare_float(out, ref32, ref64, atol: float, rtol: float) -> dict:
+def compare_float(out, ref32, ref64, atol: float, rtol: float, state_floor_rel: float = 0.0) -> dict:
+    """``state_floor_rel`` (trajectories): the fp32 reference's largest relative distance from
+    float64 over the whole state; the float64 floor of this tensor is at least that, relative to it."""
     abs_err, ref_max = _max_abs(out, ref32), _max(ref32)
     entry = {"max_abs": abs_err, "max_rel": abs_err / ref_max if ref_max > 0 else abs_err, "ref_max": ref_max,
              "tolerance": atol + rtol * ref_max}
     entry["passed"] = abs_err <= entry["tolerance"]
     if not entry["passed"] and ref64 is not None:
-        floor, err64 = _max_abs(ref32, ref64), _max_abs(out, ref64)
+        floor, err64, scale = _max_abs(ref32, ref64), _max_abs(out, ref64), _max(ref64)
         entry["float64"] = {"max_abs_vs_float64": err64, "reference_max_abs_vs_float64": floor,
-                            "tolerance": atol + rtol * _max(ref64) + FLOAT64_FACTOR * floor}
+                            "tolerance": atol + rtol * scale + FLOAT64_FACTOR * max(floor, state_floor_rel * scale)}
+        if state_floor_rel:
+            entry["float64"]["state_floor_rel"] = state_floor_rel
         entry["passed"] = err64 <= entry["float64"]["tolerance"]
     return entry
 
@@ -303,9 +319,10 @@ def trajectory_parity(run, reference: Reference, ties: _LabelTies, params: dict,
         for side, out in outs.items():
             sides[side] = _split(params, state, out)
         record = {"step": int(feeds["step"]), "tensors": {}}
-        lost = _reference_drift(sides["ref32"], sides["ref64"])  # (tensor, rel) past the horizon, else None
+        drift = _reference_drift(sides["ref32"], sides["ref64"])
+        lost = drift if drift[1] > REFERENCE_HORIZON_RTOL else None
         entries = {name: compare_float(sides["backend"][g][name], sides["ref32"][g][name],
-                                       None if lost else sides["ref64"][g][name], 0.0, TRAJECTORY_RTOL)
+                                       None if lost else sides["ref64"][g][name], 0.0, TRAJECTORY_RTOL, drift[1])
                    for g in (0, 1) for name in sides["ref32"][g]}
         for name, entry in entries.items():
             record["tensors"][name] = [entry["max_abs"], entry["max_rel"]]
@@ -349,10 +366,12 @@ def trajectory_parity(run, reference: Reference, ties: _LabelTies, params: dict,
                     record.setdefault("float64_floor", {})[name] = {**entry["float64"], "passed": entry["passed"]}
                 passed &= entry["passed"]
         if lost:
-            sides["ref64"] = sides["ref32"]
+            # Both restart: a backend left at its own distance from a float64 side that restarted
+            # would be held to the floor of a trajectory shorter than its own.
+            sides["ref64"] = sides["backend"] = sides["ref32"]
             if record["judged"]:
                 resyncs.append({"step": record["step"], "cause": f"the fp32 reference is {lost[1]:.1e} (rel) from "
-                                f"float64 in {lost[0]} (float64 side only: the backend was within {TRAJECTORY_RTOL:g})"})
+                                f"float64 in {lost[0]} (step judged: the backend was within {TRAJECTORY_RTOL:g})"})
         per_step.append(record)
     judged = sum(r["judged"] for r in per_step)
     why_failed = None
@@ -367,13 +386,11 @@ def trajectory_parity(run, reference: Reference, ties: _LabelTies, params: dict,
             "per_step": per_step}
 
 
-def _reference_drift(ref32: tuple[dict, dict], ref64: tuple[dict, dict]) -> tuple[str, float] | None:
-    """(tensor, rel) where the fp32 reference is more than REFERENCE_HORIZON_RTOL from float64; None
-    while it is a reference."""
+def _reference_drift(ref32: tuple[dict, dict], ref64: tuple[dict, dict]) -> tuple[str, float]:
+    """The tensor where the fp32 reference is relatively farthest from float64, and how far."""
     drift = {name: _max_abs(ref32[g][name], ref64[g][name]) / max(_max(ref64[g][name]), 1e-30)
              for g in (0, 1) for name in ref32[g]}
-    name, rel = max(drift.items(), key=lambda kv: kv[1])
-    return (name, rel) if rel > REFERENCE_HORIZON_RTOL else None
+    return max(drift.items(), key=lambda kv: kv[1])
 
 
 @contextlib.contextmanager
