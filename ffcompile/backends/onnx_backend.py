@@ -299,16 +299,28 @@ def _find_tiled_groups(nodes: list[Node], program_inputs: dict[str, Value], outp
             g = parent[g]
         return g
 
+    def reach(start) -> set[int]:
+        """The groups ``start`` depends on through outside nodes, transitively, and ``start``: a
+        group joined after a node was placed can make an old group depend on a new one (a
+        recurrent net's h1 at t+1 joins h1's group and reads h2 at t, whose group read h1 at t)."""
+        seen, stack = set(), [find(g) for g in start]
+        while stack:
+            g = stack.pop()
+            if g not in seen:
+                seen.add(g)
+                stack.extend(find(d) for d in dep_left[g])
+        return seen
+
     group_of: dict[int, int] = {}
     left: list[set[int]] = []    # per node: groups it depends on through a path that left them
     for i, n in enumerate(nodes):
         prods = [producer[x] for x in n.inputs if x in producer]
         outside = {find(g) for p in prods for g in left[p]}
         if eligible[i]:
+            blocked = reach(outside)  # joining any of these would close a cycle through N's outside inputs
             candidates = {find(group_of[p]) for p in prods if p in group_of}
-            candidates = {g for g in candidates if group_key[g] == key(n.output) and g not in outside}
-            deps = set().union(*(dep_left[g] for g in candidates)) if candidates else set()
-            if any(find(d) in candidates for d in deps):
+            candidates = {g for g in candidates if group_key[g] == key(n.output) and g not in blocked}
+            if any(reach(dep_left[g]) & (candidates - {g}) for g in candidates):
                 candidates = set(sorted(candidates)[:1])  # merging these would close a cycle
             if candidates:
                 g = min(candidates)

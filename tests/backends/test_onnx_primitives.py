@@ -276,3 +276,24 @@ def test_ping_pong_bound_steps_match_plain_steps():
         plain_feeds.update({"w": plain["new.w"], "m": plain["new.m"]})
         bound_feeds["lr"] = np.array(0.01 * (step + 2), np.float32)  # a fresh scalar each step
         plain_feeds["lr"] = bound_feeds["lr"]
+
+
+def test_tiling_two_interleaved_recurrent_chains(monkeypatch):
+    """A recurrent net's layers read each other's previous state through matmuls: the tiled group
+    of a's damped updates must not end up reading b's group while b's reads a's (a cycle that
+    full-size mnist-recurrent's infer_goodness hit)."""
+    monkeypatch.setattr(onnx_backend, "FUSE_MIN_ELEMS", 1024)
+    monkeypatch.setattr(onnx_backend, "TILE_ELEMS", 512)
+    rows, cols = 64, 32
+    b = Builder("two_chains")
+    a, c = b.input("a", (rows, cols)), b.input("c", (rows, cols))
+    w, v = b.input("w", (cols, cols)), b.input("v", (cols, cols))
+    for _ in range(3):
+        a, c = (b.add(b.mul(a, 0.3), b.mul(b.matmul(b.relu(c), v), 0.7)),
+                b.add(b.mul(c, 0.3), b.mul(b.matmul(b.relu(a), w), 0.7)))
+    b.output("a_out", a)
+    b.output("c_out", c)
+    rng = np.random.default_rng(2)
+    feeds = {k: _uniform(rng, s) for k, s in (("a", (rows, cols)), ("c", (rows, cols)), ("w", (cols, cols)), ("v", (cols, cols)))}
+    model = _check(b.build(), feeds, fuse=True)
+    assert any(n.op_type == "Scan" for n in model.graph.node)  # still tiled where it is safe
