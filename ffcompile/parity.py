@@ -24,7 +24,7 @@ far from the float64 result as the fp32 reference is. Such tensors are reported 
 A wrong program is off by orders of magnitude more, from its first step (the program checks see
 it); the factor only absorbs which of two rounding-level perturbations happens to grow faster.
 
-Why this is needed (measured on mnist-small, not assumed):
+Why this is needed (measured, not assumed):
 
 - Adam's first step from zero state moves each weight by ``lr * g / (|g| + eps)``: a gradient that
   is zero in exact arithmetic (the softmax bias of a zero-initialised readout on a class-balanced
@@ -42,29 +42,29 @@ Why this is needed (measured on mnist-small, not assumed):
   almost nothing steps wherever its rounding points. mnist-supervised: at step 9 the float64 run
   draws one hard negative label differently and lands 4.4e-2 from fp32, while onnxruntime moves
   4.9e-3 from fp32 in h4.weight. Past such a point the reference no longer defines a trajectory,
-  and comparing against it compares noise (both nets failed the 100-step check at steps 63 and 90,
-  with every side O(1) apart).
+  and comparing against it compares noise: both nets failed the 100-step check (from step 60 and
+  at step 90), with every side O(1) apart.
 
-  So the check **re-synchronizes**: at a step where the fp32 reference is more than
-  ``REFERENCE_HORIZON_RTOL`` from float64 in any tensor, the float64 side and the backend restart
-  from the fp32 reference's state; the step is judged only if the backend was within the strict
-  1e-4 of the fp32 reference there. (Restarting the float64 side alone would hold the backend,
-  still at its distance accumulated since the start, to the floor of a fresh float64 trajectory:
-  mnist-minssq failed that way, onnxruntime "2000x as far from float64" as a reference that had
-  just restarted.) A negative label drawn differently on a sampling tie leaves its step unjudged
-  and restarts the backend.
+So the trajectory **re-synchronizes**. At a step where the fp32 reference is more than
+``REFERENCE_HORIZON_RTOL`` from float64 in any tensor, the float64 side and the backend restart
+from the fp32 reference's state; the step is judged only if the backend was within the strict
+1e-4 of the fp32 reference there. A negative label drawn differently on a sampling tie leaves its
+step unjudged and restarts the backend. Restarts depend on the reference alone (or on a tie the
+reference computes), never on how far off the backend is, so a wrong backend still fails at the
+next judged step; at least ``MIN_JUDGED_FRACTION`` of the steps must be judged. Choices, each
+forced by a full-size model that failed without it:
 
-  Within a trajectory the float64 floor of a tensor is the fp32 reference's distance from float64
-  in that tensor or, if larger, its largest relative distance over the whole state (the quantity
-  the horizon watches). In chaotic dynamics rounding differences spread through the state at rates
-  that differ per tensor and per implementation: mnist-minssq failed at steps 82-84, where ORT
-  was 17-37x as far from float64 as torch in h3's Adam moments while the whole reference was
-  within 1e-3 of float64 and ORT within 2.5e-3 of torch. Re-synchronizations
-  depend on the reference alone (or on a tie the reference computes), never on how far off the
-  backend is, so a wrong backend still fails at the next judged step; at least
-  ``MIN_JUDGED_FRACTION`` of the steps must be judged. The horizon is 1e-3 rather than 1e-2
-  because near 1e-2 the per-tensor float64 floor is noise too: mnist-supervised then failed at a
-  step where onnxruntime was 26x as far from float64 as torch in one small tensor (h2.bias.m).
+- the horizon is 1e-3, not 1e-2: near 1e-2 the per-tensor float64 floor is noise too
+  (mnist-supervised failed at a step where onnxruntime was 26x as far from float64 as torch in
+  one small tensor, h2.bias.m);
+- the backend restarts with the float64 side: left at the distance it had gathered since the
+  start, it was held to the floor of a float64 trajectory that had just restarted (mnist-minssq,
+  onnxruntime "2000x as far from float64" as the reference);
+- a tensor's float64 floor is at least the reference's largest relative distance over the whole
+  state (the quantity the horizon watches): rounding differences spread through a chaotic state
+  at rates that differ per tensor and per implementation (mnist-minssq failed at steps 82-84,
+  onnxruntime 17-37x as far from float64 as torch in h3's Adam moments, with the whole reference
+  within 1e-3 of float64 and onnxruntime within 2.5e-3 of torch).
 """
 
 from __future__ import annotations
