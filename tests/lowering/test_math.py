@@ -142,12 +142,11 @@ def _ort_and_torch(build, feeds):
 
 
 def test_sigmoid_keeps_relative_precision_when_saturated():
-    """The local rule's sigmoid is within 1e-6 (relative) of float64 on both backends out to
-    |x| = 80, where onnxruntime's own Sigmoid is 0 (a saturated FF logit's gradient is there)."""
-    from ffcompile.lowering.layer import sigmoid
+    """The sigmoid primitive is within 1e-6 (relative) of float64 on both backends out to |x| = 80,
+    where onnxruntime's own Sigmoid is 0 (a saturated FF logit's gradient is there)."""
     x = np.concatenate([-np.geomspace(80, 1e-3, 40), [0.0], np.geomspace(1e-3, 80, 40)]).astype(np.float32)
     want = 1 / (1 + np.exp(-x.astype(np.float64)))
-    for got in _ort_and_torch(lambda b: b.output("y", sigmoid(b, b.input("x", x.shape))), {"x": x}):
+    for got in _ort_and_torch(lambda b: b.output("y", b.sigmoid(b.input("x", x.shape))), {"x": x}):
         np.testing.assert_allclose(got["y"], want, rtol=1e-6, atol=0)
 
 
