@@ -215,6 +215,8 @@ def feeds_for(model, prog, batch, seed=0) -> dict[str, np.ndarray]:
             rng.standard_normal(value.shape).astype(np.float32) * 1e-3)
     feeds["x"] = rng.random((batch, model.input.size), dtype=np.float32)
     feeds["y"] = rng.integers(0, model.input.label.classes, batch).astype(np.int64)
+    feeds["x_other"] = rng.random((batch, model.input.size), dtype=np.float32)  # hybrid negatives' partners
+    feeds["mask_bits"] = rng.integers(0, 2, (batch, model.input.size)).astype(np.float32)
     feeds["u"] = rng.random(batch, dtype=np.float32)
     feeds["lr"] = np.array(model.optimizer.lr, np.float32)
     feeds["step"] = np.array(10, np.float32)

@@ -9,6 +9,9 @@ Sections (medians of interleaved samples, A B C A B C ..., helpers shared with t
 
 - ``train_step``: models/mnist-supervised.toml (784-2000x4), batch 100. Goal: TVM <= ORT.
 - ``infer_goodness_b1``: one image, all labels scored in one pass, same network.
+- ``train_step_hybrid``, ``train_step_local``: models/mnist-unsupervised.toml (hybrid negatives made
+  in the step, mask blur included) and models/mnist-local.toml (locally connected, masked dense),
+  batch 100. Reported, not goals.
 - ``arm_emulated``: models/mnist-small.toml train_step batch 100 cross-compiled for targets/arm-cpu.toml
   and run under qemu-aarch64 in the cached sysroot (user-mode emulation on this x86 host: says
   nothing about a real Raspberry Pi's speed).
@@ -136,6 +139,13 @@ def main() -> int:
         report["infer_goodness_b1"] = {"model": model.name, "batch": 1,
                                        **compare(prog, B.feeds_for(model, prog, 1), args.threads, work, tvm_target,
                                                  args.repeats, args.sample_ms)}
+        for key, spec in (("train_step_hybrid", "mnist-unsupervised"), ("train_step_local", "mnist-local")):
+            model = B.load(REPO / "models" / f"{spec}.toml")
+            log(f"train_step {model.name} batch 100")
+            prog = B.program(model, "train_step", 100)
+            report[key] = {"model": model.name, "batch": 100, "matmul_flops": B.matmul_flops(prog),
+                           **compare(prog, B.feeds_for(model, prog, 100), args.threads, work, tvm_target,
+                                     args.repeats, args.sample_ms)}
         if not args.no_arm:
             log("arm-cpu train_step under qemu")
             report["arm_emulated"] = arm_emulated(work, args.arm_steps)

@@ -528,6 +528,9 @@ class _CPUScheduler:
     reductions and elementwise loops. Each step is tried on a copy and skipped on failure."""
 
     PAR_MIN_WORK = 1 << 14  # elements below which we do not bother with threads
+    # Inlining a producer read at several points (a stencil such as the hybrid masks' blur) copies
+    # its expression into each; repeated, that grows exponentially (12 blur passes: 3^12 terms).
+    MAX_BODY_CHARS = 4000
 
     def __init__(self, func, target):
         from tvm import s_tir
@@ -586,12 +589,14 @@ class _CPUScheduler:
 
     def _inline_to_fixpoint(self, primitive: str, eligible) -> None:
         """Apply the schedule primitive ``primitive`` to one eligible non-reduction block at a time
-        until none is left; a block the primitive rejects is skipped (the schedule restored)."""
+        until none is left. A block the primitive rejects, or whose inlining would grow a block body
+        past ``MAX_BODY_CHARS``, is skipped (the schedule restored) and not tried again."""
+        rejected: set[str] = set()
         changed = True
         while changed:
             changed = False
             for name in self._blocks():
-                if self._is_reduction(name):
+                if name in rejected or self._is_reduction(name):
                     continue
                 blk = self.sch.get_sblock(name)
                 if not eligible(blk):
@@ -599,10 +604,25 @@ class _CPUScheduler:
                 saved = self.sch.copy()
                 try:
                     getattr(self.sch, primitive)(blk)
-                    changed = True
-                    break
                 except Exception:  # noqa: BLE001
                     self.sch = saved
+                    rejected.add(name)
+                    continue
+                grown = max(len(str(self.sch.get(b).body)) for b in self._touched(name, saved))
+                if grown > self.MAX_BODY_CHARS:
+                    self.sch = saved
+                    rejected.add(name)
+                    self.log.append(f"{primitive} {name}: skipped, a body would grow to {grown} characters")
+                    continue
+                changed = True
+                break
+
+    def _touched(self, name, before):
+        """Blocks of the current schedule that an inlining of ``name`` (as scheduled in ``before``)
+        rewrote: its consumers and producers that still exist."""
+        blk = before.get_sblock(name)
+        names = {before.get(b).name_hint for b in (*before.get_consumers(blk), *before.get_producers(blk))}
+        return [self.sch.get_sblock(n) for n in names if self._exists(n)]
 
     # -- GEMM ------------------------------------------------------------------------------------
     def _gemm_operands(self, name):
