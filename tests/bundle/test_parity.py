@@ -181,3 +181,66 @@ def test_wrong_label_margin():
     # true label 0: wrong labels 1 and 2 with CDF [0, 0.5, 1] -> boundary at 0.5
     assert wrong_label_margin(probs, np.array([0]), np.array([0.5]), 3, 0.0)[0] == pytest.approx(0.0)
     assert wrong_label_margin(probs, np.array([0]), np.array([0.3]), 3, 0.0)[0] == pytest.approx(0.2)
+
+
+
+class Amplifying:
+    """A training step that, at step 6 only, adds ``gain * (h2.weight - base)`` to its new h2.weight:
+    a chaotic step, which multiplies any difference from the state ``base`` by ``gain``."""
+
+    def __init__(self, run, base, gain):
+        self.inner, self.base, self.gain = run, base, gain
+
+    def __call__(self, feeds):
+        out = dict(self.inner(feeds))
+        if int(feeds["step"]) == 6:
+            new = out["new.h2.weight"]
+            out["new.h2.weight"] = (new + self.gain * (np.asarray(feeds["h2.weight"], np.float64) - self.base)).astype(new.dtype)
+        return out
+
+
+class AmplifyingReference:
+    def __init__(self, reference, base32, base64, gain):
+        self.f32 = reference.f32
+        self.run32 = Amplifying(reference.run32, base32, gain)
+        self.run64 = Amplifying(reference.run64, base64, gain)
+
+
+def _chaotic_trajectory(loaded, train_data, backend_gain: float, steps=10, gain=1e4):
+    """A trajectory through an amplifying step 6 whose ``base`` is each reference side's own state
+    there: only the backend's difference from the fp32 reference trajectory is amplified."""
+    x, y = train_data
+    plans = [plan_checks(loaded.model, ["train_step"], loaded.params, loaded.state, loaded.step, x, y, 100)
+             for _ in range(2)]
+    plain, seen = plans[0].references["train_step"], {}
+
+    def recorder(run, side):
+        def record(feeds):
+            seen.setdefault((side, int(feeds["step"])), np.asarray(feeds["h2.weight"], np.float64))
+            return run(feeds)
+        return record
+
+    recording = AmplifyingReference(plain, 0.0, 0.0, 0.0)
+    recording.run32, recording.run64 = recorder(plain.run32, 32), recorder(plain.run64, 64)
+    program = loaded.programs["train_step"]
+    trajectory_parity(program.run, recording, plans[0].ties, plans[0].params, plans[0].state,
+                      plans[0].trajectory_feeds, steps)
+    plan = plans[1]
+    reference = AmplifyingReference(plan.references["train_step"], seen[32, 6], seen[64, 6], gain)
+    backend = Amplifying(program.run, seen[32, 6], backend_gain)
+    return trajectory_parity(backend, reference, plan.ties, plan.params, plan.state, plan.trajectory_feeds, steps)
+
+
+def test_a_step_that_amplifies_the_backends_rounding_restarts_it(loaded, train_data):
+    """At a chaotic step the backend lands far from the reference trajectory, but where the
+    reference lands when stepped from the backend's own state: that step is not judged and the
+    backend restarts from the reference. A backend that computes the step differently fails."""
+    t = _chaotic_trajectory(loaded, train_data, backend_gain=1e4)
+    step6 = next(r for r in t["per_step"] if r["step"] == 6)
+    assert step6["own_state_check"]["explained"], step6
+    assert t["passed"] and t["judged_steps"] == 9
+    assert [r["step"] for r in t["resyncs"]] == [6] and "stepped from the backend's state" in t["resyncs"][0]["cause"]
+
+    bad = _chaotic_trajectory(loaded, train_data, backend_gain=2e4)  # the same step, computed wrong
+    step6 = next(r for r in bad["per_step"] if r["step"] == 6)
+    assert not bad["passed"] and bad["resyncs"] == [] and not step6["own_state_check"]["explained"]
