@@ -976,6 +976,27 @@ def _aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
     return raw[off:off + n].view(dtype).reshape(shape)
 
 
+_LOADED: dict[str, str] = {}  # resolved path -> sha256 of the library this process first loaded from it
+
+
+def _load_library(path: Path):
+    """``tvm.runtime.load_module``, safe against a library rebuilt at a path this process has
+    loaded before: dlopen returns the first library for a path, so a changed one is loaded from a
+    copy of its own."""
+    import hashlib
+    import shutil
+    import tempfile
+
+    import tvm
+
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if _LOADED.setdefault(str(path.resolve()), digest) != digest:
+        copy = Path(tempfile.mkdtemp(prefix="ffcompile-tvm-")) / f"{digest[:16]}{path.suffix}"
+        shutil.copyfile(path, copy)
+        path = copy
+    return tvm.runtime.load_module(str(path))
+
+
 class TVMProgram:
     """A compiled program loaded with only the TVM runtime."""
 
@@ -993,7 +1014,7 @@ class TVMProgram:
         copy = set(meta.get("copy_outputs", self.output_names))
         self._copy = [n in copy for n in self.output_names]
         self.device = tvm.runtime.device(device, device_id)
-        lib = tvm.runtime.load_module(str(self.path))
+        lib = _load_library(self.path)
         from tvm.runtime.vm import VirtualMachine  # (not imported by `import tvm` in runtime-only mode)
 
         self._vm = VirtualMachine(lib, self.device)

@@ -74,3 +74,14 @@ def test_hybrid_mask_blur_compiles_with_bounded_inlining(monkeypatch, tmp_path):
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
     skipped = [line for entry in log for line in entry["log"] if "a body would grow" in line]
     assert skipped, "no inlining was stopped: the blur chain was fully inlined"
+
+
+def test_a_library_rebuilt_at_the_same_path_is_the_new_one(tmp_path):
+    """dlopen hands a process the library it first loaded from a path; ``load`` must not."""
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    path = tmp_path / "prog.so"
+    for scale in (2.0, 3.0):
+        b = Builder("scale")
+        b.output("y", b.mul(b.input("x", (2, 3)), scale))
+        tvm_compile.compile_onnx(to_onnx(b.build(), fuse=False), HOST, path)
+        np.testing.assert_array_equal(tvm_compile.load(path).run({"x": x})["y"], scale * x)
