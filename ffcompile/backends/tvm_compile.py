@@ -589,14 +589,15 @@ class _CPUScheduler:
 
     def _inline_to_fixpoint(self, primitive: str, eligible) -> None:
         """Apply the schedule primitive ``primitive`` to one eligible non-reduction block at a time
-        until none is left. A block the primitive rejects, or whose inlining would grow a block body
-        past ``MAX_BODY_CHARS``, is skipped (the schedule restored) and not tried again."""
-        rejected: set[str] = set()
+        until none is left. A block the primitive rejects is skipped (the schedule restored) and
+        tried again after the next change; one whose inlining would grow a block body past
+        ``MAX_BODY_CHARS`` is undone and not tried again."""
+        too_big: set[str] = set()
         changed = True
         while changed:
             changed = False
             for name in self._blocks():
-                if name in rejected or self._is_reduction(name):
+                if name in too_big or self._is_reduction(name):
                     continue
                 blk = self.sch.get_sblock(name)
                 if not eligible(blk):
@@ -606,12 +607,11 @@ class _CPUScheduler:
                     getattr(self.sch, primitive)(blk)
                 except Exception:  # noqa: BLE001
                     self.sch = saved
-                    rejected.add(name)
                     continue
                 grown = max(len(str(self.sch.get(b).body)) for b in self._touched(name, saved))
                 if grown > self.MAX_BODY_CHARS:
                     self.sch = saved
-                    rejected.add(name)
+                    too_big.add(name)
                     self.log.append(f"{primitive} {name}: skipped, a body would grow to {grown} characters")
                     continue
                 changed = True
