@@ -89,7 +89,7 @@ def built_tvm(request, tmp_path_factory):
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # the ONNX importer renames dotted names
 def test_tvm_builds_with_a_100_step_trajectory(built_tvm):
-    model, bundle_dir = built_tvm
+    _, bundle_dir = built_tvm
     report = json.loads((bundle_dir / "parity.json").read_text())
     print("\n".join(summary_lines(report)))
     assert report["passed"]
