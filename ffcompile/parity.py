@@ -49,9 +49,9 @@ So the trajectory **re-synchronizes**. At a step where the fp32 reference is mor
 ``REFERENCE_HORIZON_RTOL`` from float64 in any tensor, the float64 side and the backend restart
 from the fp32 reference's state; the step is judged only if the backend was within the strict
 1e-4 of the fp32 reference there. A negative label drawn differently on a sampling tie leaves its
-step unjudged and restarts the backend. Restarts depend on the reference alone (or on a tie the
-reference computes), never on how far off the backend is, so a wrong backend still fails at the
-next judged step; at least ``MIN_JUDGED_FRACTION`` of the steps must be judged. Choices, each
+step unjudged and restarts the backend. These restarts depend on the reference alone (or on a
+tie the reference computes), never on how far off the backend is, so a wrong backend still fails
+at the next judged step; at least ``MIN_JUDGED_FRACTION`` of the steps must be judged. Choices, each
 forced by a full-size model that failed without it:
 
 - the horizon is 1e-3, not 1e-2: near 1e-2 the per-tensor float64 floor is noise too
@@ -330,7 +330,8 @@ def trajectory_parity(run, reference: Reference, ties: _LabelTies, params: dict,
         first_step = int(feeds["step"]) if first_step is None else first_step
         run_feeds = {k: v for k, v in feeds.items() if k in needed}
         before = sides["backend"]
-        outs = {"backend": run({**before[0], **before[1], **run_feeds}),
+        backend_in = {**before[0], **before[1], **run_feeds}
+        outs = {"backend": run(backend_in),
                 "ref32": reference.run32({**sides["ref32"][0], **sides["ref32"][1], **run_feeds}),
                 "ref64": reference.run64({**sides["ref64"][0], **sides["ref64"][1], **run_feeds})}
         for side, out in outs.items():
@@ -350,7 +351,7 @@ def trajectory_parity(run, reference: Reference, ties: _LabelTies, params: dict,
             got, want = outs["backend"]["negative_labels"], outs["ref32"]["negative_labels"]
             wrong = np.flatnonzero(got != want)
         if len(wrong):
-            shadow = reference.run32({**before[0], **before[1], **run_feeds})["negative_labels"]
+            shadow = reference.run32(backend_in)["negative_labels"]
             margins = ties.margins(before[0], feeds)
             for r in wrong:
                 if shadow[r] == got[r]:
@@ -370,8 +371,7 @@ def trajectory_parity(run, reference: Reference, ties: _LabelTies, params: dict,
         # only while the backend has kept to the reference: after a failed step its state is off by
         # more than rounding, and the reference stepped from it would "explain" any later step
         if passed and not (step_ties or lost) and not all(e["passed"] for e in entries.values()):
-            amplified = _amplified_step(reference, params, state, {**before[0], **before[1], **run_feeds},
-                                        sides["backend"], entries)
+            amplified = _amplified_step(reference, params, state, backend_in, sides["backend"], entries)
             record["own_state_check"] = amplified
         if step_ties or (lost and not strict_here) or (amplified and amplified["explained"]):
             why = ("a negative label drawn differently on a sampling tie" if step_ties else

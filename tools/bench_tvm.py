@@ -128,24 +128,20 @@ def main() -> int:
               "tvm_target": tvm_target, "repeats": args.repeats}
     with tempfile.TemporaryDirectory(prefix="bench-tvm-") as tmp:
         work = Path(tmp)
-        model = B.load(B.BIG_MODEL)
-        log(f"train_step {model.name} batch 100")
-        prog = B.program(model, "train_step", 100)
-        report["train_step"] = {"model": model.name, "batch": 100, "matmul_flops": B.matmul_flops(prog),
-                                **compare(prog, B.feeds_for(model, prog, 100), args.threads, work, tvm_target,
-                                          args.repeats, args.sample_ms)}
-        log(f"infer_goodness {model.name} batch 1")
-        prog = B.program(model, "infer_goodness", 1)
-        report["infer_goodness_b1"] = {"model": model.name, "batch": 1,
-                                       **compare(prog, B.feeds_for(model, prog, 1), args.threads, work, tvm_target,
-                                                 args.repeats, args.sample_ms)}
-        for key, spec in (("train_step_hybrid", "mnist-unsupervised"), ("train_step_local", "mnist-local")):
-            model = B.load(REPO / "models" / f"{spec}.toml")
+        for key, path in (("train_step", B.BIG_MODEL), ("train_step_hybrid", REPO / "models" / "mnist-unsupervised.toml"),
+                          ("train_step_local", REPO / "models" / "mnist-local.toml")):
+            model = B.load(path)
             log(f"train_step {model.name} batch 100")
             prog = B.program(model, "train_step", 100)
             report[key] = {"model": model.name, "batch": 100, "matmul_flops": B.matmul_flops(prog),
                            **compare(prog, B.feeds_for(model, prog, 100), args.threads, work, tvm_target,
                                      args.repeats, args.sample_ms)}
+        model = B.load(B.BIG_MODEL)
+        log(f"infer_goodness {model.name} batch 1")
+        prog = B.program(model, "infer_goodness", 1)
+        report["infer_goodness_b1"] = {"model": model.name, "batch": 1,
+                                       **compare(prog, B.feeds_for(model, prog, 1), args.threads, work, tvm_target,
+                                                 args.repeats, args.sample_ms)}
         if not args.no_arm:
             log("arm-cpu train_step under qemu")
             report["arm_emulated"] = arm_emulated(work, args.arm_steps)

@@ -95,10 +95,11 @@ def _lower(g: _Graph, node: Node) -> None:
         # not onnxruntime's Sigmoid: 17 % off at -15 and 0 below -20 (measured), where a saturated
         # FF logit's gradient lives; from exp(-|x|) it keeps its relative precision on both sides
         e = g.node("Exp", [g.node("Neg", [g.node("Abs", ins, f"{out}/abs")], f"{out}/neg_abs")], f"{out}/exp")
-        d = g.node("Add", [e, g.const(f"{out}/one", np.float32(1))], f"{out}/denominator")
+        one = g.const(f"{out}/one", np.float32(1))
+        d = g.node("Add", [e, one], f"{out}/denominator")
         below = g.node("Less", [ins[0], g.const(f"{out}/zero", np.float32(0))], f"{out}/below_zero")
         g.node("Where", [below, g.node("Div", [e, d], f"{out}/left_tail"),
-                         g.node("Div", [g.const(f"{out}/one_num", np.float32(1)), d], f"{out}/right_tail")], out)
+                         g.node("Div", [one, d], f"{out}/right_tail")], out)
     elif op == "step":
         positive = g.node("Greater", [ins[0], g.const(f"{out}/zero", np.float32(0))], f"{out}/positive")
         g.node("Cast", [positive], out, to=TensorProto.FLOAT)

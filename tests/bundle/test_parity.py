@@ -1,5 +1,7 @@
 """The compiled onnxruntime programs against the PyTorch reference, and the harness itself."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -183,7 +185,6 @@ def test_wrong_label_margin():
     assert wrong_label_margin(probs, np.array([0]), np.array([0.3]), 3, 0.0)[0] == pytest.approx(0.2)
 
 
-
 class Amplifying:
     """A training step that, at step 6 only, adds ``gain * (h2.weight - base)`` to its new h2.weight:
     a chaotic step, which multiplies any difference from the state ``base`` by ``gain``."""
@@ -220,8 +221,7 @@ def _chaotic_trajectory(loaded, train_data, backend_gain: float, steps=10, gain=
             return run(feeds)
         return record
 
-    recording = AmplifyingReference(plain, 0.0, 0.0, 0.0)
-    recording.run32, recording.run64 = recorder(plain.run32, 32), recorder(plain.run64, 64)
+    recording = SimpleNamespace(f32=plain.f32, run32=recorder(plain.run32, 32), run64=recorder(plain.run64, 64))
     program = loaded.programs["train_step"]
     trajectory_parity(program.run, recording, plans[0].ties, plans[0].params, plans[0].state,
                       plans[0].trajectory_feeds, steps)
