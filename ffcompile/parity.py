@@ -83,6 +83,7 @@ amplified).
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -331,6 +332,8 @@ def trajectory_parity(run, reference: Reference, ties: _LabelTies, params: dict,
         run_feeds = {k: v for k, v in feeds.items() if k in needed}
         before = sides["backend"]
         backend_in = {**before[0], **before[1], **run_feeds}
+        # for the label shadow and the own-state check; at most once a step
+        stepped_from_backend = functools.cache(lambda: reference.run32(backend_in))
         outs = {"backend": run(backend_in),
                 "ref32": reference.run32({**sides["ref32"][0], **sides["ref32"][1], **run_feeds}),
                 "ref64": reference.run64({**sides["ref64"][0], **sides["ref64"][1], **run_feeds})}
@@ -351,7 +354,7 @@ def trajectory_parity(run, reference: Reference, ties: _LabelTies, params: dict,
             got, want = outs["backend"]["negative_labels"], outs["ref32"]["negative_labels"]
             wrong = np.flatnonzero(got != want)
         if len(wrong):
-            shadow = reference.run32(backend_in)["negative_labels"]
+            shadow = stepped_from_backend()["negative_labels"]
             margins = ties.margins(before[0], feeds)
             for r in wrong:
                 if shadow[r] == got[r]:
@@ -371,7 +374,8 @@ def trajectory_parity(run, reference: Reference, ties: _LabelTies, params: dict,
         # only while the backend has kept to the reference: after a failed step its state is off by
         # more than rounding, and the reference stepped from it would "explain" any later step
         if passed and not (step_ties or lost) and not all(e["passed"] for e in entries.values()):
-            amplified = _amplified_step(reference, params, state, backend_in, sides["backend"], entries)
+            amplified = _amplified_step(reference, params, state, backend_in, stepped_from_backend(),
+                                        sides["backend"], entries)
             record["own_state_check"] = amplified
         if step_ties or (lost and not strict_here) or (amplified and amplified["explained"]):
             why = ("a negative label drawn differently on a sampling tie" if step_ties else
@@ -411,13 +415,14 @@ def trajectory_parity(run, reference: Reference, ties: _LabelTies, params: dict,
             "per_step": per_step}
 
 
-def _amplified_step(reference: Reference, params: dict, state: dict, backend_feeds: dict, backend: tuple[dict, dict],
-                    entries: dict) -> dict:
+def _amplified_step(reference: Reference, params: dict, state: dict, backend_feeds: dict, own32: dict,
+                    backend: tuple[dict, dict], entries: dict) -> dict:
     """Whether the backend's departure at this step is the reference's own response to the
     backend's state: the reference stepped from the backend's inputs lands within the program
     tolerance of the backend (it computed the step right), and every departing tensor's gap to
-    the reference trajectory is at least ``1 / OWN_STATE_SHARE`` times that step's own error."""
-    own = _split(params, state, reference.run32(backend_feeds))
+    the reference trajectory is at least ``1 / OWN_STATE_SHARE`` times that step's own error.
+    ``own32``: the fp32 reference's outputs from ``backend_feeds``."""
+    own = _split(params, state, own32)
     own64 = _split(params, state, reference.run64(backend_feeds))
     local = {name: compare_float(backend[g][name], own[g][name], own64[g][name], PROGRAM_ATOL, PROGRAM_RTOL)
              for g in (0, 1) for name in own[g]}

@@ -106,7 +106,7 @@ def supervised(model: Model) -> bool:
     return model.input.label.kind != "none"
 
 
-def _readout_rows(b: Builder, x: Value, model: Model) -> Value:
+def readout_rows(b: Builder, x: Value, model: Model) -> Value:
     """What the softmax readout runs on: the image with the neutral label, or just the image."""
     return lbl.with_label(b, x, lbl.neutral_rows(b, x.shape[0], model), model) if supervised(model) else x
 
@@ -152,7 +152,7 @@ def _train_step(b: Builder, model: Model, batch: int) -> None:
     if supervised(model):
         probs = None
         if model.readout.softmax_layers:
-            probs = learn_softmax(readout_features(b, _readout_rows(b, x, model), params, model, "neutral"))
+            probs = learn_softmax(readout_features(b, readout_rows(b, x, model), params, model, "neutral"))
         positives, negatives = _label_negatives(b, x, labels, u, probs, model, batch, metrics)
     else:
         x_other, bits = _hybrid_inputs(b, model, batch)
@@ -216,7 +216,7 @@ def _infer_goodness(b: Builder, model: Model, batch: int) -> None:
 def _infer_softmax(b: Builder, model: Model, batch: int) -> None:
     params = param_inputs(b, model)
     x = b.input("x", (batch, model.input.size))
-    features = readout_features(b, _readout_rows(b, x, model), params, model, "neutral")
+    features = readout_features(b, readout_rows(b, x, model), params, model, "neutral")
     probs = softmax(b, softmax_logits(b, features, params))
     b.output("probs", probs)
     b.output("prediction", b.argmax(probs, 1))
