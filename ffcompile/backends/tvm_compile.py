@@ -470,7 +470,7 @@ def _cpu_params(target) -> dict:
             lanes, regs = 4, 16
     else:
         lanes, regs = 4, 16
-    cores = int(attrs.get("num-cores", 0) or 0) or (os.cpu_count() or 1)
+    cores = int(attrs.get("num-cores", 0) or 0) or usable_cores()
     return {"lanes": lanes, "regs": regs, "threads": cores}
 
 
@@ -979,6 +979,45 @@ def _aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
 _LOADED: dict[str, str] = {}  # resolved path -> sha256 of the library this process first loaded from it
 
 
+def usable_cores() -> int:
+    """Physical cores this process may run on: CPUs in its affinity mask, SMT siblings counted once."""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    cores = set()
+    for cpu in cpus:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(((topology / "physical_package_id").read_text(), (topology / "core_id").read_text()))
+        except OSError:
+            cores.add(cpu)
+    return max(1, len(cores))
+
+
+_POOL_SIZED = False
+
+
+def _size_thread_pool() -> None:
+    """Create TVM's CPU thread pool with one thread per usable core, unless TVM_NUM_THREADS or
+    OMP_NUM_THREADS says otherwise, and leave this thread free to run on every CPU it could before.
+
+    TVM's own default is half the logical CPUs on x86, on the assumption of two SMT threads per
+    core: on machines without SMT (most small cloud VMs) it ran our programs, scheduled for every
+    core, on half of them. And a one-thread pool pins the thread that creates it to one CPU, which
+    left every torch step after it in the same process (the parity reference) on one core too.
+    The pool is sized once per process, on first use, so this runs before any library is loaded."""
+    global _POOL_SIZED
+    if _POOL_SIZED:
+        return
+    _POOL_SIZED = True
+    import tvm
+
+    if "TVM_NUM_THREADS" not in os.environ and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["TVM_NUM_THREADS"] = str(usable_cores())
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    tvm.get_global_func("runtime.NumThreads")()  # creates the pool now
+    if cpus is not None and os.sched_getaffinity(0) != cpus:
+        os.sched_setaffinity(0, cpus)
+
+
 def _load_library(path: Path):
     """``tvm.runtime.load_module``, safe against a library rebuilt at a path this process has
     loaded before: dlopen returns the first library for a path, so a changed one is loaded from a
@@ -989,6 +1028,7 @@ def _load_library(path: Path):
 
     import tvm
 
+    _size_thread_pool()
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     if _LOADED.setdefault(str(path.resolve()), digest) != digest:
         copy = Path(tempfile.mkdtemp(prefix="ffcompile-tvm-")) / f"{digest[:16]}{path.suffix}"
