@@ -87,11 +87,18 @@ def test_a_library_rebuilt_at_the_same_path_is_the_new_one(tmp_path):
         np.testing.assert_array_equal(tvm_compile.load(path).run({"x": x})["y"], scale * x)
 
 
+@pytest.fixture(scope="module")
+def scale_library(tmp_path_factory):
+    b = Builder("scale")
+    b.output("y", b.mul(b.input("x", (2, 3)), 2.0))
+    return tvm_compile.compile_onnx(to_onnx(b.build(), fuse=False), HOST, tmp_path_factory.mktemp("scale") / "prog.so")
+
+
 @pytest.mark.parametrize("env,want", [({}, None), ({"TVM_NUM_THREADS": "1"}, 1), ({"OMP_NUM_THREADS": "1"}, 1)])
-def test_loaded_programs_run_on_every_usable_core_unless_told(env, want, tmp_path):
-    """TVM's default pool is half the logical CPUs on x86 (it assumes SMT), and it then pins the
-    process to them: on a 2-core VM without SMT our programs ran on one core, and so did every
-    torch reference step after them in the same process. Loading a program sizes the pool to the
+def test_loaded_programs_run_on_every_usable_core_unless_told(env, want, scale_library):
+    """TVM's default pool is half the logical CPUs on x86 (it assumes SMT), and a one-thread pool
+    pins the thread that made it to one CPU: on a 2-core VM without SMT our programs ran on one
+    core, and so did every torch reference step after them in the same process. Loading a program sizes the pool to the
     usable physical cores; TVM_NUM_THREADS or OMP_NUM_THREADS, when set, still decide. Either way
     the process may still run on every CPU it could before. Fresh processes: the pool is sized
     once per process."""
@@ -99,15 +106,12 @@ def test_loaded_programs_run_on_every_usable_core_unless_told(env, want, tmp_pat
     import subprocess
     import sys
 
-    b = Builder("scale")
-    b.output("y", b.mul(b.input("x", (2, 3)), 2.0))
-    lib = tvm_compile.compile_onnx(to_onnx(b.build(), fuse=False), HOST, tmp_path / "prog.so")
     script = ("import os, sys, numpy, tvm; from ffcompile.backends import tvm_compile as t; "
               "cores, cpus = t.usable_cores(), os.sched_getaffinity(0); "
               "t.load(sys.argv[1]).run({'x': numpy.ones((2, 3), numpy.float32)}); "
               "print(tvm.get_global_func('runtime.NumThreads')(), cores, os.sched_getaffinity(0) == cpus)")
     clean = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
-    out = subprocess.run([sys.executable, "-c", script, str(lib)], env={**clean, **env}, capture_output=True,
+    out = subprocess.run([sys.executable, "-c", script, str(scale_library)], env={**clean, **env}, capture_output=True,
                          text=True, check=True).stdout.split()
     threads, cores, affinity_kept = int(out[-3]), int(out[-2]), out[-1]
     assert threads == (want or cores)
