@@ -31,6 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .errors import FFCompileError
+from .evaluate import run_in_batches
 from .loop import epoch_plan, learning_rate, step_feeds, summarize
 from .spec import Model
 
@@ -100,14 +101,8 @@ def batched(run: Callable[[dict], dict], batch: int) -> Callable[[dict, np.ndarr
     the last one padded with zeros and the padding dropped."""
 
     def probs_fn(params, rows: np.ndarray) -> np.ndarray:
-        out = []
-        for start in range(0, len(rows), batch):
-            chunk = rows[start:start + batch]
-            pad = batch - len(chunk)
-            if pad:
-                chunk = np.concatenate([chunk, np.zeros((pad, rows.shape[1]), rows.dtype)])
-            out.append(np.asarray(run({**params, "x": chunk})["probs"])[:batch - pad])
-        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+        probs = run_in_batches(run, params, rows, batch, "probs")
+        return probs if probs is not None else np.zeros((0, 0), np.float32)
 
     return probs_fn
 

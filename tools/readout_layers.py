@@ -32,6 +32,7 @@ import torch  # noqa: E402
 from ffcompile.backends.torch_backend import TorchProgram  # noqa: E402
 from ffcompile.checkpoint import CHECKPOINT, load_checkpoint, write_json  # noqa: E402
 from ffcompile.data.datasets import load_split  # noqa: E402
+from ffcompile.evaluate import run_in_batches  # noqa: E402
 from ffcompile.lowering.programs import readout_rows  # noqa: E402
 from ffcompile.lowering.readouts import readout_features  # noqa: E402
 from ffcompile.lowering.state import param_inputs  # noqa: E402
@@ -52,15 +53,8 @@ def layer_features(model: Model, params: dict[str, np.ndarray], x: np.ndarray) -
     b.output("features", readout_features(b, rows, inputs, every, "neutral"))
     program = TorchProgram(b.build())
     needed = {v.name for v in program.program.inputs}
-    feeds = {k: torch.as_tensor(v) for k, v in params.items() if k in needed}
-    parts = []
-    with torch.no_grad():
-        for start in range(0, len(x), BATCH):
-            chunk = x[start:start + BATCH]
-            padded = np.zeros((BATCH, x.shape[1]), np.float32)
-            padded[:len(chunk)] = chunk
-            parts.append(program.run({**feeds, "x": torch.as_tensor(padded)})["features"][:len(chunk)])
-    joined = torch.cat(parts)
+    feeds = {k: v for k, v in params.items() if k in needed}
+    joined = torch.from_numpy(run_in_batches(program.run_numpy, feeds, x, BATCH, "features"))
     widths = [layer.size for layer in model.layers]
     return dict(zip(names, torch.split(joined, widths, dim=1)))
 
@@ -102,7 +96,6 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="readout_layers.json")
     args = ap.parse_args()
-    torch.manual_seed(args.seed)
 
     path = Path(args.run)
     ckpt = load_checkpoint(path / CHECKPOINT if path.is_dir() else path)
