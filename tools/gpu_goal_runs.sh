@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # The MNIST runs whose paper numbers are still open goals (issues 5 and 6), for one GPU command of
-# at most LIMIT seconds, side by side on one GPU: unsupervised 4x2000 for the paper's 100 epochs
-# (goal 1.37 %), the recurrent net 60 epochs (1.31 %) and jittered MNIST for 60 of the paper's 500
-# epochs, cool-down included (goal 0.70 %). (The local net's 1.16 % was met on CPU: README.)
-# Three runs rather than gpu_paper_runs.sh's seven: those were compute bound at 5-8 s per epoch.
+# at most LIMIT seconds, side by side on one GPU:
+#   recurrent        the recurrent net, 60 epochs (goal 1.31 %; ~15-20 h on 2 CPU cores)
+#   jitter           jittered MNIST, 60 of the paper's 500 epochs, cool-down included (goal 0.70 %)
+#   unsup-lr3e-4     unsupervised 4x2000, 100 epochs, Adam 3e-4 instead of 1e-3
+#   unsup-nopeer     unsupervised 4x2000, 100 epochs, no peer normalization
+# The unsupervised spec as written completed on CPU at 2.09 % (goal 1.37 %; README): its features,
+# not its readout, were the limit, and its validation error stayed flat at the full learning rate,
+# so the two variants test the settings the paper does not give. (The local net's 1.16 % was met.)
 # Each run writes metrics.json every epoch, so a cut run still reports its curve, and resumes from
 # its checkpoint when run again with the same RESULTS_DIR (a 4x2000 checkpoint with Adam state is
 # ~160 MB: on a lent machine, delete RESULTS_DIR/*.run/*.safetensors before the results travel).
@@ -13,9 +17,16 @@ DATA=${1:?MNIST dir}; OUT=${2:?results dir}; LIMIT=${3:-540}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 nvidia-smi -L || true
-for exp in unsupervised recurrent "jitter --epochs 60"; do
-  name=${exp%% *}
-  timeout "$LIMIT" python3 tools/bench_paper_mnist.py --experiment $exp --data-dir "$DATA" --device cuda \
+runs=(
+  "recurrent|--experiment recurrent"
+  "jitter|--experiment jitter --epochs 60"
+  "unsup-lr3e-4|--experiment unsupervised --set optimizer.lr=3e-4"
+  "unsup-nopeer|--experiment unsupervised --set regularizers.peer_norm.weight=0.0"
+)
+for run in "${runs[@]}"; do
+  name=${run%%|*}
+  # shellcheck disable=SC2086  # the run's arguments are meant to split
+  timeout "$LIMIT" python3 tools/bench_paper_mnist.py ${run#*|} --data-dir "$DATA" --device cuda \
     --out "$OUT/$name.json" --run-dir "$OUT/$name.run" > "$OUT/$name.log" 2>&1 &
 done
 wait
