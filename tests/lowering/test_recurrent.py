@@ -104,6 +104,25 @@ def test_readout_averages_goodness_over_the_readout_iterations():
     assert np.array_equal(out["prediction"], want.argmax(1))
 
 
+@pytest.mark.parametrize("readout", [("h2", "h3"), (), ("h1",)])
+def test_negative_probabilities_are_the_softmax_of_each_labels_goodness_after_one_iteration(readout):
+    """The program runs only the top layer once per label; the full net with every label on top
+    must give the same probabilities (uniform when the top layer is not scored)."""
+    model = tiny(readout=readout)
+    rng = np.random.default_rng(2)
+    params, _ = random_params(model, rng)
+    x = rng.random((BATCH, 16))
+    out = TorchProgram(build_program(model, "negative_probs", BATCH)).run_numpy(
+        {**{k: v.astype(np.float32) for k, v in params.items()}, "x": x.astype(np.float32)})
+    scored = [model.layer_index(n) for n in readout] or range(len(model.layers))
+    logits = np.stack([sum((numpy_rollout(model, params, x, np.full(BATCH, c))[1][i] ** 2).sum(1) for i in scored)
+                       for c in range(4)], axis=1)
+    want = np.exp(logits - logits.max(1, keepdims=True))
+    want /= want.sum(1, keepdims=True)
+    np.testing.assert_allclose(out["probs"], want, rtol=1e-4, atol=1e-6)
+    assert ("h1",) != readout or np.allclose(want, 0.25)
+
+
 CASES = [
     dict(),
     dict(goodness="neg_ssq", negatives="random_label", optimizer=Optimizer(kind="adam", lr=0.01)),
