@@ -81,6 +81,12 @@ def scored_layers(model: Model) -> list[int]:
     return sorted(model.layer_index(n) for n in chosen) if chosen else list(range(len(model.layers)))
 
 
+def damped(b: Builder, model: Model, previous: Value, z: Value) -> Value:
+    """The new pre-normalized state: damping * previous + (1 - damping) * relu(z)."""
+    damping = model.recurrent.damping
+    return b.add(b.mul(previous, damping), b.mul(b.relu(z), 1.0 - damping))
+
+
 class Unrolled:
     """The network's states over the iterations for one set of rows. ``pixels``: the bottom layer
     as the first hidden layer sees it; ``label``: the top layer's normalized one-of-N rows."""
@@ -105,7 +111,7 @@ class Unrolled:
 
     def step(self):
         """One synchronous damped iteration. Returns per layer (bottom-up input, top-down input, z)."""
-        b, model, damping = self.b, self.model, self.model.recurrent.damping
+        b, model = self.b, self.model
         self.t += 1
         names = [layer.name for layer in model.layers]
         normed = []
@@ -118,7 +124,7 @@ class Unrolled:
             above = self.label if i == len(names) - 1 else normed[i + 1]
             with b.scope(f"{self.tag}/t{self.t}/{name}"):
                 z = b.add(forward(b, below, self.params, model, i)[0], top_down(b, model, self.params, i, above))
-                new_states.append(b.add(b.mul(self.states[i], damping), b.mul(b.relu(z), 1.0 - damping)))
+                new_states.append(damped(b, model, self.states[i], z))
             parts.append((below, above, z))
         self.states = new_states
         return parts
@@ -222,7 +228,7 @@ def _single_pass_probs(b: Builder, model: Model, params, x: Value, batch: int) -
         label = _label_rows(b, model, _every_label(b, model, batch))
         z = b.add(bottom_up, top_down(b, model, params, top, label))
         previous = b.concat([net.first[top]] * classes, axis=0)
-        h = b.add(b.mul(previous, model.recurrent.damping), b.mul(b.relu(z), 1.0 - model.recurrent.damping))
+        h = damped(b, model, previous, z)
     with b.scope("single_pass"):
         return softmax(b, _per_label(b, model, goodness(b, h, model), batch))
 
