@@ -35,8 +35,8 @@ sys.path.insert(0, str(TOOLS))
 from bench_paper_supervised import train_paper_run  # noqa: E402
 from ffcompile.data.datasets import load_split  # noqa: E402
 from ffcompile.data.idx import DataError  # noqa: E402
-from ffcompile.errors import FFCompileError  # noqa: E402
-from ffcompile.train import evaluate_params  # noqa: E402
+from ffcompile.core.errors import FFCompileError  # noqa: E402
+from ffcompile.reference.train import evaluate_params  # noqa: E402
 
 # table 1: (layers, goodness) -> {readout: (training % error, test % error)}
 PAPER = {

@@ -29,14 +29,14 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ffcompile.backends.onnx_backend import to_onnx  # noqa: E402
-from ffcompile.backends.torch_backend import TorchProgram  # noqa: E402
+from ffcompile.compiler.onnx_emit import to_onnx  # noqa: E402
+from ffcompile.reference.interpreter import TorchProgram  # noqa: E402
 from ffcompile.lowering import build_program, init_state, local  # noqa: E402
 from ffcompile.lowering.layer import forward, local_gradient, peer_normalization  # noqa: E402
 from ffcompile.lowering.optimizers import apply_update  # noqa: E402
-from ffcompile.program.builder import Builder  # noqa: E402
+from ffcompile.core.builder import Builder  # noqa: E402
 from ffcompile.runtime.ort import OrtProgram, available_providers  # noqa: E402
-from ffcompile.spec import load_model  # noqa: E402
+from ffcompile.core.spec import load_model  # noqa: E402
 
 
 def layer_program(model, i: int, batch: int):

@@ -195,7 +195,7 @@ def cpu_info() -> dict:
 # -- programs, feeds, FLOPs --------------------------------------------------------------------
 
 def load(path):
-    from ffcompile.spec import load_model
+    from ffcompile.core.spec import load_model
     return load_model(str(path))
 
 
@@ -244,7 +244,7 @@ class Runners:
     """ORT (bound outputs / plain) and torch eager callables for one program."""
 
     def __init__(self, prog, feeds, threads, profile_prefix=None, **emit):
-        from ffcompile.backends.onnx_backend import to_onnx
+        from ffcompile.compiler.onnx_emit import to_onnx
         from ffcompile.runtime.ort import OrtProgram
         self.prog, self.feeds = prog, feeds
         self.model_bytes = to_onnx(prog, **emit).SerializeToString()
@@ -260,7 +260,7 @@ class Runners:
 
     def torch_eager(self):
         import torch
-        from ffcompile.backends.torch_backend import TorchProgram
+        from ffcompile.reference.interpreter import TorchProgram
         if self._torch is None:
             self._torch = (TorchProgram(self.prog), {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.feeds.items()})
         tp, tf = self._torch
@@ -676,7 +676,7 @@ def run_child(kind, model_path, batch, threads, model_file=None, no_arena=False,
 
 def section_memory(args) -> dict:
     import onnx
-    from ffcompile.backends.onnx_backend import to_onnx
+    from ffcompile.compiler.onnx_emit import to_onnx
     model = load(BIG_MODEL)
     out = {"model": model.name, "parent_rss_bytes": _vm("VmRSS"), "definitions": {
         "counted": "working memory = bytes beyond the parameters, the optimizer state and the batch. For FF the "

@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(TOOLS))
 
 from bench_paper_supervised import train_paper_run  # noqa: E402
-from ffcompile.train import evaluate_params, readouts_of  # noqa: E402
+from ffcompile.reference.train import evaluate_params, readouts_of  # noqa: E402
 
 EXPERIMENTS = {
     "unsupervised": {"model": "mnist-unsupervised.toml", "section": "sec. 3.2", "goal": {"softmax": 1.37}},

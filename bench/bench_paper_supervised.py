@@ -27,10 +27,10 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
-from ffcompile.checkpoint import CHECKPOINT, METRICS, Checkpoint  # noqa: E402
+from ffcompile.contract.checkpoint import CHECKPOINT, METRICS, Checkpoint  # noqa: E402
 from ffcompile.data.datasets import load_split  # noqa: E402
-from ffcompile.spec import Model, model_from_dict  # noqa: E402
-from ffcompile.train import Dataset, evaluate_params, readouts_of, train  # noqa: E402
+from ffcompile.core.spec import Model, model_from_dict  # noqa: E402
+from ffcompile.reference.train import Dataset, evaluate_params, readouts_of, train  # noqa: E402
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:

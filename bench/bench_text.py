@@ -38,8 +38,8 @@ sys.path.insert(0, str(REPO / "tools"))
 
 from bench_paper_supervised import apply_overrides  # noqa: E402
 from ffcompile.data.datasets import load_split  # noqa: E402
-from ffcompile.spec import model_from_dict  # noqa: E402
-from ffcompile.train import Dataset, train  # noqa: E402
+from ffcompile.core.spec import model_from_dict  # noqa: E402
+from ffcompile.reference.train import Dataset, train  # noqa: E402
 
 REGIMES = {
     "random": {"learn_hidden": False, "phases": "together", "negatives": "self_generated"},
@@ -116,7 +116,7 @@ def main() -> None:
         sys.exit(f"unknown regime(s) {', '.join(unknown)} (known: {', '.join(REGIMES)})")
 
     from ffcompile.lowering import init_state
-    from ffcompile.train import sequence_perplexity
+    from ffcompile.reference.train import sequence_perplexity
 
     results = {}
     for regime in regimes:

@@ -42,8 +42,8 @@ log = B.log
 
 
 def tvm_runner(prog, target: dict, work: Path):
-    from ffcompile.backends.onnx_backend import to_onnx
-    from ffcompile.backends.tvm_compile import compile_onnx, load
+    from ffcompile.compiler.onnx_emit import to_onnx
+    from ffcompile.compiler.tvm_build import compile_onnx, load
 
     t = time.perf_counter()
     lib = compile_onnx(to_onnx(prog, fuse=False), target, work / f"{prog.name}.so")
@@ -74,7 +74,7 @@ def compare(prog, feeds, threads: int, work: Path, tvm_target: dict, repeats: in
 ARM_GUEST = r"""
 import json, statistics, sys, time
 import numpy as np
-from ffcompile.backends.tvm_compile import load
+from ffcompile.compiler.tvm_build import load
 lib, feeds_path, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
 prog = load(lib)
 with np.load(feeds_path, allow_pickle=False) as z:
@@ -88,15 +88,15 @@ print(json.dumps({"median_ms": statistics.median(times), "all_ms": times}))
 
 
 def arm_emulated(work: Path, steps: int) -> dict:
-    from ffcompile import emulation
-    from ffcompile.targets import find_target
+    from ffcompile.emulation import qemu as emulation
+    from ffcompile.compiler.targets import find_target
 
     target = find_target("arm-cpu")
     model = B.load(B.EDGE_MODEL)
     prog = B.program(model, "train_step", 100)
     feeds = B.feeds_for(model, prog, 100)
-    from ffcompile.backends.onnx_backend import to_onnx
-    from ffcompile.backends.tvm_compile import compile_onnx
+    from ffcompile.compiler.onnx_emit import to_onnx
+    from ffcompile.compiler.tvm_build import compile_onnx
 
     lib = compile_onnx(to_onnx(prog, fuse=False), target.tvm, work / "arm_train_step.so", cc=emulation.cross_compiler())
     np.savez(work / "arm_feeds.npz", **feeds)
@@ -121,7 +121,7 @@ def main() -> int:
     import os
 
     os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
-    from ffcompile.targets import find_target
+    from ffcompile.compiler.targets import find_target
 
     tvm_target = {**find_target("x86-cpu-tvm").tvm, "num-cores": args.threads}
     report = {"machine": B.cpu_info(), "load_before": B.machine_load(), "threads": args.threads,

@@ -29,15 +29,15 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from ffcompile.backends.torch_backend import TorchProgram  # noqa: E402
-from ffcompile.checkpoint import CHECKPOINT, load_checkpoint, write_json  # noqa: E402
+from ffcompile.reference.interpreter import TorchProgram  # noqa: E402
+from ffcompile.contract.checkpoint import CHECKPOINT, load_checkpoint, write_json  # noqa: E402
 from ffcompile.data.datasets import load_split  # noqa: E402
-from ffcompile.evaluate import run_in_batches  # noqa: E402
-from ffcompile.lowering.programs import readout_rows  # noqa: E402
+from ffcompile.loop.evaluate import run_in_batches  # noqa: E402
+from ffcompile.lowering.feedforward import readout_rows  # noqa: E402
 from ffcompile.lowering.readouts import readout_features  # noqa: E402
 from ffcompile.lowering.state import param_inputs  # noqa: E402
-from ffcompile.program.builder import Builder  # noqa: E402
-from ffcompile.spec import Model  # noqa: E402
+from ffcompile.core.builder import Builder  # noqa: E402
+from ffcompile.core.spec import Model  # noqa: E402
 
 BATCH = 1000
 

@@ -266,7 +266,7 @@ CASES = {
 
 def _tune_child(model_bytes: bytes, target: dict, work_dir: str, trials: int, schedule: str) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from ffcompile.backends import tvm_compile as tc
+    from ffcompile.compiler import tvm_build as tc
 
     tc.tune(onnx.ModelProto.FromString(model_bytes), target, work_dir, trials=8 * trials,
             max_trials_per_task=trials, op_names=["matmul"], schedule=schedule)
@@ -274,7 +274,7 @@ def _tune_child(model_bytes: bytes, target: dict, work_dir: str, trials: int, sc
 
 def run_tvm_variant(name: str, model, feeds, ref, workdir: Path, args, sess=None) -> dict:
     """Compile `model` with one approach, check every output, time it (interleaved with ORT)."""
-    from ffcompile.backends import tvm_compile as tc
+    from ffcompile.compiler import tvm_build as tc
 
     target = {"kind": "llvm", "mcpu": args.mcpu, "num-cores": args.threads}
     so = workdir / f"{name}.so"

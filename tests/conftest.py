@@ -24,7 +24,7 @@ def tiny_arm_bundle(tmp_path_factory) -> Path:
     and the emulated-device tests."""
     import shutil
 
-    from ffcompile.bundle import build_bundle
+    from ffcompile.compiler.build import build_bundle
 
     if shutil.which("aarch64-linux-gnu-gcc") is None:
         pytest.skip("aarch64-linux-gnu-gcc not installed (Debian package gcc-aarch64-linux-gnu; "
@@ -44,7 +44,7 @@ def tiny_spec():
 def tiny_bundle(tmp_path_factory):
     """An x86-cpu bundle of tests/bundle/tiny.toml, built once per session; tests that modify a
     bundle copy it first."""
-    from ffcompile.bundle import build_bundle
+    from ffcompile.compiler.build import build_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "tiny-x86"
     build_bundle(TINY_SPEC, "x86-cpu", out, infer_batch=50, verify_steps=5, progress=False, log=lambda _: None)

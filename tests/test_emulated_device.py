@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 
-from ffcompile.bundle import build_bundle
+from ffcompile.compiler.build import build_bundle
 from cli_helpers import error_line, invoke  # tests/cli_helpers.py
 from tests.conftest import TINY_SPEC  # the one tiny spec every bundle test builds
 

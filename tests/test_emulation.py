@@ -18,17 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ffcompile import emulation
-from ffcompile.emulation import (
-    EmulationError,
-    check_host_tools,
-    cross_compiler,
-    elf_machine,
-    ensure_sysroot,
-    is_elf_for,
-    require_elf_for,
-)
-from ffcompile.errors import FFCompileError
+from ffcompile.emulation import qemu as emulation
+from ffcompile.emulation.qemu import EmulationError, check_host_tools, cross_compiler, elf_machine, ensure_sysroot, is_elf_for, require_elf_for
+from ffcompile.core.errors import FFCompileError
 
 
 def _need(program: str, package: str) -> str:

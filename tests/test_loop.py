@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from ffcompile.data import shift_images
-from ffcompile.loop import epoch_plan, run_epoch
-from ffcompile.spec import load_model
+from ffcompile.loop.epochs import epoch_plan, run_epoch
+from ffcompile.core.spec import load_model
 
 MODELS = Path(__file__).parents[1] / "models"
 

@@ -6,14 +6,14 @@ import dataclasses
 import numpy as np
 import pytest
 
-from ffcompile.backends.onnx_backend import to_onnx
-from ffcompile.backends.torch_backend import TorchProgram
+from ffcompile.compiler.onnx_emit import to_onnx
+from ffcompile.reference.interpreter import TorchProgram
 from ffcompile.lowering import build_program, init_state
 from ffcompile.runtime.finetune import CompiledTrainStep
 from ffcompile.runtime.ort import OrtProgram
-from ffcompile.sequence import batched, generate_negatives, perplexity, run_sequence_epoch, sample, shift_in
-from ffcompile.spec import Optimizer, load_model
-from ffcompile.train import ReferenceStep, numpy_dict
+from ffcompile.loop.nextchar import batched, generate_negatives, perplexity, run_sequence_epoch, sample, shift_in
+from ffcompile.core.spec import Optimizer, load_model
+from ffcompile.reference.train import ReferenceStep, numpy_dict
 
 PER_STRING = 90
 

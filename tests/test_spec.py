@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from ffcompile.spec import LocalLayer, SpecError, load_model, model_from_dict, model_from_json
+from ffcompile.core.spec import LocalLayer, SpecError, load_model, model_from_dict, model_from_json
 
 MODELS = sorted((Path(__file__).parents[1] / "models").glob("*.toml"))
 

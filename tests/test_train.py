@@ -6,10 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ffcompile.checkpoint import load_checkpoint
+from ffcompile.contract.checkpoint import load_checkpoint
 from ffcompile.data import load_mnist
-from ffcompile.spec import DenseLayer, Readout, Training, load_model
-from ffcompile.train import Dataset, evaluate_params, train
+from ffcompile.core.spec import DenseLayer, Readout, Training, load_model
+from ffcompile.reference.train import Dataset, evaluate_params, train
 
 SMALL = Path(__file__).parents[1] / "models" / "mnist-small.toml"
 
@@ -48,7 +48,7 @@ def test_refuses_to_overwrite_a_run_without_resume(tmp_path, subset):
     x, y, xv, yv = subset
     data = Dataset(x[:100], y[:100], None, None, "subset")
     train(tiny(), data, tmp_path, epochs=1, progress=False, log=lambda m: None)
-    from ffcompile.errors import FFCompileError
+    from ffcompile.core.errors import FFCompileError
 
     with pytest.raises(FFCompileError, match="pass --resume"):
         train(tiny(), data, tmp_path, epochs=1, progress=False, log=lambda m: None)

@@ -21,12 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ffcompile.emulation import (  # noqa: E402
-    DEVICE_WHEELS,
-    EmulationError,
-    check_host_tools,
-    ensure_sysroot,
-)
+from ffcompile.emulation.qemu import DEVICE_WHEELS, EmulationError, check_host_tools, ensure_sysroot
 
 
 def main(argv: list[str] | None = None) -> int:

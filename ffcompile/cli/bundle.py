@@ -13,14 +13,14 @@ from pathlib import Path
 import click
 import numpy as np
 
-from .cli import DATA_DIR, _check_limit, _echo, load_split, main
-from .errors import FFCompileError
+from .main import DATA_DIR, _check_limit, _echo, load_split, main
+from ..core.errors import FFCompileError
 
 
 @main.command()
 def targets():
     """List the compilation targets (targets/*.toml, plus $FFCOMPILE_TARGETS folders)."""
-    from .targets import known_targets
+    from ..compiler.targets import known_targets
 
     rows = [(t.name, t.backend, t.device, t.arch, t.description) for t in known_targets()]
     header = ("name", "backend", "device", "arch", "description")
@@ -45,7 +45,7 @@ def build(source, target_name, out_dir, batch, infer_batch, verify_steps, data_d
     """Compile a trained run (or a model spec, with fresh weights) into a self-contained bundle:
     train_step + inference programs, weights, optimizer state, manifest with checksums, and the
     parity report of the compiled programs against the PyTorch reference."""
-    from .bundle import build_bundle
+    from ..compiler.build import build_bundle
 
     if verify_steps < 0:
         raise FFCompileError(f"--verify-steps must be >= 0, got {verify_steps}")
@@ -89,7 +89,7 @@ def _load_npy(path: Path, option: str) -> np.ndarray:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def run(bundle_dir, data_dir, split, input_path, labels_path, readout, weights, as_json):
     """Run a bundle's inference programs: error rate and latency (median ms per batch, throughput)."""
-    from .runtime.bundle import load_bundle
+    from ..runtime.bundle import load_bundle
 
     bundle = load_bundle(bundle_dir)
     if weights is not None:
@@ -140,20 +140,20 @@ def run(bundle_dir, data_dir, split, input_path, labels_path, readout, weights, 
 def verify(bundle_dir, data_dir, steps, emulate, sysroot_cache, report_path, as_json, progress):
     """Check every compiled program against the PyTorch reference (random inputs and real data)
     and a STEPS-step training trajectory; exit 1 if any tensor is outside its tolerance."""
-    from .checkpoint import write_json
-    from .parity import summary_lines
+    from ..contract.checkpoint import write_json
+    from ..reference.parity import summary_lines
 
     if steps is not None and steps < 0:
         raise FFCompileError(f"--steps must be >= 0, got {steps}")
     if emulate:
-        from .emulated_verify import DEFAULT_STEPS, verify_emulated
+        from ..emulation.verify import DEFAULT_STEPS, verify_emulated
 
         report = verify_emulated(bundle_dir, data_dir, DEFAULT_STEPS if steps is None else steps,
                                  cache_dir=sysroot_cache, progress=progress and not as_json,
                                  log=(lambda _: None) if as_json else _echo)
     else:
-        from .parity import verify as run_verify
-        from .runtime.bundle import load_bundle
+        from ..reference.parity import verify as run_verify
+        from ..runtime.bundle import load_bundle
 
         bundle = load_bundle(bundle_dir)
         source, x, y = load_split(bundle.model, data_dir, "train")
@@ -186,7 +186,7 @@ def verify(bundle_dir, data_dir, steps, emulate, sysroot_cache, report_path, as_
 def generate(bundle_dir, prompt, length, seed, greedy, weights):
     """Next-character bundles: continue PROMPT with characters drawn from the model, with only the
     bundle's infer_softmax and the torch-free runtime (the way self-generated negatives are made)."""
-    from .runtime.bundle import load_bundle
+    from ..runtime.bundle import load_bundle
 
     bundle = load_bundle(bundle_dir)
     if weights is not None:
@@ -208,8 +208,8 @@ def generate(bundle_dir, prompt, length, seed, greedy, weights):
 def finetune(bundle_dir, data_dir, epochs, out_dir, resume, split, limit, progress):
     """Forward-Forward training on this machine with the bundle's compiled train_step (no torch):
     starts from the bundle's weights, never writes into the bundle."""
-    from .runtime.bundle import load_bundle
-    from .runtime.finetune import refuse_inside_bundle
+    from ..runtime.bundle import load_bundle
+    from ..runtime.finetune import refuse_inside_bundle
 
     bundle = load_bundle(bundle_dir)
     out_dir = out_dir or bundle_dir.parent / f"{bundle_dir.name}.finetune"

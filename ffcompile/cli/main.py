@@ -8,8 +8,8 @@ from pathlib import Path
 
 import click
 
-from .data.datasets import data_dir_help
-from .errors import FFCompileError
+from ..data.datasets import data_dir_help
+from ..core.errors import FFCompileError
 
 
 class _Group(click.Group):
@@ -46,7 +46,7 @@ def _echo(msg: str) -> None:
 
 def load_split(model, data_dir, split: str):
     """(source, x, y) of the model's ``input.dataset``; pass the source back as data_dir for more splits."""
-    from .data.datasets import load_split as load
+    from ..data.datasets import load_split as load
 
     return load(model.input.dataset, data_dir, split)
 
@@ -68,9 +68,9 @@ def load_split(model, data_dir, split: str):
 def train(model_path, data_dir, epochs, run_dir, resume, device, split, limit, eval_every, progress):
     """Train MODEL.toml with the PyTorch reference backend (every layer learns every minibatch
     from its own local objective)."""
-    from .plots import first_layer_images, hybrid_examples, learning_curves, receptive_fields
-    from .spec import load_model
-    from .train import Dataset, train as run_training
+    from ..reference.plots import first_layer_images, hybrid_examples, learning_curves, receptive_fields
+    from ..core.spec import load_model
+    from ..reference.train import Dataset, train as run_training
 
     model = load_model(model_path)
     if not resume and (run_dir / "checkpoint.safetensors").exists():
@@ -115,8 +115,8 @@ def _check_limit(model, limit: int) -> None:
     if limit <= 0:
         raise FFCompileError(f"--limit must be positive, got {limit}")
     if model.input.dataset == "text":
-        from .data.text import PREDICTIONS
-        from .sequence import check_whole_strings
+        from ..data.text import PREDICTIONS
+        from ..loop.nextchar import check_whole_strings
 
         check_whole_strings(limit, PREDICTIONS)
 
@@ -132,8 +132,8 @@ def _check_limit(model, limit: int) -> None:
 def eval_cmd(run_dir, data_dir, readout, split, device, batch, as_json):
     """Test error of a trained run with the goodness readout (every label scored in one batched
     pass) and/or the one-pass softmax readout."""
-    from .checkpoint import CHECKPOINT, load_checkpoint
-    from .train import evaluate_params, readouts_of
+    from ..contract.checkpoint import CHECKPOINT, load_checkpoint
+    from ..reference.train import evaluate_params, readouts_of
 
     path = run_dir / CHECKPOINT if run_dir.is_dir() else run_dir
     ckpt = load_checkpoint(path)
@@ -146,7 +146,7 @@ def eval_cmd(run_dir, data_dir, readout, split, device, batch, as_json):
             raise FFCompileError(f"model {ckpt.model.name!r} has no {r} readout")
         result["error_percent"][r] = round(evaluate_params(ckpt.model, ckpt.params, x, y, r, batch, device, progress=not as_json), 4)
     if ckpt.model.input.dataset == "text":
-        from .train import sequence_perplexity
+        from ..reference.train import sequence_perplexity
 
         result["perplexity"] = round(sequence_perplexity(ckpt.model, ckpt.params, x, y, batch, device), 4)
     if as_json:
@@ -171,11 +171,11 @@ def data_download(dest, dataset):
     cifar10: the official binary archive, verifying its MD5 and size, keeping only the six batch
     files (pass DEST as --data-dir or $FFCOMPILE_CIFAR_DIR)."""
     if dataset == "cifar10":
-        from .data.cifar import download_cifar10
+        from ..data.cifar import download_cifar10
 
         _echo(f"ok: CIFAR-10 binary files in {download_cifar10(dest, log=_echo)}")
         return
-    from .data import download_mnist
+    from ..data import download_mnist
 
     source = download_mnist(dest, progress=True, log=_echo)
     _echo(f"ok: {source.describe()}")
@@ -185,7 +185,7 @@ def data_download(dest, dataset):
 @DATA_DIR
 def data_verify(data_dir):
     """Check every MNIST file's checksum."""
-    from .data import resolve_data_dir
+    from ..data import resolve_data_dir
 
     source = resolve_data_dir(data_dir)
     source.verify()
@@ -198,8 +198,8 @@ def data_verify(data_dir):
 def inspect(model_path, batch):
     """Validate MODEL.toml and print its IR (JSON) and a summary of each program a bundle of it
     carries."""
-    from .lowering import READOUT_PROGRAMS, build_program, readouts_of, train_programs
-    from .spec import load_model
+    from ..lowering import READOUT_PROGRAMS, build_program, readouts_of, train_programs
+    from ..core.spec import load_model
 
     model = load_model(model_path)
     batch = batch or model.training.batch_size
@@ -208,10 +208,3 @@ def inspect(model_path, batch):
         program = build_program(model, name, batch)
         sig = program.signature()
         click.echo(f"{name}: {len(program.nodes)} ops, {len(sig['inputs'])} inputs, {len(sig['outputs'])} outputs")
-
-
-from . import cli_bundle  # noqa: E402,F401  (registers build/run/verify/finetune/targets)
-
-
-if __name__ == "__main__":
-    main()

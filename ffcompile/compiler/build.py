@@ -17,16 +17,15 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import __version__
-from .checkpoint import load_checkpoint
-from .errors import FFCompileError
-from .lowering import READOUT_PROGRAMS, build_program, init_state, is_train_program, readouts_of, train_programs
-from .runtime.host import why_not_here
-from .runtime.manifest import (FORMAT, FORMAT_VERSION, MANIFEST, OPTIMIZER, PARITY, PROGRAMS_DIR, WEIGHTS,
-                               checksums, is_bundle_dir)
-from .runtime.programs import load_program
-from .runtime.weights import save_tensors
-from .spec import Model, load_model
+from .. import __version__
+from ..contract.checkpoint import load_checkpoint
+from ..core.errors import FFCompileError
+from ..lowering import READOUT_PROGRAMS, build_program, init_state, is_train_program, readouts_of, train_programs
+from ..runtime.machine import why_not_here
+from ..contract.manifest import FORMAT, FORMAT_VERSION, MANIFEST, OPTIMIZER, PARITY, PROGRAMS_DIR, WEIGHTS, checksums, is_bundle_dir
+from ..runtime.loaders import load_program
+from ..contract.weights import save_tensors
+from ..core.spec import Model, load_model
 from .targets import Target, find_target
 
 DEFAULT_INFER_BATCH = 100
@@ -63,7 +62,7 @@ def load_source(source, seed: int | None = None) -> Source:
 
 
 def _compile_onnx(program, model: Model, target: Target, out_dir: Path) -> str:
-    from .backends.onnx_backend import to_onnx
+    from .onnx_emit import to_onnx
 
     rel = f"{PROGRAMS_DIR}/{program.name}.onnx"
     proto = to_onnx(program, doc=f"ffcompile {program.name} for {model.name} ({target.name})")
@@ -74,12 +73,12 @@ def _compile_onnx(program, model: Model, target: Target, out_dir: Path) -> str:
 def _compile_tvm(program, model: Model, target: Target, out_dir: Path) -> str:
     """ONNX (no Scan tiling: TVM's ONNX frontend has no Scan) -> TVM -> programs/<name>.so plus
     its sidecar programs/<name>.so.json (input/output names); both are checksummed."""
-    from .backends.onnx_backend import to_onnx
-    from .backends.tvm_compile import compile_onnx
+    from .onnx_emit import to_onnx
+    from .tvm_build import compile_onnx
 
     cc = None
     if target.cc is not None:
-        from .emulation import _which  # one-line error naming the Debian package
+        from ..emulation.qemu import _which  # one-line error naming the Debian package
 
         cc = _which(target.cc)
     rel = f"{PROGRAMS_DIR}/{program.name}.so"
@@ -138,7 +137,7 @@ def build_bundle(source, target, out_dir, batch: int | None = None, infer_batch:
         raise FFCompileError(f"target {target.name!r}: this ffcompile cannot compile for backend {target.backend!r} "
                              f"(available: {', '.join(COMPILERS)})")
     if target.cc is not None:
-        from .emulation import _which
+        from ..emulation.qemu import _which
 
         _which(target.cc)  # before any work: one line naming the Debian package when it is missing
     out_dir = Path(out_dir)
@@ -175,7 +174,7 @@ def build_bundle(source, target, out_dir, batch: int | None = None, infer_batch:
         if report.get("passed") is False:
             failed = out_dir.parent / f"{out_dir.name}.parity-failed.json"
             shutil.copyfile(tmp / PARITY, failed)
-            from .parity import summary_lines
+            from ..reference.parity import summary_lines
 
             raise FFCompileError(f"parity check failed, bundle not written; report: {failed} "
                                  f"({' | '.join(line.strip() for line in summary_lines(report)[1:] if 'FAIL' in line)})")
@@ -210,8 +209,8 @@ def _parity(model, target: dict, root: Path, entries: dict, src: Source, infer_b
         log(f"parity check skipped: {reason}; run `ffcompile verify` on a machine of the target")
         return {"format": "ffcompile-parity-1", "passed": None, "model": model.name, "target": target["name"],
                 "backend": target["backend"], "device": target["device"], "skipped": reason}
-    from .data.datasets import load_split
-    from .parity import summary_lines, verify
+    from ..data.datasets import load_split
+    from ..reference.parity import summary_lines, verify
 
     source, x, y = load_split(model.input.dataset, data_dir, "train")
     if proxy is None:
@@ -234,7 +233,7 @@ def host_proxy(target: dict) -> dict | None:
     """For a CPU bundle of another architecture, what this host can check in its place: the
     same .onnx files in the host's onnxruntime, or the same ONNX programs compiled by the same
     TVM pipeline and schedule rules for the host CPU. None where nothing stands in (GPU targets)."""
-    from .runtime.host import host_arch
+    from ..runtime.machine import host_arch
 
     if target.get("device") != "cpu" or target.get("arch") == host_arch():
         return None
@@ -254,8 +253,8 @@ def _proxy_runners(model: Model, proxy: dict, root: Path, entries: dict, infer_b
     target = proxy["target"]
     if target["backend"] == "onnxruntime":
         return {name: load_program(root / e["file"], target, e["file"], e) for name, e in entries.items()}
-    from .backends.onnx_backend import to_onnx
-    from .backends.tvm_compile import compile_onnx
+    from .onnx_emit import to_onnx
+    from .tvm_build import compile_onnx
 
     work = Path(tempfile.mkdtemp(prefix="ffcompile-proxy-"))
     runners = {}

@@ -13,10 +13,10 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import FFCompileError
+from ..core.errors import FFCompileError
 
 ENV_VAR = "FFCOMPILE_TARGETS"
-DEFAULT_DIR = Path(__file__).resolve().parents[1] / "targets"
+DEFAULT_DIR = Path(__file__).resolve().parents[2] / "targets"
 
 BACKENDS = ("onnxruntime", "tvm")
 DEVICES = ("cpu", "cuda")

@@ -14,9 +14,9 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from .errors import FFCompileError
-from .spec import Model, model_from_json
-from .lowering.state import param_specs, state_specs
+from ..core.errors import FFCompileError
+from ..core.spec import Model, model_from_json
+from ..lowering.state import param_specs, state_specs
 
 
 CHECKPOINT = "checkpoint.safetensors"

@@ -18,7 +18,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from ..errors import FFCompileError
+from ..core.errors import FFCompileError
 
 FORMAT = "ffcompile-bundle"
 FORMAT_VERSION = 1

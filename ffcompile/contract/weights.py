@@ -10,7 +10,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from ..lowering.state import param_specs, state_specs
-from ..spec import Model
+from ..core.spec import Model
 from .manifest import WEIGHTS_FORMAT, BundleError
 
 

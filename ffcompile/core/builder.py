@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .ir import Node, Program, Value
+from .program import Node, Program, Value
 
 PRIMITIVES = (
     "identity", "matmul", "add", "sub", "mul", "div", "neg", "maximum", "minimum",

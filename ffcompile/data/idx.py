@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ffcompile.errors import FFCompileError
+from ffcompile.core.errors import FFCompileError
 
 
 class DataError(FFCompileError):

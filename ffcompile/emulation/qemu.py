@@ -35,7 +35,7 @@ import zipfile
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-from ffcompile.errors import FFCompileError
+from ffcompile.core.errors import FFCompileError
 
 __all__ = [
     "EmulationError",

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import FFCompileError
-from .runtime.manifest import OPTIMIZER, WEIGHTS, read_manifest, verify_files
-from .runtime.weights import check_tensors, read_tensors
-from .spec import model_from_dict
+from ..core.errors import FFCompileError
+from ..contract.manifest import OPTIMIZER, WEIGHTS, read_manifest, verify_files
+from ..contract.weights import check_tensors, read_tensors
+from ..core.spec import model_from_dict
 
-REPO_PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the folder holding the ffcompile package
+REPO_PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding the ffcompile package
 DEFAULT_STEPS = 10
 GUEST_TIMEOUT_S = 1800
 
@@ -65,9 +65,9 @@ def verify_emulated(bundle_dir, data_dir=None, steps: int = DEFAULT_STEPS, cache
                     log=print, keep_dir=None) -> dict:
     """The parity report (as ``ffcompile verify``) of an aarch64 bundle run under qemu; adds an
     ``emulated`` section (device, sysroot, timings). ``keep_dir``: keep the exchanged npz files there."""
-    from . import emulation
-    from .data.datasets import load_split
-    from .parity import plan_checks, run_checks
+    from . import qemu as emulation
+    from ..data.datasets import load_split
+    from ..reference.parity import plan_checks, run_checks
 
     started = time.perf_counter()
     root = Path(bundle_dir)

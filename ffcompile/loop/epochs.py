@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from .spec import Model
+from ..core.spec import Model
 
 StepFn = Callable[[object, object, dict], tuple[object, object, dict]]
 FEEDS = ("x", "y", "u", "lr", "step", "x_other", "mask_bits", "x_neg")
@@ -121,15 +121,15 @@ def epoch_runner(model: Model, steps: dict, seed: int, progress: bool = True, de
     if model.input.dataset != "text":
         shift = None
         if model.training.jitter:
-            from .data import shift_images as shift
+            from ..data import shift_images as shift
 
         def epoch_fn(params, state, x, y, epoch, epochs, step):
             return run_epoch(model, steps["train_step"], params, state, x, y, epoch, epochs, step, seed, progress,
                              desc=desc, shift=shift)
         return epoch_fn
 
-    from .data.text import PREDICTIONS
-    from .sequence import check_whole_strings, run_sequence_epoch
+    from ..data.text import PREDICTIONS
+    from .nextchar import check_whole_strings, run_sequence_epoch
 
     def epoch_fn(params, state, x, y, epoch, epochs, step):
         check_whole_strings(len(x), PREDICTIONS)

@@ -30,10 +30,10 @@ from collections.abc import Callable
 import numpy as np
 from tqdm import tqdm
 
-from .errors import FFCompileError
+from ..core.errors import FFCompileError
 from .evaluate import run_in_batches
-from .loop import epoch_plan, learning_rate, step_feeds, summarize
-from .spec import Model
+from .epochs import epoch_plan, learning_rate, step_feeds, summarize
+from ..core.spec import Model
 
 GENERATION = 41  # the generation stream's key in the per-epoch seed, apart from the epoch plan's
 

@@ -20,12 +20,12 @@ Recurrent nets (sec. 3.4) are lowered by ``recurrent``, next-character models (s
 
 from __future__ import annotations
 
-from ..errors import FFCompileError
-from ..program.builder import Builder
-from ..program.ir import Program, Value
-from ..spec import Model
+from ..core.errors import FFCompileError
+from ..core.builder import Builder
+from ..core.program import Program, Value
+from ..core.spec import Model
 from . import labels as lbl
-from . import recurrent, sequence
+from . import recurrent, nextchar as sequence
 from .hybrid import hybrid_images
 from .layer import goodness, local_gradient, peer_normalization, run_layers
 from .optimizers import emit_updates

@@ -14,9 +14,9 @@ backend thresholds identically.
 
 from __future__ import annotations
 
-from ..program.builder import Builder
-from ..program.ir import Value
-from ..spec import Model
+from ..core.builder import Builder
+from ..core.program import Value
+from ..core.spec import Model
 
 
 def _blur_axis(b: Builder, img: Value, axis: int) -> Value:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..program.builder import Builder
-from ..program.ir import Value
-from ..spec import Model
+from ..core.builder import Builder
+from ..core.program import Value
+from ..core.spec import Model
 
 
 def with_label(b: Builder, x: Value, label_rows: Value, model: Model) -> Value:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import FFCompileError
-from ..program.builder import Builder
-from ..program.ir import Value
-from ..spec import DenseLayer, LocalLayer, Model
+from ..core.errors import FFCompileError
+from ..core.builder import Builder
+from ..core.program import Value
+from ..core.spec import DenseLayer, LocalLayer, Model
 from . import local
 
 

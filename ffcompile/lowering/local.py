@@ -47,9 +47,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..program.builder import Builder
-from ..program.ir import Value
-from ..spec import LocalLayer, Model
+from ..core.builder import Builder
+from ..core.program import Value
+from ..core.spec import LocalLayer, Model
 
 FORMS = ("blocked", "masked_dense")
 BLOCKED_MAX_LOCATIONS = 64

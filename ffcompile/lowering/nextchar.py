@@ -23,10 +23,10 @@ the joint loss, so their two updates sum to the joint gradient. ``training.learn
 
 from __future__ import annotations
 
-from ..errors import FFCompileError
-from ..program.builder import Builder
-from ..program.ir import Value
-from ..spec import Model
+from ..core.errors import FFCompileError
+from ..core.builder import Builder
+from ..core.program import Value
+from ..core.spec import Model
 from . import labels as lbl
 from .layer import local_gradient, run_layers
 from .optimizers import emit_updates

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import math
 
-from ..program.builder import Builder
-from ..program.ir import Value
-from ..spec import Model
+from ..core.builder import Builder
+from ..core.program import Value
+from ..core.spec import Model
 
 
 def apply_update(b: Builder, model: Model, name: str, param: Value, grad: Value, state: dict[str, Value],

@@ -3,9 +3,9 @@ softmax over normalized activities of chosen layers (trained without backprop in
 
 from __future__ import annotations
 
-from ..program.builder import Builder
-from ..program.ir import Value
-from ..spec import Model
+from ..core.builder import Builder
+from ..core.program import Value
+from ..core.spec import Model
 from .layer import normalize, run_layers
 
 

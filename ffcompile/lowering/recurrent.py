@@ -37,10 +37,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import FFCompileError
-from ..program.builder import Builder
-from ..program.ir import Value
-from ..spec import Model
+from ..core.errors import FFCompileError
+from ..core.builder import Builder
+from ..core.program import Value
+from ..core.spec import Model
 from . import labels as lbl
 from . import local
 from .layer import forward, goodness, layer_input, local_gradient, normalize

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..program.builder import Builder
-from ..program.ir import Value
-from ..spec import LocalLayer, Model
+from ..core.builder import Builder
+from ..core.program import Value
+from ..core.spec import LocalLayer, Model
 from . import local
 
 

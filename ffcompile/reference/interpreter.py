@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..program.ir import Program
+from ..core.program import Program
 
 _DTYPES = {"float32": torch.float32, "int64": torch.int64, "bool": torch.bool}
 

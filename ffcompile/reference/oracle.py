@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .spec import Model
+from ..core.spec import Model
 
 
 def _norm(t: torch.Tensor, model: Model) -> torch.Tensor:

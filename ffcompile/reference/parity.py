@@ -92,10 +92,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .backends.torch_backend import TorchProgram
-from .lowering import build_program, is_train_program, negative_probs_program
-from .loop import epoch_plan, learning_rate, step_feeds, uses_hybrid_negatives
-from .spec import Model
+from .interpreter import TorchProgram
+from ..lowering import build_program, is_train_program, negative_probs_program
+from ..loop.epochs import epoch_plan, learning_rate, step_feeds, uses_hybrid_negatives
+from ..core.spec import Model
 
 FORMAT = "ffcompile-parity-1"
 PROGRAM_ATOL = 1e-5
@@ -270,7 +270,7 @@ def _batches(model: Model, x, y, seed: int, first_step: int):
     ``loop.run_epoch`` (jitter shifts, hybrid negatives' partners and mask bits included)."""
     shift = None
     if model.training.jitter:
-        from .data import shift_images as shift
+        from ..data import shift_images as shift
     labels = y if uses_hybrid_negatives(model) else None
     # Self-generated negatives come from a generation pass with infer_softmax (checked on its
     # own); the step only needs one-of-N rows, so here they are other real rows of the data.

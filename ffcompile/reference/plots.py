@@ -73,7 +73,7 @@ def first_layer_images(model, weight: np.ndarray, count: int = 100) -> np.ndarra
     """Rows of first-layer weights as whole images [units, pixels]. A locally connected first layer
     (compact weights) is drawn at full size with zeros off each unit's field, and units are taken
     from every grid location in turn so the picture covers the whole image."""
-    from .lowering import local
+    from ..lowering import local
 
     if not local.is_local(model, 0):
         return weight
@@ -90,9 +90,9 @@ def hybrid_examples(model, x: np.ndarray, y: np.ndarray, path: Path, count: int 
                     title: str = "") -> Path:
     """Figure 1: negatives made by the model's own ``hybrid_negatives`` program from the training
     loop's first batch (its partners and mask bits). Columns: digit, other digit, mask, hybrid."""
-    from .backends.torch_backend import TorchProgram
-    from .lowering import build_program
-    from .loop import epoch_plan
+    from .interpreter import TorchProgram
+    from ..lowering import build_program
+    from ..loop.epochs import epoch_plan
 
     plan = epoch_plan(model, len(x), 0, seed, y)
     rows, partners = plan.order[0][:count], plan.partners[0][:count]

@@ -10,15 +10,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .backends.torch_backend import TorchProgram
-from .checkpoint import CHECKPOINT, METRICS, Checkpoint, resume_run, save_checkpoint, write_json
-from .errors import FFCompileError
-from .evaluate import error_rate
-from .lowering import READOUT_PROGRAMS, build_program, init_state, readouts_of, train_programs
-from .lowering.sequence import is_sequence
-from .loop import FEEDS, epoch_line, epoch_runner
-from .sequence import batched, perplexity
-from .spec import Model
+from .interpreter import TorchProgram
+from ..contract.checkpoint import CHECKPOINT, METRICS, Checkpoint, resume_run, save_checkpoint, write_json
+from ..core.errors import FFCompileError
+from ..loop.evaluate import error_rate
+from ..lowering import READOUT_PROGRAMS, build_program, init_state, readouts_of, train_programs
+from ..lowering.nextchar import is_sequence
+from ..loop.epochs import FEEDS, epoch_line, epoch_runner
+from ..loop.nextchar import batched, perplexity
+from ..core.spec import Model
 
 
 

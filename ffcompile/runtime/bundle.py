@@ -21,15 +21,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import Checkpoint, load_checkpoint
-from ..errors import FFCompileError
-from ..evaluate import predict as predict_batched
-from ..spec import Model, Training, model_from_dict
-from .host import check_runs_here
+from ..contract.checkpoint import Checkpoint, load_checkpoint
+from ..core.errors import FFCompileError
+from ..loop.evaluate import predict as predict_batched
+from ..core.spec import Model, Training, model_from_dict
+from .machine import check_runs_here
 from .inputs import as_images, as_labels
-from .manifest import OPTIMIZER, WEIGHTS, BundleError, read_manifest, verify_files
-from .programs import Runnable, load_program
-from .weights import check_tensors, read_tensors
+from ..contract.manifest import OPTIMIZER, WEIGHTS, BundleError, read_manifest, verify_files
+from .loaders import Runnable, load_program
+from ..contract.weights import check_tensors, read_tensors
 
 READOUT_PROGRAMS = {"goodness": "infer_goodness", "softmax": "infer_softmax"}
 
@@ -95,7 +95,7 @@ class Bundle:
 
     def perplexity(self, x, y) -> float:
         """Next-character models: exp(mean -log p(true next character)) with ``infer_softmax``."""
-        from ..sequence import batched, perplexity
+        from ..loop.nextchar import batched, perplexity
 
         if "infer_softmax" not in self.programs:
             raise FFCompileError(f"bundle {self.path} has no infer_softmax program")
@@ -108,7 +108,7 @@ class Bundle:
         """Next-character models: ``length`` characters continuing ``prompt`` (cleaned to the
         alphabet; its last K characters are the first context), drawn with ``infer_softmax``."""
         from ..data.text import ALPHABET, clean, decode, encode, one_hot
-        from ..sequence import batched, generate
+        from ..loop.nextchar import batched, generate
 
         if self.model.input.dataset != "text" or "infer_softmax" not in self.programs:
             raise FFCompileError(f"bundle {self.path}: model {self.model.name!r} is not a next-character model")

@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     if len(argv) != 3:
         print("usage: python -m ffcompile.runtime.device_check BUNDLE INPUTS.npz OUT.npz", file=sys.stderr)
         return 2
-    from ..errors import FFCompileError
+    from ..core.errors import FFCompileError
 
     try:
         info = run_device_check(*argv)

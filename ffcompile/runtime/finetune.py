@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import CHECKPOINT, METRICS, Checkpoint, resume_run, save_checkpoint, write_json
-from ..errors import FFCompileError
-from ..loop import FEEDS, epoch_line, epoch_runner
+from ..contract.checkpoint import CHECKPOINT, METRICS, Checkpoint, resume_run, save_checkpoint, write_json
+from ..core.errors import FFCompileError
+from ..loop.epochs import FEEDS, epoch_line, epoch_runner
 from .inputs import as_images, as_labels
-from .programs import Runnable
+from .loaders import Runnable
 
 
 
@@ -108,7 +108,7 @@ def _epoch_runner(bundle, carried, seed: int, progress: bool):
     desc = f"finetune ({bundle.target['name']})"
     if bundle.model.input.dataset != "text":
         return epoch_runner(bundle.model, steps, seed, progress, desc)
-    from ..sequence import batched
+    from ..loop.nextchar import batched
 
     needed = {v["name"] for v in bundle.signature("infer_softmax")["inputs"]}
     return epoch_runner(bundle.model, steps, seed, progress, desc,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import FFCompileError
+from ..core.errors import FFCompileError
 
 
 class InputError(FFCompileError):

@@ -13,7 +13,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ..errors import FFCompileError
+from ..core.errors import FFCompileError
 
 
 class Runnable(Protocol):
@@ -36,8 +36,8 @@ def _load_onnxruntime(path: Path, target: dict, name: str) -> Runnable:
 
 def _load_tvm(path: Path, target: dict, name: str) -> Runnable:
     """A TVM shared library + its sidecar ``<lib>.so.json``; needs only the TVM runtime."""
-    from ..backends.tvm_compile import SIDECAR_SUFFIX, load
-    from ..emulation import EmulationError, require_elf_for
+    from ..compiler.tvm_build import SIDECAR_SUFFIX, load
+    from ..emulation.qemu import EmulationError, require_elf_for
 
     sidecar = path.with_name(path.name + SIDECAR_SUFFIX)
     if not sidecar.is_file():

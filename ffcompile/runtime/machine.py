@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import platform
 
-from ..errors import FFCompileError
+from ..core.errors import FFCompileError
 
 _ARCH_ALIASES = {"amd64": "x86_64", "x86_64": "x86_64", "arm64": "aarch64", "aarch64": "aarch64",
                  "armv7l": "armv7l", "armv7": "armv7l", "riscv64": "riscv64"}

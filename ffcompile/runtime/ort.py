@@ -14,7 +14,7 @@ import json
 import numpy as np
 import onnxruntime as ort
 
-from ..errors import FFCompileError
+from ..core.errors import FFCompileError
 
 _NUMPY = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(bool)": np.bool_}
 

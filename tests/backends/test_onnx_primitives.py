@@ -11,10 +11,10 @@ import numpy as np
 import onnx
 import pytest
 
-from ffcompile.backends import onnx_backend
-from ffcompile.backends.onnx_backend import to_onnx
-from ffcompile.backends.torch_backend import TorchProgram
-from ffcompile.program.builder import PRIMITIVES, Builder
+from ffcompile.compiler import onnx_emit as onnx_backend
+from ffcompile.compiler.onnx_emit import to_onnx
+from ffcompile.reference.interpreter import TorchProgram
+from ffcompile.core.builder import PRIMITIVES, Builder
 from ffcompile.runtime.ort import OrtProgram
 from outputs import assert_outputs_match  # tests/outputs.py
 

@@ -3,8 +3,8 @@ that later nodes also read) are kept, and results are those of keeping everythin
 
 import numpy as np
 
-from ffcompile.backends.torch_backend import TorchProgram
-from ffcompile.program.builder import Builder
+from ffcompile.reference.interpreter import TorchProgram
+from ffcompile.core.builder import Builder
 
 
 def test_intermediates_are_released_after_their_last_use_and_outputs_kept():

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ffcompile.backends import tvm_compile
-from ffcompile.backends.onnx_backend import to_onnx
+from ffcompile.compiler import tvm_build as tvm_compile
+from ffcompile.compiler.onnx_emit import to_onnx
 from ffcompile.lowering import build_program, init_state, local
-from ffcompile.parity import verify
+from ffcompile.reference.parity import verify
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "lowering"))
 from test_cifar_recurrent import tiny  # noqa: E402

@@ -15,14 +15,14 @@ import pytest
 tvm = pytest.importorskip("tvm")
 ort = pytest.importorskip("onnxruntime")
 
-from ffcompile.backends import tvm_compile as tc  # noqa: E402
+from ffcompile.compiler import tvm_build as tc  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 ATOL = 1e-5
 
 
 def _probe():
-    spec = importlib.util.spec_from_file_location("_tvm_probe", ROOT / "tools" / "tvm_probe.py")
+    spec = importlib.util.spec_from_file_location("_tvm_probe", ROOT / "bench" / "tvm_probe.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -115,7 +115,7 @@ def test_load_with_runtime_only(small_ff):
     code = (
         "import sys, numpy as np\n"
         f"sys.path.insert(0, {str(ROOT)!r})\n"
-        "from ffcompile.backends import tvm_compile as tc\n"
+        "from ffcompile.compiler import tvm_build as tc\n"
         f"p = tc.load({str(out)!r})\n"
         f"f = dict(np.load({str(out.parent / 'feeds.npz')!r}))\n"
         "r = p.run(f)\n"

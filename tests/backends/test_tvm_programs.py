@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from test_onnx_primitives import CASES, PARAMS, _chain_program  # same folder: pytest puts it on sys.path
 
-from ffcompile.backends import onnx_backend, tvm_compile
-from ffcompile.backends.onnx_backend import to_onnx
-from ffcompile.backends.torch_backend import TorchProgram
-from ffcompile.program.builder import Builder
+from ffcompile.compiler import onnx_emit as onnx_backend, tvm_build as tvm_compile
+from ffcompile.compiler.onnx_emit import to_onnx
+from ffcompile.reference.interpreter import TorchProgram
+from ffcompile.core.builder import Builder
 from outputs import assert_outputs_match  # tests/outputs.py
 
 ATOL = RTOL = 1e-5
@@ -59,7 +59,7 @@ def test_hybrid_mask_blur_compiles_with_bounded_inlining(monkeypatch, tmp_path):
     did not compile in 25 minutes); the hand schedule stops inlining before a block body grows
     past ``MAX_BODY_CHARS``, and the masks and negatives still equal the reference exactly."""
     from ffcompile.lowering import build_program
-    from ffcompile.spec import load_model
+    from ffcompile.core.spec import load_model
 
     log: list = []
     monkeypatch.setattr(tvm_compile, "_SCHED_LOG", log)
@@ -106,7 +106,7 @@ def test_loaded_programs_run_on_every_usable_core_unless_told(env, want, scale_l
     import subprocess
     import sys
 
-    script = ("import os, sys, numpy, tvm; from ffcompile.backends import tvm_compile as t; "
+    script = ("import os, sys, numpy, tvm; from ffcompile.compiler import tvm_build as t; "
               "cores, cpus = t.usable_cores(), os.sched_getaffinity(0); "
               "t.load(sys.argv[1]).run({'x': numpy.ones((2, 3), numpy.float32)}); "
               "print(tvm.get_global_func('runtime.NumThreads')(), cores, os.sched_getaffinity(0) == cpus)")

@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from ffcompile import bundle as bundle_module
-from ffcompile.bundle import build_bundle
-from ffcompile.checkpoint import Checkpoint, save_checkpoint
-from ffcompile.errors import FFCompileError
+from ffcompile.compiler import build as bundle_module
+from ffcompile.compiler.build import build_bundle
+from ffcompile.contract.checkpoint import Checkpoint, save_checkpoint
+from ffcompile.core.errors import FFCompileError
 from ffcompile.lowering import init_state
-from ffcompile.runtime.manifest import sha256_file
-from ffcompile.spec import load_model
+from ffcompile.contract.manifest import sha256_file
+from ffcompile.core.spec import load_model
 
 
 def quiet(_):

@@ -3,11 +3,11 @@ bundle, against the PyTorch reference trainer from the same initial weights."""
 
 from pathlib import Path
 
-from ffcompile.bundle import build_bundle
+from ffcompile.compiler.build import build_bundle
 from ffcompile.data import load_mnist
 from ffcompile.runtime.bundle import load_bundle
-from ffcompile.spec import load_model
-from ffcompile.train import Dataset, evaluate_params, train
+from ffcompile.core.spec import load_model
+from ffcompile.reference.train import Dataset, evaluate_params, train
 
 MODEL = Path(__file__).parents[2] / "models" / "mnist-small.toml"
 

@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from ffcompile.bundle import build_bundle
+from ffcompile.compiler.build import build_bundle
 from ffcompile.cli import main
 from ffcompile.data import load_mnist
-from ffcompile.loop import FEEDS, uses_hybrid_negatives
-from ffcompile.parity import TRAJECTORY_RTOL, summary_lines
+from ffcompile.loop.epochs import FEEDS, uses_hybrid_negatives
+from ffcompile.reference.parity import TRAJECTORY_RTOL, summary_lines
 from ffcompile.runtime.bundle import load_bundle
-from ffcompile.spec import LocalLayer, load_model
-from ffcompile.train import Dataset, ReferenceStep, train
+from ffcompile.core.spec import LocalLayer, load_model
+from ffcompile.reference.train import Dataset, ReferenceStep, train
 
 MODELS = Path(__file__).parents[2] / "models"
 NAMES = ("mnist-unsupervised", "mnist-local", "mnist-minssq", "mnist-jitter")

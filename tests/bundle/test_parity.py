@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 
 from ffcompile.data import load_mnist
-from ffcompile import parity
-from ffcompile.parity import (MIN_JUDGED_FRACTION, PROGRAM_ATOL, PROGRAM_RTOL, plan_checks, summary_lines,
-                              trajectory_parity, verify, wrong_label_margin)
+from ffcompile.reference import parity
+from ffcompile.reference.parity import MIN_JUDGED_FRACTION, PROGRAM_ATOL, PROGRAM_RTOL, plan_checks, summary_lines, trajectory_parity, verify, wrong_label_margin
 from ffcompile.runtime.bundle import load_bundle
 
 

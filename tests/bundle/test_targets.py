@@ -2,8 +2,8 @@ import pytest
 from click.testing import CliRunner
 
 from ffcompile.cli import main
-from ffcompile.errors import FFCompileError
-from ffcompile.targets import find_target, known_targets, load_target
+from ffcompile.core.errors import FFCompileError
+from ffcompile.compiler.targets import find_target, known_targets, load_target
 
 
 def test_shipped_targets():

@@ -9,8 +9,8 @@ import json
 
 import pytest
 
-from ffcompile.bundle import build_bundle
-from ffcompile.emulation import elf_machine, host_arch
+from ffcompile.compiler.build import build_bundle
+from ffcompile.emulation.qemu import elf_machine, host_arch
 from ffcompile.runtime.bundle import load_bundle
 from cli_helpers import error_line, invoke  # tests/cli_helpers.py
 

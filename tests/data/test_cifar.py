@@ -3,8 +3,7 @@
 import numpy as np
 import pytest
 
-from ffcompile.data.cifar import (ENV_VAR, PIXELS, RECORD, SUBDIR, TEST_FILE, TRAIN_FILES, load_cifar10,
-                                  read_batch, resolve_cifar_dir, to_images)
+from ffcompile.data.cifar import ENV_VAR, PIXELS, RECORD, SUBDIR, TEST_FILE, TRAIN_FILES, load_cifar10, read_batch, resolve_cifar_dir, to_images
 from ffcompile.data.idx import DataError
 
 

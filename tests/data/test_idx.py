@@ -5,7 +5,7 @@ import pytest
 
 from ffcompile.data import DataError, read_idx, write_idx
 from ffcompile.data.idx import encode_idx
-from ffcompile.errors import FFCompileError
+from ffcompile.core.errors import FFCompileError
 
 
 def assert_one_line_error(excinfo, *fragments):

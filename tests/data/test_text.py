@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 
 from ffcompile.data.idx import DataError
-from ffcompile.data.text import (ALPHABET, ENV_VAR, clean, contexts, decode, encode, load_corpus, one_hot,
-                                 split_predictions, split_strings_of)
+from ffcompile.data.text import ALPHABET, ENV_VAR, clean, contexts, decode, encode, load_corpus, one_hot, split_predictions, split_strings_of
 
 
 def test_alphabet_is_the_papers_30_symbols():

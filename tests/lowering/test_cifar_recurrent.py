@@ -11,13 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from ffcompile.backends.onnx_backend import to_onnx
-from ffcompile.backends.torch_backend import TorchProgram
+from ffcompile.compiler.onnx_emit import to_onnx
+from ffcompile.reference.interpreter import TorchProgram
 from ffcompile.lowering import build_program, init_state, local, param_specs
-from ffcompile.oracle import oracle_recurrent_train_step
+from ffcompile.reference.oracle import oracle_recurrent_train_step
 from ffcompile.runtime.ort import OrtProgram
-from ffcompile.spec import (Goodness, InputSpec, LabelEmbedding, LocalLayer, Model, Negatives, Optimizer, Readout,
-                            Recurrent, Regularizers, SpecError, Training, load_model, model_from_dict)
+from ffcompile.core.spec import Goodness, InputSpec, LabelEmbedding, LocalLayer, Model, Negatives, Optimizer, Readout, Recurrent, Regularizers, SpecError, Training, load_model, model_from_dict
 from outputs import assert_outputs_match  # tests/outputs.py (tests/ is on sys.path via its conftest)
 
 MODELS = Path(__file__).parents[2] / "models"

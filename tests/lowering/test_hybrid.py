@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ffcompile.backends.torch_backend import TorchProgram
+from ffcompile.reference.interpreter import TorchProgram
 from ffcompile.data import load_mnist
-from ffcompile.errors import FFCompileError
+from ffcompile.core.errors import FFCompileError
 from ffcompile.lowering import build_program, init_state
 from ffcompile.lowering.hybrid import blurred_bits
-from ffcompile.loop import different_label_partners, epoch_plan
-from ffcompile.program.builder import Builder
-from ffcompile.spec import InputSpec, load_model
+from ffcompile.loop.epochs import different_label_partners, epoch_plan
+from ffcompile.core.builder import Builder
+from ffcompile.core.spec import InputSpec, load_model
 
 REPO = Path(__file__).parents[2]
 UNSUPERVISED = load_model(REPO / "models" / "mnist-unsupervised.toml")
@@ -161,7 +161,7 @@ def test_label_negatives_are_refused_without_labels_and_hybrids_with_them():
 
 
 def test_hybrid_examples_picture(tmp_path):
-    from ffcompile.plots import hybrid_examples
+    from ffcompile.reference.plots import hybrid_examples
 
     x, y = load_mnist("builtin", "train")
     path = hybrid_examples(UNSUPERVISED, x[:300], y[:300], tmp_path / "hybrid.png", count=3)

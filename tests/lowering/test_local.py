@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from ffcompile.backends.torch_backend import TorchProgram
+from ffcompile.reference.interpreter import TorchProgram
 from ffcompile.lowering import build_program, init_state, local
 from ffcompile.lowering.layer import forward, peer_normalization
-from ffcompile.program.builder import Builder
-from ffcompile.spec import SpecError, load_model, model_from_dict
+from ffcompile.core.builder import Builder
+from ffcompile.core.spec import SpecError, load_model, model_from_dict
 
 REPO = Path(__file__).parents[2]
 PAPER = load_model(REPO / "models" / "mnist-local.toml")

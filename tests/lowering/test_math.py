@@ -6,11 +6,11 @@ import math
 import numpy as np
 import pytest
 
-from ffcompile.backends.torch_backend import TorchProgram
+from ffcompile.reference.interpreter import TorchProgram
 from ffcompile.lowering import labels as lbl
 from ffcompile.lowering.layer import local_gradient, normalize
-from ffcompile.program.builder import Builder
-from ffcompile.spec import DenseLayer, Goodness, InputSpec, Model, Normalization, Readout
+from ffcompile.core.builder import Builder
+from ffcompile.core.spec import DenseLayer, Goodness, InputSpec, Model, Normalization, Readout
 
 SMALL = Model(name="m", input=InputSpec(size=16, image_shape=(4, 4)), layers=(DenseLayer("h1", 3),),
               goodness=Goodness(threshold_per_unit=1.0), readout=Readout(softmax_layers=("h1",)))
@@ -133,7 +133,7 @@ def test_random_negatives_are_uniform_over_wrong_labels():
 
 def _ort_and_torch(build, feeds):
     """The same one-off program through onnxruntime and the torch reference."""
-    from ffcompile.backends.onnx_backend import to_onnx
+    from ffcompile.compiler.onnx_emit import to_onnx
     from ffcompile.runtime.ort import OrtProgram
     b = Builder("t")
     build(b)

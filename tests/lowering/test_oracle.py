@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from ffcompile.backends.torch_backend import TorchProgram
+from ffcompile.reference.interpreter import TorchProgram
 from ffcompile.lowering import build_program, init_state, local
-from ffcompile.oracle import oracle_train_step
-from ffcompile.spec import (DenseLayer, Goodness, InputSpec, LabelEmbedding, LocalLayer, Model, Negatives, Normalization,
-                            Optimizer, PeerNorm, Readout, Regularizers, Training)
+from ffcompile.reference.oracle import oracle_train_step
+from ffcompile.core.spec import DenseLayer, Goodness, InputSpec, LabelEmbedding, LocalLayer, Model, Negatives, Normalization, Optimizer, PeerNorm, Readout, Regularizers, Training
 
 GOODNESS = [("ssq", "rms"), ("ssq", "l2"), ("neg_ssq", "rms"), ("sum", "l1")]
 REGULARIZERS = [Regularizers(), Regularizers(weight_decay=1e-2, peer_norm=PeerNorm(weight=0.5, momentum=0.8))]

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ffcompile.backends.onnx_backend import to_onnx
-from ffcompile.backends.torch_backend import TorchProgram
+from ffcompile.compiler.onnx_emit import to_onnx
+from ffcompile.reference.interpreter import TorchProgram
 from ffcompile.lowering import build_program, init_state
 from ffcompile.runtime.ort import OrtProgram
-from ffcompile.spec import DenseLayer, LocalLayer, load_model
+from ffcompile.core.spec import DenseLayer, LocalLayer, load_model
 from outputs import assert_outputs_match  # tests/outputs.py (tests/ is on sys.path via its conftest)
 
 MODELS = Path(__file__).parents[2] / "models"

@@ -9,15 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from ffcompile.backends.onnx_backend import to_onnx
-from ffcompile.backends import torch_backend
-from ffcompile.backends.torch_backend import TorchProgram
-from ffcompile.errors import FFCompileError
+from ffcompile.compiler.onnx_emit import to_onnx
+from ffcompile.reference import interpreter as torch_backend
+from ffcompile.reference.interpreter import TorchProgram
+from ffcompile.core.errors import FFCompileError
 from ffcompile.lowering import build_program, init_state
-from ffcompile.oracle import oracle_recurrent_train_step
+from ffcompile.reference.oracle import oracle_recurrent_train_step
 from ffcompile.runtime.ort import OrtProgram
-from ffcompile.spec import (DenseLayer, Goodness, InputSpec, LabelEmbedding, Model, Negatives, Normalization, Optimizer,
-                            PeerNorm, Readout, Recurrent, Regularizers, SpecError, Training, load_model, validate)
+from ffcompile.core.spec import DenseLayer, Goodness, InputSpec, LabelEmbedding, Model, Negatives, Normalization, Optimizer, PeerNorm, Readout, Recurrent, Regularizers, SpecError, Training, load_model, validate
 from outputs import assert_outputs_match  # tests/outputs.py (tests/ is on sys.path via its conftest)
 
 MODELS = Path(__file__).parents[2] / "models"

@@ -6,13 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from ffcompile.backends import tvm_compile
-from ffcompile.backends.onnx_backend import to_onnx
-from ffcompile.backends.torch_backend import TorchProgram
+from ffcompile.compiler import tvm_build as tvm_compile
+from ffcompile.compiler.onnx_emit import to_onnx
+from ffcompile.reference.interpreter import TorchProgram
 from ffcompile.lowering import build_program, init_state, train_programs
 from ffcompile.runtime.ort import OrtProgram
-from ffcompile.spec import (DenseLayer, Goodness, InputSpec, LabelEmbedding, Model, Negatives, Optimizer, Readout,
-                            SpecError, Training, load_model, model_from_dict)
+from ffcompile.core.spec import DenseLayer, Goodness, InputSpec, LabelEmbedding, Model, Negatives, Optimizer, Readout, SpecError, Training, load_model, model_from_dict
 from outputs import assert_outputs_match  # tests/outputs.py
 
 SYMBOLS, CONTEXT, BATCH = 5, 3, 6

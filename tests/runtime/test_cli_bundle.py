@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 
-from ffcompile.runtime.manifest import checksums
+from ffcompile.contract.manifest import checksums
 from cli_helpers import error_line, invoke  # tests/cli_helpers.py
 
 
@@ -81,8 +81,8 @@ def test_errors_are_one_line(tiny_bundle, tmp_path):
 def test_verify_fails_on_a_miscompiled_program(tiny_spec, bundle_copy, tmp_path):
     """A train_step with the same signature but another learning rule (weight decay 1e-2 instead
     of 1e-3), slipped in with a forged checksum: verify must exit 1."""
-    from ffcompile.bundle import build_bundle
-    from ffcompile.runtime.manifest import sha256_file
+    from ffcompile.compiler.build import build_bundle
+    from ffcompile.contract.manifest import sha256_file
 
     spec = tmp_path / "decay.toml"
     spec.write_text(tiny_spec.read_text().replace("weight_decay = 1e-3", "weight_decay = 1e-2"))

@@ -5,11 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from ffcompile.checkpoint import load_checkpoint
+from ffcompile.contract.checkpoint import load_checkpoint
 from ffcompile.data import load_mnist
-from ffcompile.errors import FFCompileError
+from ffcompile.core.errors import FFCompileError
 from ffcompile.runtime.bundle import load_bundle
-from ffcompile.runtime.manifest import checksums
+from ffcompile.contract.manifest import checksums
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +70,9 @@ def test_never_writes_into_the_bundle(bundle_copy, data):
 
 
 def test_with_weights_refuses_another_network(tiny_bundle, tmp_path):
-    from ffcompile.checkpoint import Checkpoint, save_checkpoint
+    from ffcompile.contract.checkpoint import Checkpoint, save_checkpoint
     from ffcompile.lowering import init_state
-    from ffcompile.spec import load_model
+    from ffcompile.core.spec import load_model
     from pathlib import Path
 
     other = load_model(Path(__file__).parents[2] / "models" / "mnist-small.toml")

@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from ffcompile.errors import FFCompileError
+from ffcompile.core.errors import FFCompileError
 from ffcompile.data import load_mnist
 from ffcompile.runtime.bundle import load_bundle
-from ffcompile.runtime.manifest import sha256_file
+from ffcompile.contract.manifest import sha256_file
 
 
 def rewrite_manifest(root, change):
@@ -105,7 +105,7 @@ def test_cuda_bundle_without_cuda_says_so(tiny_spec, tmp_path):
 
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         pytest.skip("this machine has the CUDA execution provider")
-    from ffcompile.bundle import build_bundle
+    from ffcompile.compiler.build import build_bundle
 
     build_bundle(tiny_spec, "cuda", tmp_path / "b", verify_steps=0, progress=False, log=lambda _: None)
     with pytest.raises(FFCompileError) as e:

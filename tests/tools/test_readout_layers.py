@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from ffcompile.backends.torch_backend import TorchProgram
+from ffcompile.reference.interpreter import TorchProgram
 from ffcompile.lowering import build_program, init_state
-from ffcompile.spec import LocalLayer, load_model
+from ffcompile.core.spec import LocalLayer, load_model
 
 REPO = Path(__file__).parents[2]
-spec = importlib.util.spec_from_file_location("readout_layers", REPO / "tools" / "readout_layers.py")
+spec = importlib.util.spec_from_file_location("readout_layers", REPO / "bench" / "readout_layers.py")
 readout_layers = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(readout_layers)
 
