@@ -43,7 +43,8 @@ log = B.log
 
 def tvm_runner(prog, target: dict, work: Path):
     from ffcompile.compiler.onnx_emit import to_onnx
-    from ffcompile.compiler.tvm_build import compile_onnx, load
+    from ffcompile.compiler.tvm_build import compile_onnx
+    from ffcompile.runtime.tvm import load
 
     t = time.perf_counter()
     lib = compile_onnx(to_onnx(prog, fuse=False), target, work / f"{prog.name}.so")
@@ -74,7 +75,7 @@ def compare(prog, feeds, threads: int, work: Path, tvm_target: dict, repeats: in
 ARM_GUEST = r"""
 import json, statistics, sys, time
 import numpy as np
-from ffcompile.compiler.tvm_build import load
+from ffcompile.runtime.tvm import load
 lib, feeds_path, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
 prog = load(lib)
 with np.load(feeds_path, allow_pickle=False) as z:

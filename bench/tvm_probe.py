@@ -310,7 +310,9 @@ def run_tvm_variant(name: str, model, feeds, ref, workdir: Path, args, sess=None
     t0 = time.perf_counter()
     tc.compile_onnx(model, target, so, schedule=sched, tuning_records=records)
     info["compile_s"] = round(time.perf_counter() - t0, 2)
-    prog = tc.load(so)
+    from ffcompile.runtime.tvm import load
+
+    prog = load(so)
     got = prog.run(feeds)
     info["check"] = compare(ref, got, args.atol)
     info["names_ok"] = prog.input_names == [i.name for i in model.graph.input] and prog.output_names == [

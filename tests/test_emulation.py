@@ -1,4 +1,4 @@
-"""ffcompile.emulation: ELF detection, host-tool errors, apt source parsing, and (marker
+"""ffcompile.emulation (and the ELF checks of ffcompile.runtime.machine): ELF detection, host-tool errors, apt source parsing, and (marker
 ``emulation``) an end-to-end run of onnxruntime and a TVM library under qemu-aarch64.
 
 The end-to-end tests build the sysroot in the default cache directory the first time (about a
@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from ffcompile.emulation import qemu as emulation
-from ffcompile.emulation.qemu import EmulationError, check_host_tools, cross_compiler, elf_machine, ensure_sysroot, is_elf_for, require_elf_for
+from ffcompile.emulation.qemu import EmulationError, check_host_tools, cross_compiler, ensure_sysroot
+from ffcompile.runtime.machine import elf_machine, host_arch, is_elf_for, require_elf_for
 from ffcompile.core.errors import FFCompileError
 
 
@@ -51,22 +52,22 @@ def test_elf_machine_of_cross_compiled_object(tmp_path, aarch64_gcc):
     assert is_elf_for(obj, "aarch64")
     assert is_elf_for(obj, "arm64")  # Debian's name for it
     assert not is_elf_for(obj, "x86_64")
-    if emulation.host_arch() == "x86_64":
-        with pytest.raises(EmulationError, match=r"built for aarch64, this needs x86_64.*emulation"):
+    if host_arch() == "x86_64":
+        with pytest.raises(FFCompileError, match=r"built for aarch64, this needs x86_64.*emulate"):
             require_elf_for(obj)
     require_elf_for(obj, "aarch64")
 
 
 def test_elf_machine_of_host_python():
     exe = Path(os.path.realpath(sys.executable))
-    assert elf_machine(exe) == emulation.host_arch()
-    assert is_elf_for(exe, emulation.host_arch())
+    assert elf_machine(exe) == host_arch()
+    assert is_elf_for(exe, host_arch())
     require_elf_for(exe)
 
 
 @pytest.mark.parametrize("e_machine,name,big_endian", [
-    (183, "aarch64", False), (62, "x86_64", False), (40, "arm", False), (243, "riscv", False),
-    (40, "arm", True), (8, "mips", True), (4242, "unknown(4242)", False),
+    (183, "aarch64", False), (62, "x86_64", False), (40, "armv7l", False), (243, "riscv64", False),
+    (40, "armv7l", True), (8, "mips", True), (4242, "unknown(4242)", False),
 ])
 def test_elf_machine_from_header_bytes(tmp_path, e_machine, name, big_endian):
     order = "big" if big_endian else "little"
@@ -81,11 +82,11 @@ def test_not_elf(tmp_path):
     f = tmp_path / "model.onnx"
     f.write_bytes(b"\x08\x07not an elf file")
     assert not is_elf_for(f, "aarch64")
-    with pytest.raises(EmulationError, match="not an ELF file"):
+    with pytest.raises(FFCompileError, match="not an ELF file"):
         elf_machine(f)
-    with pytest.raises(EmulationError, match="cannot read"):
+    with pytest.raises(FFCompileError, match="cannot read"):
         is_elf_for(tmp_path / "missing.so", "aarch64")
-    with pytest.raises(EmulationError, match="unknown architecture"):
+    with pytest.raises(FFCompileError, match="unknown architecture"):
         is_elf_for(f, "sparc")
 
 
@@ -286,8 +287,8 @@ def test_onnxruntime_and_tvm_on_emulated_aarch64(sysroot, tmp_path):
     lib = tmp_path / "fn.so"
     tvm.compile(_relax_module(), target=target).export_library(str(lib), cc=cross_compiler())
     assert is_elf_for(lib, "aarch64")
-    if emulation.host_arch() != "aarch64":
-        with pytest.raises(EmulationError, match="built for aarch64"):
+    if host_arch() != "aarch64":
+        with pytest.raises(FFCompileError, match="built for aarch64"):
             require_elf_for(lib)
 
     rng = np.random.default_rng(0)

@@ -14,6 +14,7 @@ import click
 import numpy as np
 
 from .main import DATA_DIR, _check_limit, _echo, load_split, main
+from ..contract.checkpoint import CHECKPOINT, METRICS
 from ..core.errors import FFCompileError
 
 
@@ -85,7 +86,7 @@ def _load_npy(path: Path, option: str) -> np.ndarray:
 @click.option("--labels", "labels_path", type=click.Path(path_type=Path), default=None, help="Labels .npy [N] for --input.")
 @click.option("--readout", type=click.Choice(["goodness", "softmax", "all"]), default="all", show_default=True)
 @click.option("--weights", "weights", type=click.Path(path_type=Path), default=None,
-              help="Use a checkpoint's weights (e.g. BUNDLE.finetune/checkpoint.safetensors) instead of the bundle's.")
+              help=f"Use a checkpoint's weights (e.g. BUNDLE.finetune/{CHECKPOINT}) instead of the bundle's.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def run(bundle_dir, data_dir, split, input_path, labels_path, readout, weights, as_json):
     """Run a bundle's inference programs: error rate and latency (median ms per batch, throughput)."""
@@ -107,7 +108,7 @@ def run(bundle_dir, data_dir, split, input_path, labels_path, readout, weights, 
         result["readouts"][r] = {"error_percent": round(ev.error_percent, 4), "accuracy_percent": round(ev.accuracy_percent, 4),
                                  "batch": ev.batch, "median_batch_ms": round(ev.median_batch_ms, 3),
                                  "examples_per_second": round(ev.examples_per_second, 1)}
-    if y is not None and bundle.model.input.dataset == "text":
+    if y is not None and bundle.model.family.predicts_characters:
         result["perplexity"] = round(bundle.perplexity(x, y), 4)
     if as_json:
         click.echo(json.dumps(result))
@@ -199,7 +200,7 @@ def generate(bundle_dir, prompt, length, seed, greedy, weights):
 @DATA_DIR
 @click.option("--epochs", type=int, required=True, help="Epochs of fine-tuning in total (with --resume: including those done).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Output folder for checkpoint.safetensors and metrics.json (default: BUNDLE.finetune beside the bundle).")
+              help=f"Output folder for {CHECKPOINT} and {METRICS} (default: BUNDLE.finetune beside the bundle).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted fine-tuning run in --out.")
 @click.option("--split", type=click.Choice(["train", "trainval"]), default="train", show_default=True,
               help="train: validate on the held-out part each epoch (see train --help); trainval: train on both.")
@@ -222,7 +223,7 @@ def finetune(bundle_dir, data_dir, epochs, out_dir, resume, split, limit, progre
     _echo(f"fine-tuning {bundle.model.name} on {bundle.target['name']} with {len(x)} examples ({source.describe()}); "
           f"writing {out_dir}")
     ckpt = bundle.finetune(x, y, epochs, out_dir, resume=resume, progress=progress, val=val, log=_echo)
-    tuned = bundle.with_weights(out_dir / "checkpoint.safetensors")
+    tuned = bundle.with_weights(out_dir / CHECKPOINT)
     _, x_test, y_test = load_split(bundle.model, source, "test")
     for readout in tuned.readouts:
         parts = []
@@ -230,5 +231,5 @@ def finetune(bundle_dir, data_dir, epochs, out_dir, resume, split, limit, progre
             parts.append(f"val error {tuned.evaluate(val[0], val[1], readout).error_percent:.2f}%")
         parts.append(f"test error {tuned.evaluate(x_test, y_test, readout).error_percent:.2f}%")
         click.echo(f"{bundle.model.name} after {ckpt.epoch} epoch(s) ({readout} readout): {', '.join(parts)}")
-    click.echo(f"wrote {out_dir / 'checkpoint.safetensors'} and metrics.json; "
-               f"use it with `ffcompile run {bundle_dir} --weights {out_dir / 'checkpoint.safetensors'}`")
+    click.echo(f"wrote {out_dir / CHECKPOINT} and {METRICS}; "
+               f"use it with `ffcompile run {bundle_dir} --weights {out_dir / CHECKPOINT}`")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from ..contract.checkpoint import CHECKPOINT, METRICS
 from ..data.datasets import data_dir_help
 from ..core.errors import FFCompileError
 
@@ -56,9 +57,9 @@ def load_split(model, data_dir, split: str):
 @DATA_DIR
 @click.option("--epochs", type=int, default=None, help="Epochs to train in total (default: the spec's training.epochs).")
 @click.option("--out", "run_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Run directory: checkpoint.safetensors, metrics.json, curves.png, receptive_fields.png "
+              help=f"Run directory: {CHECKPOINT}, {METRICS}, curves.png, receptive_fields.png "
                    "(and hybrid_negatives.png for hybrid-negative models).")
-@click.option("--resume", is_flag=True, help="Continue from RUN_DIR/checkpoint.safetensors (bit-identical continuation).")
+@click.option("--resume", is_flag=True, help=f"Continue from RUN_DIR/{CHECKPOINT} (bit-identical continuation).")
 @click.option("--device", default="cpu", show_default=True, help="torch device for the reference backend (cpu, cuda).")
 @click.option("--split", type=click.Choice(["train", "trainval"]), default="train", show_default=True,
               help="train = the training part (MNIST: 50k as in the paper; CIFAR-10: 45k; text: the paper's 248 strings), validating on the held-out part each epoch; trainval = both.")
@@ -73,8 +74,8 @@ def train(model_path, data_dir, epochs, run_dir, resume, device, split, limit, e
     from ..reference.train import Dataset, train as run_training
 
     model = load_model(model_path)
-    if not resume and (run_dir / "checkpoint.safetensors").exists():
-        raise FFCompileError(f"{run_dir}/checkpoint.safetensors exists: pass --resume to continue it, or choose another --out")
+    if not resume and (run_dir / CHECKPOINT).exists():
+        raise FFCompileError(f"{run_dir / CHECKPOINT} exists: pass --resume to continue it, or choose another --out")
     epochs = model.training.epochs if epochs is None else epochs
     if epochs < 0:
         raise FFCompileError(f"--epochs must be >= 0, got {epochs}")
@@ -95,16 +96,16 @@ def train(model_path, data_dir, epochs, run_dir, resume, device, split, limit, e
     data = Dataset(x, y, x_val, y_val, source.describe())
     ckpt = run_training(model, data, run_dir, epochs, resume=resume, device=device, progress=progress,
                         eval_every=eval_every, log=_echo)
-    history = json.loads((run_dir / "metrics.json").read_text())["epochs"] if (run_dir / "metrics.json").exists() else []
+    history = json.loads((run_dir / METRICS).read_text())["epochs"] if (run_dir / METRICS).exists() else []
     if history:
         learning_curves(history, run_dir / "curves.png", f"{model.name} ({source.describe()})")
     first = model.layers[0]
     label_note = " (label in the first pixels)" if model.input.label.kind == "first_pixels" else ""
-    if model.input.dataset == "text":
+    if model.family.predicts_characters:
         label_note = "\n(rows: the context's characters, oldest first; columns: a-z, space , ; .)"
     receptive_fields(first_layer_images(model, ckpt.params[f"{first.name}.weight"]), model.input.image_shape,
                      run_dir / "receptive_fields.png", title=f"{model.name}: first-layer receptive fields{label_note}")
-    wrote = "checkpoint.safetensors, metrics.json, curves.png, receptive_fields.png"
+    wrote = f"{CHECKPOINT}, {METRICS}, curves.png, receptive_fields.png"
     if model.negatives.kind == "hybrid_image":
         hybrid_examples(model, x, y, run_dir / "hybrid_negatives.png", seed=model.training.seed)
         wrote += ", hybrid_negatives.png"
@@ -114,7 +115,7 @@ def train(model_path, data_dir, epochs, run_dir, resume, device, split, limit, e
 def _check_limit(model, limit: int) -> None:
     if limit <= 0:
         raise FFCompileError(f"--limit must be positive, got {limit}")
-    if model.input.dataset == "text":
+    if model.family.predicts_characters:
         from ..data.text import PREDICTIONS
         from ..loop.nextchar import check_whole_strings
 
@@ -132,7 +133,7 @@ def _check_limit(model, limit: int) -> None:
 def eval_cmd(run_dir, data_dir, readout, split, device, batch, as_json):
     """Test error of a trained run with the goodness readout (every label scored in one batched
     pass) and/or the one-pass softmax readout."""
-    from ..contract.checkpoint import CHECKPOINT, load_checkpoint
+    from ..contract.checkpoint import load_checkpoint
     from ..reference.train import evaluate_params, readouts_of
 
     path = run_dir / CHECKPOINT if run_dir.is_dir() else run_dir
@@ -145,7 +146,7 @@ def eval_cmd(run_dir, data_dir, readout, split, device, batch, as_json):
         if r not in readouts_of(ckpt.model):
             raise FFCompileError(f"model {ckpt.model.name!r} has no {r} readout")
         result["error_percent"][r] = round(evaluate_params(ckpt.model, ckpt.params, x, y, r, batch, device, progress=not as_json), 4)
-    if ckpt.model.input.dataset == "text":
+    if ckpt.model.family.predicts_characters:
         from ..reference.train import sequence_perplexity
 
         result["perplexity"] = round(sequence_perplexity(ckpt.model, ckpt.params, x, y, batch, device), 4)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from .errors import FFCompileError
+from .family import Family, family_of
 
 
 class SpecError(FFCompileError):
@@ -199,6 +200,10 @@ class Model:
 
     def fan_in(self, i: int) -> int:
         return self.input.size if i == 0 else self.layers[i - 1].size
+
+    @property
+    def family(self) -> Family:
+        return family_of(self)
 
     def to_json(self) -> dict:
         return _to_json(self)

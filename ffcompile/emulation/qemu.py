@@ -4,9 +4,6 @@ The pieces:
 
 * :func:`check_host_tools` / :func:`cross_compiler` -- the host programs we need, with errors that name
   the Debian package to install.
-* :func:`elf_machine` / :func:`is_elf_for` / :func:`require_elf_for` -- read an ELF header's
-  ``e_machine`` so that an aarch64 bundle is refused on x86 with a clear message instead of a
-  ``dlopen`` failure.
 * :func:`ensure_sysroot` -- builds (once, cached) an aarch64 sysroot: Debian's arm64 ``python3.X``
   unpacked from ``.deb`` files fetched through a *private* apt state (the host's dpkg database is never
   read or written), aarch64 wheels (numpy, onnxruntime, apache-tvm, ...) pinned to the versions installed
@@ -35,7 +32,8 @@ import zipfile
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-from ffcompile.core.errors import FFCompileError
+from ..core.errors import FFCompileError
+from ..runtime.machine import canonical_arch, elf_machine, is_elf_for
 
 __all__ = [
     "EmulationError",
@@ -45,10 +43,6 @@ __all__ = [
     "cross_compiler",
     "ensure_sysroot",
     "default_cache_dir",
-    "elf_machine",
-    "is_elf_for",
-    "require_elf_for",
-    "host_arch",
     "host_apt_sources",
     "DEVICE_WHEELS",
 ]
@@ -74,8 +68,7 @@ class EmulationError(FFCompileError):
 
 @dataclasses.dataclass(frozen=True)
 class _Arch:
-    name: str            # canonical name, as uname -m prints it
-    e_machine: int       # ELF header e_machine
+    name: str            # canonical name (ffcompile.runtime.machine)
     debian: str          # Debian architecture
     triplet: str         # GNU triplet of the cross toolchain
     qemu: str            # qemu-user program
@@ -96,16 +89,11 @@ _CORTEX_A72_CPUINFO = (
 )
 
 _ARCHES = {
-    "aarch64": _Arch("aarch64", 183, "arm64", "aarch64-linux-gnu", "qemu-aarch64", "aarch64",
-                     _CORTEX_A72_CPUINFO),
-    "x86_64": _Arch("x86_64", 62, "amd64", "x86_64-linux-gnu", "qemu-x86_64", "x86_64", None),
-    "arm": _Arch("arm", 40, "armhf", "arm-linux-gnueabihf", "qemu-arm", "armv7l", None),
-    "riscv": _Arch("riscv", 243, "riscv64", "riscv64-linux-gnu", "qemu-riscv64", "riscv64", None),
+    "aarch64": _Arch("aarch64", "arm64", "aarch64-linux-gnu", "qemu-aarch64", "aarch64", _CORTEX_A72_CPUINFO),
+    "x86_64": _Arch("x86_64", "amd64", "x86_64-linux-gnu", "qemu-x86_64", "x86_64", None),
+    "armv7l": _Arch("armv7l", "armhf", "arm-linux-gnueabihf", "qemu-arm", "armv7l", None),
+    "riscv64": _Arch("riscv64", "riscv64", "riscv64-linux-gnu", "qemu-riscv64", "riscv64", None),
 }
-_ALIASES = {"arm64": "aarch64", "armv8": "aarch64", "amd64": "x86_64", "x64": "x86_64",
-            "armhf": "arm", "armv7l": "arm", "armv7": "arm", "riscv64": "riscv"}
-# Other e_machine values worth naming in an error message.
-_OTHER_MACHINES = {3: "i386", 8: "mips", 20: "ppc", 21: "ppc64", 22: "s390", 50: "ia64", 258: "loongarch"}
 
 # Where the host programs come from on Debian.
 _TOOL_PACKAGES = {
@@ -118,10 +106,7 @@ _TOOL_PACKAGES = {
 
 
 def _arch(arch: str) -> _Arch:
-    key = _ALIASES.get(str(arch).lower(), str(arch).lower())
-    if key not in _ARCHES:
-        raise EmulationError(f"unknown architecture {arch!r}: expected one of {', '.join(_ARCHES)}")
-    return _ARCHES[key]
+    return _ARCHES[canonical_arch(arch)]
 
 
 def _emulated_arch(arch: str) -> _Arch:
@@ -129,65 +114,6 @@ def _emulated_arch(arch: str) -> _Arch:
     if a.name != "aarch64":
         raise EmulationError(f"emulation is only set up for aarch64, not {a.name}")
     return a
-
-
-def host_arch() -> str:
-    """Canonical name of the machine this Python runs on (``x86_64``, ``aarch64``, ...)."""
-    m = os.uname().machine.lower()
-    return _ALIASES.get(m, m)
-
-
-# --------------------------------------------------------------------------------------------------
-# ELF headers
-# --------------------------------------------------------------------------------------------------
-
-def _read_e_machine(path: Path) -> int | None:
-    """e_machine of an ELF file, None when the file is not ELF. Raises EmulationError if unreadable."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(20)
-    except OSError as e:
-        raise EmulationError(f"cannot read {path}: {e.strerror or e}") from None
-    if len(head) < 20 or head[:4] != b"\x7fELF":
-        return None
-    order = {1: "little", 2: "big"}.get(head[5])
-    if order is None:
-        return None
-    return int.from_bytes(head[18:20], order)
-
-
-def elf_machine(path: str | os.PathLike) -> str:
-    """The architecture an ELF file (object, shared library, executable) was built for.
-
-    Returns ``aarch64``, ``x86_64``, ``arm``, ``riscv`` (or ``i386`` ..., ``unknown(N)``).
-    Raises :class:`EmulationError` when the file cannot be read or is not ELF.
-    """
-    p = Path(path)
-    m = _read_e_machine(p)
-    if m is None:
-        raise EmulationError(f"{p} is not an ELF file")
-    for a in _ARCHES.values():
-        if a.e_machine == m:
-            return a.name
-    return _OTHER_MACHINES.get(m, f"unknown({m})")
-
-
-def is_elf_for(path: str | os.PathLike, arch: str) -> bool:
-    """True when ``path`` is an ELF file built for ``arch``; False for other machines and non-ELF
-    files. Raises :class:`EmulationError` when the file cannot be read (missing, a directory)."""
-    want = _arch(arch).e_machine
-    return _read_e_machine(Path(path)) == want
-
-
-def require_elf_for(path: str | os.PathLike, arch: str | None = None) -> None:
-    """Refuse, with a one-line error, an ELF file that this machine (or ``arch``) cannot load."""
-    want = _arch(arch or host_arch()).name
-    got = elf_machine(path)
-    if got != want:
-        hint = ""
-        if want == host_arch() and got == "aarch64":
-            hint = "; run it under emulation (ffcompile.emulation.ensure_sysroot().run_python)"
-        raise EmulationError(f"{path} is built for {got}, this needs {want}{hint}")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -112,32 +112,6 @@ def step_feeds(plan: EpochPlan, k: int, x: np.ndarray, y: np.ndarray, lr, step: 
     return feeds
 
 
-def epoch_runner(model: Model, steps: dict, seed: int, progress: bool = True, desc: str = "train",
-                 probs_fn: Callable | None = None, host_params: Callable | None = None):
-    """One epoch of the loop the model's kind needs, as ``(params, state, x, y, epoch, epochs,
-    step) -> (params, state, step, mean metrics)``, driving ``steps`` (program name -> step
-    function): ``run_epoch`` with ``train_step``, or for next-character models
-    ``sequence.run_sequence_epoch``, which also generates with ``probs_fn`` (see there)."""
-    if model.input.dataset != "text":
-        shift = None
-        if model.training.jitter:
-            from ..data import shift_images as shift
-
-        def epoch_fn(params, state, x, y, epoch, epochs, step):
-            return run_epoch(model, steps["train_step"], params, state, x, y, epoch, epochs, step, seed, progress,
-                             desc=desc, shift=shift)
-        return epoch_fn
-
-    from ..data.text import PREDICTIONS
-    from .nextchar import check_whole_strings, run_sequence_epoch
-
-    def epoch_fn(params, state, x, y, epoch, epochs, step):
-        check_whole_strings(len(x), PREDICTIONS)
-        return run_sequence_epoch(model, steps, probs_fn, params, state, x, y, epoch, epochs, step, seed, PREDICTIONS,
-                                  progress, desc=desc, host_params=host_params)
-    return epoch_fn
-
-
 def summarize(model: Model, sums: dict[str, float], count: int) -> dict[str, float]:
     """Mean metrics over an epoch, plus each layer's goodness separation (pos - neg)."""
     out = {k: v / max(count, 1) for k, v in sums.items()}

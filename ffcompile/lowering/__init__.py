@@ -1,7 +1,8 @@
 """FF graph -> tensor programs. All FF logic lives here, written once; backends only map primitives."""
 
-from .feedforward import PROGRAMS, READOUT_PROGRAMS, build_program, is_train_program, negative_probs_program, readouts_of, train_programs
+from ..core.family import READOUT_PROGRAMS, is_train_program, readouts_of, train_programs
+from .families import build_program, negative_probs_program
 from .state import init_state, param_specs, state_specs
 
-__all__ = ["PROGRAMS", "READOUT_PROGRAMS", "build_program", "is_train_program", "negative_probs_program", "readouts_of",
-           "train_programs", "init_state", "param_specs", "state_specs"]
+__all__ = ["READOUT_PROGRAMS", "build_program", "init_state", "is_train_program", "negative_probs_program",
+           "param_specs", "readouts_of", "state_specs", "train_programs"]

@@ -1,4 +1,4 @@
-"""The programs a bundle carries:
+"""The programs of a feed-forward model:
 
 - ``train_step``: params, optimizer state, a batch, its labels and explicit uniforms -> new params,
   new state, metrics. A neutral-label pass feeds the softmax readout (and, for hard negatives, the
@@ -15,17 +15,16 @@ without backprop into the hidden layers, and ``infer_softmax`` runs the plain im
 ``hybrid_negatives`` (not part of a bundle) makes just the negatives, for tests and pictures.
 
 Recurrent nets (sec. 3.4) are lowered by ``recurrent``, next-character models (sec. 4.1) by
-``sequence``; ``build_program`` routes to them.
+``nextchar``; ``ffcompile.lowering.build_program`` picks the lowering of the model's family.
 """
 
 from __future__ import annotations
 
 from ..core.errors import FFCompileError
 from ..core.builder import Builder
-from ..core.program import Program, Value
+from ..core.program import Value
 from ..core.spec import Model
 from . import labels as lbl
-from . import recurrent, nextchar as sequence
 from .hybrid import hybrid_images
 from .layer import goodness, local_gradient, peer_normalization, run_layers
 from .optimizers import emit_updates
@@ -36,13 +35,7 @@ PROGRAMS = ("train_step", "infer_goodness", "infer_softmax")
 EXTRA_PROGRAMS = ("hybrid_negatives",)
 
 
-def build_program(model: Model, name: str, batch: int) -> Program:
-    if model.recurrent is not None or sequence.is_sequence(model):
-        if batch <= 0:
-            raise FFCompileError(f"batch size must be positive, got {batch}")
-        b = Builder(name)
-        (sequence if sequence.is_sequence(model) else recurrent).build(b, model, name, batch)
-        return b.build()
+def build(b: Builder, model: Model, name: str, batch: int) -> None:
     builders = {"train_step": _train_step, "infer_goodness": _infer_goodness, "infer_softmax": _infer_softmax,
                 "hybrid_negatives": _hybrid_negatives}
     if name not in builders:
@@ -64,42 +57,7 @@ def build_program(model: Model, name: str, batch: int) -> Program:
         raise FFCompileError(f"model {model.name!r} has no goodness readout (readout.goodness_layers is empty)")
     if name == "infer_softmax" and not model.readout.softmax_layers:
         raise FFCompileError(f"model {model.name!r} has no softmax readout (readout.softmax_layers is empty)")
-    if batch <= 0:
-        raise FFCompileError(f"batch size must be positive, got {batch}")
-    b = Builder(name)
     builders[name](b, model, batch)
-    return b.build()
-
-
-READOUT_PROGRAMS = {"goodness": "infer_goodness", "softmax": "infer_softmax"}
-
-
-def readouts_of(model: Model) -> list[str]:
-    """The readouts a model has (keys of ``READOUT_PROGRAMS``). A recurrent net always reads out by
-    goodness (all hidden layers when ``readout.goodness_layers`` is empty)."""
-    has = {"goodness": bool(model.readout.goodness_layers) or model.recurrent is not None,
-           "softmax": bool(model.readout.softmax_layers)}
-    return [r for r in READOUT_PROGRAMS if has[r]]
-
-
-def train_programs(model: Model) -> list[str]:
-    """The training programs a bundle carries: ``train_step``, and for next-character models the
-    positive-only and negative-only halves (sec. 4.1's sleep phase)."""
-    return sequence.train_programs(model) if sequence.is_sequence(model) else ["train_step"]
-
-
-def is_train_program(name: str) -> bool:
-    return name.startswith("train_")
-
-
-def negative_probs_program(model: Model) -> str | None:
-    """The program whose ``probs`` output holds the class probabilities ``train_step`` draws
-    hard-label (or teacher-forced) negatives from (None for other negatives)."""
-    if model.negatives.kind == "teacher_forcing" and model.training.learn_hidden:
-        return "infer_softmax"
-    if model.negatives.kind != "hard_label":
-        return None
-    return "negative_probs" if model.recurrent is not None else "infer_softmax"
 
 
 def supervised(model: Model) -> bool:

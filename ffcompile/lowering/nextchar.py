@@ -31,19 +31,10 @@ from . import labels as lbl
 from .layer import local_gradient, run_layers
 from .optimizers import emit_updates
 from .readouts import readout_features, softmax, softmax_gradient, softmax_logits
+from ..core.family import train_programs
 from .state import param_inputs, state_inputs
 
 PHASES = {"train_step": "both", "train_positive": "positive", "train_negative": "negative"}
-
-
-def is_sequence(model: Model) -> bool:
-    return model.input.dataset == "text"
-
-
-def train_programs(model: Model) -> list[str]:
-    if not model.training.learn_hidden:
-        return ["train_step"]
-    return ["train_step", "train_positive", "train_negative"]
 
 
 def build(b: Builder, model: Model, name: str, batch: int) -> None:

@@ -15,8 +15,8 @@ from ..contract.checkpoint import CHECKPOINT, METRICS, Checkpoint, resume_run, s
 from ..core.errors import FFCompileError
 from ..loop.evaluate import error_rate
 from ..lowering import READOUT_PROGRAMS, build_program, init_state, readouts_of, train_programs
-from ..lowering.nextchar import is_sequence
-from ..loop.epochs import FEEDS, epoch_line, epoch_runner
+from ..loop.epochs import FEEDS, epoch_line
+from ..loop.runner import epoch_runner
 from ..loop.nextchar import batched, perplexity
 from ..core.spec import Model
 
@@ -98,8 +98,8 @@ def evaluate_params(model: Model, params: dict[str, np.ndarray], x, y, readout: 
 
 
 def _epoch_runner(model: Model, step_fn: ReferenceStep, device: str, eval_batch: int, seed: int, progress: bool, log):
-    """The shared loop (``loop.epoch_runner``) driving the reference's training programs."""
-    if not is_sequence(model):
+    """The shared loop (``loop.runner.epoch_runner``) driving the reference's training programs."""
+    if not model.family.predicts_characters:
         return epoch_runner(model, {"train_step": step_fn}, seed, progress)
     steps = {name: step_fn if name == "train_step" else ReferenceStep(model, device, log=log, program=name)
              for name in train_programs(model)}
@@ -142,8 +142,8 @@ def train(model: Model, data: Dataset, run_dir: Path, epochs: int, resume: bool 
     (run_dir / "model.json").write_text(model.dumps() + "\n")
 
     step_fn = ReferenceStep(model, device, log=log)
-    # On a GPU, per-epoch evaluation in batches of 100 is launch-bound (it took longer than the
-    # epoch's training in the H200 runs); larger batches give the same predictions.
+    # On a GPU, per-epoch evaluation in batches of 100 is launch-bound; larger batches give the
+    # same predictions.
     eval_batch = 1000 if step_fn.device.type == "cuda" else 100
     params, state = step_fn.to_device(ckpt.params), step_fn.to_device(ckpt.state)
     epoch_fn = _epoch_runner(model, step_fn, device, eval_batch, seed, progress, log)
@@ -155,10 +155,10 @@ def train(model: Model, data: Dataset, run_dir: Path, epochs: int, resume: bool 
         np_params = numpy_dict(params)
         if (epoch + 1) % eval_every == 0 or epoch + 1 == epochs:
             sets = {"val": (data.x_val, data.y_val), **data.monitor} if data.x_val is not None else data.monitor
-            if is_sequence(model):
+            if model.family.predicts_characters:
                 sets = {"train": (data.x_train, data.y_train), **sets}
             for set_name, (xs, ys) in sets.items():
-                if is_sequence(model):
+                if model.family.predicts_characters:
                     record[f"{set_name}_perplexity"] = sequence_perplexity(model, np_params, xs, ys, eval_batch, device)
                     if set_name == "train":
                         continue

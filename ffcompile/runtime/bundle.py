@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..contract.checkpoint import Checkpoint, load_checkpoint
+from ..contract.checkpoint import CHECKPOINT, Checkpoint, load_checkpoint
+from ..core.family import READOUT_PROGRAMS
 from ..core.errors import FFCompileError
 from ..loop.evaluate import predict as predict_batched
 from ..core.spec import Model, Training, model_from_dict
@@ -30,9 +31,6 @@ from .inputs import as_images, as_labels
 from ..contract.manifest import OPTIMIZER, WEIGHTS, BundleError, read_manifest, verify_files
 from .loaders import Runnable, load_program
 from ..contract.weights import check_tensors, read_tensors
-
-READOUT_PROGRAMS = {"goodness": "infer_goodness", "softmax": "infer_softmax"}
-
 
 @dataclass(frozen=True)
 class Evaluation:
@@ -110,7 +108,7 @@ class Bundle:
         from ..data.text import ALPHABET, clean, decode, encode, one_hot
         from ..loop.nextchar import batched, generate
 
-        if self.model.input.dataset != "text" or "infer_softmax" not in self.programs:
+        if not self.model.family.predicts_characters or "infer_softmax" not in self.programs:
             raise FFCompileError(f"bundle {self.path}: model {self.model.name!r} is not a next-character model")
         if length < 0:
             raise FFCompileError(f"length must be >= 0, got {length}")
@@ -152,7 +150,7 @@ class Bundle:
         fine-tuning run's ``checkpoint.safetensors`` (or the folder holding it)."""
         path = Path(checkpoint)
         if path.is_dir():
-            path = path / "checkpoint.safetensors"
+            path = path / CHECKPOINT
         ckpt = load_checkpoint(path)
         if not same_network(ckpt.model, self.model):
             raise FFCompileError(f"{path}: checkpoint of model {ckpt.model.name!r} does not fit bundle {self.path} "

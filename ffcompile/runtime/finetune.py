@@ -19,7 +19,8 @@ import numpy as np
 
 from ..contract.checkpoint import CHECKPOINT, METRICS, Checkpoint, resume_run, save_checkpoint, write_json
 from ..core.errors import FFCompileError
-from ..loop.epochs import FEEDS, epoch_line, epoch_runner
+from ..loop.epochs import FEEDS, epoch_line
+from ..loop.runner import epoch_runner
 from .inputs import as_images, as_labels
 from .loaders import Runnable
 
@@ -87,7 +88,7 @@ def finetune(bundle, x, y, epochs: int, out_dir, resume: bool = False, progress:
         record = {"epoch": epoch + 1, "step": step, "seconds": round(time.perf_counter() - started, 3), **metrics}
         if val is not None:
             tuned = bundle.with_params(params, state, epoch + 1, step)
-            if model.input.dataset == "text":
+            if model.family.predicts_characters:
                 record["val_perplexity"] = tuned.perplexity(val[0], val[1])
             for readout in bundle.readouts:
                 record[f"val_error.{readout}"] = tuned.evaluate(val[0], val[1], readout).error_percent
@@ -101,12 +102,12 @@ def finetune(bundle, x, y, epochs: int, out_dir, resume: bool = False, progress:
 
 
 def _epoch_runner(bundle, carried, seed: int, progress: bool):
-    """The shared loop (``loop.epoch_runner``) driving the bundle's compiled training programs
+    """The shared loop (``loop.runner.epoch_runner``) driving the bundle's compiled training programs
     (and, for next-character models, its ``infer_softmax`` for generation)."""
     steps = {name: CompiledTrainStep(program, bundle.signature(name), carried)
              for name, program in bundle.programs.items() if name.startswith("train_")}
     desc = f"finetune ({bundle.target['name']})"
-    if bundle.model.input.dataset != "text":
+    if not bundle.model.family.predicts_characters:
         return epoch_runner(bundle.model, steps, seed, progress, desc)
     from ..loop.nextchar import batched
 

@@ -36,15 +36,15 @@ def _load_onnxruntime(path: Path, target: dict, name: str) -> Runnable:
 
 def _load_tvm(path: Path, target: dict, name: str) -> Runnable:
     """A TVM shared library + its sidecar ``<lib>.so.json``; needs only the TVM runtime."""
-    from ..compiler.tvm_build import SIDECAR_SUFFIX, load
-    from ..emulation.qemu import EmulationError, require_elf_for
+    from .machine import require_elf_for
+    from .tvm import load, sidecar_path
 
-    sidecar = path.with_name(path.name + SIDECAR_SUFFIX)
+    sidecar = sidecar_path(path)
     if not sidecar.is_file():
         raise FFCompileError(f"{name}: its sidecar {sidecar.name} (input/output names) is missing")
     try:
         require_elf_for(path)  # a library for another CPU: one line, not a dlopen failure
-    except EmulationError as e:
+    except FFCompileError as e:
         raise FFCompileError(f"{name}: {e}") from None
     try:
         import tvm  # noqa: F401

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from ffcompile.compiler import tvm_build as tvm_compile
+from ffcompile.runtime import tvm as tvm_runtime
 from ffcompile.compiler.onnx_emit import to_onnx
 from ffcompile.lowering import build_program, init_state, local
 from ffcompile.reference.parity import verify
@@ -35,7 +36,7 @@ def test_tvm_programs_and_trajectory_match_the_reference(form, tmp_path):
         for name in PROGRAMS:
             lib = tvm_compile.compile_onnx(to_onnx(build_program(model, name, batch), fuse=False),
                                            {"kind": "llvm", "num-cores": 1}, tmp_path / f"{name}.so")
-            runners[name] = tvm_compile.load(lib)
+            runners[name] = tvm_runtime.load(lib)
         params, state = init_state(model, seed=1)
         report = verify(model, {"name": "host-tvm", "backend": "tvm"}, runners, params, state, 0, x, y,
                         infer_batch=batch, steps=5)

@@ -16,6 +16,7 @@ tvm = pytest.importorskip("tvm")
 ort = pytest.importorskip("onnxruntime")
 
 from ffcompile.compiler import tvm_build as tc  # noqa: E402
+from ffcompile.runtime import tvm as tvm_runtime  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 ATOL = 1e-5
@@ -62,7 +63,7 @@ def small_ff(tmp_path_factory):
 
 def test_small_ff_matches_onnxruntime(small_ff):
     model, feeds, out = small_ff
-    prog = tc.load(out)
+    prog = tvm_runtime.load(out)
     assert prog.input_names == [i.name for i in model.graph.input]
     assert prog.output_names == [o.name for o in model.graph.output]
     got = prog.run(feeds)
@@ -87,7 +88,7 @@ def test_odd_shapes_and_stock_pipeline(tmp_path):
     for schedule in ("hand", "none"):
         out = tmp_path / f"odd_{schedule}.so"
         tc.compile_onnx(model, _host_target(), out, schedule=schedule)
-        _check(model, feeds, tc.load(out).run(feeds))
+        _check(model, feeds, tvm_runtime.load(out).run(feeds))
 
 
 def test_onehot_rewrite_negative_indices(tmp_path):
@@ -105,7 +106,7 @@ def test_onehot_rewrite_negative_indices(tmp_path):
     model.ir_version = 9
     out = tc.compile_onnx(model, _host_target(), tmp_path / "oh.so")
     feeds = {"i": np.array([0, 3, 1, -1, 2], np.int64)}
-    _check(model, feeds, tc.load(out).run(feeds))
+    _check(model, feeds, tvm_runtime.load(out).run(feeds))
 
 
 def test_load_with_runtime_only(small_ff):
@@ -115,8 +116,8 @@ def test_load_with_runtime_only(small_ff):
     code = (
         "import sys, numpy as np\n"
         f"sys.path.insert(0, {str(ROOT)!r})\n"
-        "from ffcompile.compiler import tvm_build as tc\n"
-        f"p = tc.load({str(out)!r})\n"
+        "from ffcompile.runtime import tvm as tvm_runtime\n"
+        f"p = tvm_runtime.load({str(out)!r})\n"
         f"f = dict(np.load({str(out.parent / 'feeds.npz')!r}))\n"
         "r = p.run(f)\n"
         f"np.savez({str(out.parent / 'got.npz')!r}, **r)\n"

@@ -13,6 +13,7 @@ import pytest
 from test_onnx_primitives import CASES, PARAMS, _chain_program  # same folder: pytest puts it on sys.path
 
 from ffcompile.compiler import onnx_emit as onnx_backend, tvm_build as tvm_compile
+from ffcompile.runtime import tvm as tvm_runtime
 from ffcompile.compiler.onnx_emit import to_onnx
 from ffcompile.reference.interpreter import TorchProgram
 from ffcompile.core.builder import Builder
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # the ONNX impor
 
 def _check(program, feeds, tmp_path):
     lib = tvm_compile.compile_onnx(to_onnx(program, fuse=False), HOST, tmp_path / f"{program.name}.so")
-    got = tvm_compile.load(lib).run(feeds)
+    got = tvm_runtime.load(lib).run(feeds)
     want = TorchProgram(program).run_numpy(feeds)
     assert_outputs_match(got, want, ATOL, RTOL)
 
@@ -69,7 +70,7 @@ def test_hybrid_mask_blur_compiles_with_bounded_inlining(monkeypatch, tmp_path):
     feeds = {"x": rng.random((4, 784), dtype=np.float32), "x_other": rng.random((4, 784), dtype=np.float32),
              "mask_bits": rng.integers(0, 2, (4, 784)).astype(np.float32)}
     lib = tvm_compile.compile_onnx(to_onnx(program, fuse=False), HOST, tmp_path / "hybrid.so")
-    got, want = tvm_compile.load(lib).run(feeds), TorchProgram(program).run_numpy(feeds)
+    got, want = tvm_runtime.load(lib).run(feeds), TorchProgram(program).run_numpy(feeds)
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
     skipped = [line for entry in log for line in entry["log"] if "a body would grow" in line]
@@ -84,7 +85,7 @@ def test_a_library_rebuilt_at_the_same_path_is_the_new_one(tmp_path):
         b = Builder("scale")
         b.output("y", b.mul(b.input("x", (2, 3)), scale))
         tvm_compile.compile_onnx(to_onnx(b.build(), fuse=False), HOST, path)
-        np.testing.assert_array_equal(tvm_compile.load(path).run({"x": x})["y"], scale * x)
+        np.testing.assert_array_equal(tvm_runtime.load(path).run({"x": x})["y"], scale * x)
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +107,7 @@ def test_loaded_programs_run_on_every_usable_core_unless_told(env, want, scale_l
     import subprocess
     import sys
 
-    script = ("import os, sys, numpy, tvm; from ffcompile.compiler import tvm_build as t; "
+    script = ("import os, sys, numpy, tvm; from ffcompile.runtime import tvm as t; "
               "cores, cpus = t.usable_cores(), os.sched_getaffinity(0); "
               "t.load(sys.argv[1]).run({'x': numpy.ones((2, 3), numpy.float32)}); "
               "print(tvm.get_global_func('runtime.NumThreads')(), cores, os.sched_getaffinity(0) == cpus)")

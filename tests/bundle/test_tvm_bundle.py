@@ -10,7 +10,7 @@ import json
 import pytest
 
 from ffcompile.compiler.build import build_bundle
-from ffcompile.emulation.qemu import elf_machine, host_arch
+from ffcompile.runtime.machine import elf_machine, host_arch
 from ffcompile.runtime.bundle import load_bundle
 from cli_helpers import error_line, invoke  # tests/cli_helpers.py
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from ffcompile.compiler import tvm_build as tvm_compile
+from ffcompile.runtime import tvm as tvm_runtime
 from ffcompile.compiler.onnx_emit import to_onnx
 from ffcompile.reference.interpreter import TorchProgram
 from ffcompile.lowering import build_program, init_state, train_programs
@@ -196,7 +197,7 @@ def test_tvm_matches_reference(negatives, name, tmp_path):
     program = build_program(model, name, BATCH)
     feeds = feeds_for(model, program, rng, params, state)
     lib = tvm_compile.compile_onnx(to_onnx(program, fuse=False), {"kind": "llvm", "num-cores": 1}, tmp_path / "p.so")
-    assert_outputs_match(tvm_compile.load(lib).run(feeds), TorchProgram(program).run_numpy(feeds), 1e-5, 1e-5)
+    assert_outputs_match(tvm_runtime.load(lib).run(feeds), TorchProgram(program).run_numpy(feeds), 1e-5, 1e-5)
 
 
 def test_paper_spec_and_its_errors(tmp_path):

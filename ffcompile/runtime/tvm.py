@@ -1,0 +1,164 @@
+"""Run a TVM-compiled program (a shared library + its JSON sidecar of input/output names) with
+only the TVM runtime (works with ``TVM_USE_RUNTIME_LIB=1``); ``ffcompile.compiler.tvm_build``
+makes them."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+SIDECAR_SUFFIX = ".json"
+
+
+def sidecar_path(path: Path) -> Path:
+    return path.with_name(path.name + SIDECAR_SUFFIX)
+
+
+def _aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(n + align, dtype=np.uint8)
+    off = (-raw.ctypes.data) % align
+    return raw[off:off + n].view(dtype).reshape(shape)
+
+
+_LOADED: dict[str, str] = {}  # resolved path -> sha256 of the library this process first loaded from it
+
+
+def usable_cores() -> int:
+    """Physical cores this process may run on: CPUs in its affinity mask, SMT siblings counted once."""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    cores = set()
+    for cpu in cpus:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(((topology / "physical_package_id").read_text(), (topology / "core_id").read_text()))
+        except OSError:
+            cores.add(cpu)
+    return max(1, len(cores))
+
+
+_POOL_SIZED = False
+
+
+def _size_thread_pool() -> None:
+    """Create TVM's CPU thread pool with one thread per usable core, unless TVM_NUM_THREADS or
+    OMP_NUM_THREADS says otherwise, and leave this thread free to run on every CPU it could before.
+
+    TVM's own default is half the logical CPUs on x86, on the assumption of two SMT threads per
+    core: on machines without SMT (most small cloud VMs) it ran our programs, scheduled for every
+    core, on half of them. And a one-thread pool pins the thread that creates it to one CPU, which
+    left every torch step after it in the same process (the parity reference) on one core too.
+    The pool is sized once per process, on first use, so this runs before any library is loaded."""
+    global _POOL_SIZED
+    if _POOL_SIZED:
+        return
+    _POOL_SIZED = True
+    import tvm
+
+    if "TVM_NUM_THREADS" not in os.environ and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["TVM_NUM_THREADS"] = str(usable_cores())
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    tvm.get_global_func("runtime.NumThreads")()  # creates the pool now
+    if cpus is not None and os.sched_getaffinity(0) != cpus:
+        os.sched_setaffinity(0, cpus)
+
+
+def _load_library(path: Path):
+    """``tvm.runtime.load_module``, safe against a library rebuilt at a path this process has
+    loaded before: dlopen returns the first library for a path, so a changed one is loaded from a
+    copy of its own."""
+    import hashlib
+    import shutil
+    import tempfile
+
+    import tvm
+
+    _size_thread_pool()
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if _LOADED.setdefault(str(path.resolve()), digest) != digest:
+        copy = Path(tempfile.mkdtemp(prefix="ffcompile-tvm-")) / f"{digest[:16]}{path.suffix}"
+        shutil.copyfile(path, copy)
+        path = copy
+    return tvm.runtime.load_module(str(path))
+
+
+class TVMProgram:
+    """A compiled program loaded with only the TVM runtime."""
+
+    def __init__(self, path: str | Path, device: str = "cpu", device_id: int = 0):
+        import tvm
+
+        self.path = Path(path)
+        meta = json.loads(sidecar_path(self.path).read_text())
+        self.meta = meta
+        self.input_names: list[str] = [i["name"] for i in meta["inputs"]]
+        self.output_names: list[str] = [o["name"] for o in meta["outputs"]]
+        self._in_dtypes = [np.dtype(i["dtype"]) for i in meta["inputs"]]
+        self._single = len(self.output_names) == 1
+        self._staging: dict[str, np.ndarray] = {}
+        copy = set(meta.get("copy_outputs", self.output_names))
+        self._copy = [n in copy for n in self.output_names]
+        self.device = tvm.runtime.device(device, device_id)
+        lib = _load_library(self.path)
+        from tvm.runtime.vm import VirtualMachine  # (not imported by `import tvm` in runtime-only mode)
+
+        self._vm = VirtualMachine(lib, self.device)
+        self._fn = self._vm[meta["function"]]
+
+    def _to_tvm(self, name: str, arr, dtype: np.dtype):
+        """numpy -> tvm tensor. On CPU, a C-contiguous, 64-byte aligned array of the right dtype
+        (e.g. an output of the previous ``run``) is passed without a copy; anything else is
+        copied into a persistent aligned staging buffer (``tvm.runtime.tensor`` is ~8x slower
+        than a plain memcpy for large arrays). Not thread-safe (neither is the VM)."""
+        import tvm
+
+        if self.device.dlpack_device_type() != 1:
+            return tvm.runtime.tensor(np.asarray(arr, dtype=dtype), self.device)
+        a = np.asarray(arr)
+        if (a.dtype == dtype and a.flags.c_contiguous and a.flags.writeable and a.ctypes.data % 64 == 0):
+            try:
+                return tvm.runtime.from_dlpack(a)
+            except Exception:  # pragma: no cover - fall back to a copy
+                pass
+        buf = self._staging.get(name)
+        if buf is None or buf.shape != a.shape:
+            buf = self._staging[name] = _aligned_empty(a.shape, dtype)
+        np.copyto(buf, a, casting="same_kind")
+        return tvm.runtime.from_dlpack(buf)
+
+    def run_tvm(self, feeds: dict):
+        """Run with numpy arrays or tvm tensors; returns the VM's output tensors (no copies)."""
+        import tvm
+
+        missing = [n for n in self.input_names if n not in feeds]
+        if missing:
+            raise KeyError(f"missing inputs: {missing}")
+        args = []
+        for n, dt in zip(self.input_names, self._in_dtypes):
+            v = feeds[n]
+            args.append(v if isinstance(v, tvm.runtime.Tensor) else self._to_tvm(n, v, dt))
+        res = self._fn(*args)
+        outs = [res] if self._single else list(res)
+        return dict(zip(self.output_names, outs))
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one step. Inputs that are 64-byte aligned C-contiguous arrays (e.g. outputs of a
+        previous ``run``) are passed without a copy; outputs are returned as numpy arrays that
+        own the VM's fresh output buffers (no copy), except outputs that could alias inputs or
+        constants, which are copied."""
+        outs = self.run_tvm(feeds)
+        result = {}
+        for (n, o), copy in zip(outs.items(), self._copy):
+            if copy or self.device.dlpack_device_type() != 1:
+                result[n] = o.numpy()
+            else:
+                result[n] = np.from_dlpack(o)
+        return result
+
+
+def load(path: str | Path, device: str = "cpu", device_id: int = 0) -> TVMProgram:
+    return TVMProgram(path, device, device_id)
