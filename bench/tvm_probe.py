@@ -73,7 +73,7 @@ def build_ff_step(
     """One FF training step for a stack of dense layers, as an opset-18 ONNX graph.
 
     Inputs: pix [3B, d_in] (rows 0:B evaluation candidates, B:2B positive, 2B:3B negative),
-    lab int64 [3B] (label embedded into the first n_classes pixels via OneHot), lr (scalar),
+    lab int64 [3B] (label embedded into the first n_classes pixels as a one-hot), lr (scalar),
     then per layer l: W{l} [H, d], b{l} [H], vW{l}, vb{l} (momentum buffers).
     Outputs: per layer W{l}_new, b{l}_new, vW{l}_new, vb{l}_new, loss{l}; plus "correct" (number
     of eval groups whose true label has max summed goodness; int64) and "goodness" [B].
@@ -100,10 +100,11 @@ def build_ff_step(
     # sign: +1 for positive rows, -1 for negative rows
     sign = g.const(np.concatenate([np.ones(B), -np.ones(B)])[:, None], hint="sign")
 
-    # label embedding: x = Concat(OneHot(lab) * 1.0, pix[:, n_classes:])
-    depth = g.const(np.array(n_classes), dtype=np.int64, hint="depth")
-    onoff = g.const(np.array([0.0, 1.0]), hint="onoff")
-    onehot = g.op("OneHot", ["lab", depth, onoff], axis=-1)
+    # label embedding: x = Concat(one-hot(lab), pix[:, n_classes:]), the one-hot as Equal + Cast
+    classes = g.const(np.arange(n_classes), dtype=np.int64, hint="classes")
+    last = g.const([-1], np.int64)
+    hit = g.op("Equal", [g.op("Unsqueeze", ["lab", last]), classes])
+    onehot = g.op("Cast", [hit], to=onnx.TensorProto.FLOAT)
     s0 = g.const([n_classes], np.int64)
     s1 = g.const([d_in], np.int64)
     ax1 = g.const([1], np.int64)

@@ -151,3 +151,12 @@ def test_the_runtime_reaches_no_compiler_reference_emulation_or_torch():
     external = sorted({f"{m} imports {x}" for m in reached for x in EXTERNAL[m]
                        if any(x == f or x.startswith(f + ".") for f in RUNTIME_FORBIDDEN_EXTERNAL)})
     assert external == []
+
+
+def test_no_test_loads_a_tool_or_benchmark_script():
+    """tools/ and bench/ are scripts for users and for measurements, not library code."""
+    tests = Path(__file__).resolve().parent
+    loading = [str(p.relative_to(tests)) for p in tests.rglob("*.py") if p.name != "test_layers.py"
+               and any(word in p.read_text() for word in ("spec_from_file_location", "import tools", "import bench",
+                                                           "from tools", "from bench"))]
+    assert loading == []

@@ -2,8 +2,7 @@
 
 Pipeline (``compile_onnx``):
 
-1. ONNX -> Relax with ``tvm.relax.frontend.onnx.from_onnx`` after a small ONNX-level rewrite of
-   ops the 0.27 frontend gets wrong (OneHot returns float64: rewritten to Equal/Where).
+1. ONNX -> Relax with ``tvm.relax.frontend.onnx.from_onnx``.
 2. ``FuseTransposeMatmul`` (x @ W^T as one kernel), the stock CPU legalize/fuse passes.
 3. Our hand-written TensorIR schedule rules (``_CPUScheduler``) on every fused kernel:
    register-tiled, vectorized, multi-threaded GEMM micro-kernels (MR x NR accumulators over the
@@ -41,90 +40,6 @@ def _value_info(vi) -> dict:
     return {"name": vi.name, "dtype": _np_dtype_name(tt.elem_type), "shape": dims}
 
 
-def _const_value(model, name: str):
-    """numpy value of an initializer or Constant-node output, else None."""
-    from onnx import numpy_helper
-
-    for t in model.graph.initializer:
-        if t.name == name:
-            return numpy_helper.to_array(t)
-    for n in model.graph.node:
-        if n.op_type == "Constant" and n.output[0] == name:
-            for a in n.attribute:
-                if a.name == "value":
-                    return numpy_helper.to_array(a.t)
-    return None
-
-
-def _rewrite_onnx(model):
-    """Rewrite ONNX ops the TVM Relax frontend gets wrong into equivalent supported ones.
-
-    * OneHot: tvm 0.27's converter builds on/off values as float64 prim values, so the result is
-      float64 whatever ``values`` is (Concat with fp32 then fails). Rewritten as
-      ``Where(Equal(Unsqueeze(idx), arange(depth)), on, off)`` with negative indices wrapped.
-    Returns (model, list of rewrite notes); the input model is not modified.
-    """
-    import onnx
-    from onnx import helper, numpy_helper
-
-    if not any(n.op_type == "OneHot" for n in model.graph.node):
-        return model, []
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    g = model.graph
-    ranks = {}
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-        for vi in list(inferred.graph.value_info) + list(inferred.graph.input):
-            if vi.type.tensor_type.HasField("shape"):
-                ranks[vi.name] = len(vi.type.tensor_type.shape.dim)
-    except Exception:  # pragma: no cover - only needed for axis != -1
-        pass
-    notes = []
-    new_nodes = []
-    for k, node in enumerate(g.node):
-        if node.op_type != "OneHot":
-            new_nodes.append(node)
-            continue
-        idx, depth_name, values = node.input
-        depth = _const_value(model, depth_name)
-        if depth is None:
-            raise ValueError(f"OneHot {node.name!r}: depth must be a constant")
-        depth = int(np.asarray(depth).reshape(-1)[0])
-        axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), -1)
-        p = f"_ffc_onehot{k}"
-        if axis < 0:
-            if axis != -1 and idx not in ranks:
-                raise ValueError(f"OneHot {node.name!r}: rank of indices unknown for axis={axis}")
-            axis = axis + ranks.get(idx, 0) + 1 if axis != -1 else -1
-        r_out = ranks.get(idx, 0) + 1
-        trailing = 0 if axis == -1 else r_out - 1 - axis
-        ar = np.arange(depth, dtype=np.int64).reshape([depth] + [1] * trailing)
-        g.initializer.extend([
-            numpy_helper.from_array(ar, p + "_range"),
-            numpy_helper.from_array(np.array(depth, np.int64), p + "_depth"),
-            numpy_helper.from_array(np.array([axis], np.int64), p + "_axis"),
-            numpy_helper.from_array(np.array(0, np.int64), p + "_i0"),
-            numpy_helper.from_array(np.array(1, np.int64), p + "_i1"),
-            numpy_helper.from_array(np.array(0, np.int64), p + "_zero"),
-        ])
-        mk = helper.make_node
-        new_nodes += [
-            mk("Cast", [idx], [p + "_idx"], to=onnx.TensorProto.INT64),
-            mk("Less", [p + "_idx", p + "_zero"], [p + "_neg"]),
-            mk("Add", [p + "_idx", p + "_depth"], [p + "_wrapped"]),
-            mk("Where", [p + "_neg", p + "_wrapped", p + "_idx"], [p + "_idx2"]),
-            mk("Unsqueeze", [p + "_idx2", p + "_axis"], [p + "_u"]),
-            mk("Equal", [p + "_u", p + "_range"], [p + "_eq"]),
-            mk("Gather", [values, p + "_i0"], [p + "_off"], axis=0),
-            mk("Gather", [values, p + "_i1"], [p + "_on"], axis=0),
-            mk("Where", [p + "_eq", p + "_on", p + "_off"], list(node.output), name=node.name),
-        ]
-        notes.append(f"OneHot {node.name or node.output[0]} -> Equal/Where")
-    del g.node[:]
-    g.node.extend(new_nodes)
-    return model, notes
-
-
 def _import_onnx(model):
     """ONNX -> Relax IRModule with one function "main" taking the graph inputs in order."""
     from tvm.relax.frontend.onnx import from_onnx
@@ -139,7 +54,6 @@ def _import_onnx(model):
             raise ValueError(f"input {vi.name!r} has a non-static shape {info['shape']}")
         shape_dict[vi.name] = info["shape"]
         dtype_dict[vi.name] = info["dtype"]
-    model, _notes = _rewrite_onnx(model)
     mod = from_onnx(model, shape_dict=shape_dict, dtype_dict=dtype_dict, keep_params_in_input=False)
     return mod, inputs
 
