@@ -1,6 +1,7 @@
 """ONNX emitter: one tensor program -> one ONNX model (opset 18) that passes the full checker.
 
-Each primitive maps to one or two standard ONNX ops; constants become initializers. Node and
+Each primitive is lowered by its entry in ``ffcompile.core.primitives`` (one or a few standard
+ONNX ops); constants become initializers. Node and
 value names keep the program's scopes (``posneg/h1/local_rule/...``) so graphs read well in
 Netron. Imports only onnx and numpy: the on-device runtime never needs torch.
 
@@ -41,18 +42,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..core.primitives import PRIMITIVES
 from ..core.program import Node, Program, Value
 
 OPSET = 18
 _TYPES = {"float32": TensorProto.FLOAT, "int64": TensorProto.INT64, "bool": TensorProto.BOOL}
-_SIMPLE = {
-    "identity": "Identity", "add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div",
-    "maximum": "Max", "minimum": "Min", "neg": "Neg", "relu": "Relu",
-    "exp": "Exp", "log": "Log", "sqrt": "Sqrt", "abs": "Abs",
-    "less": "Less", "equal": "Equal", "where": "Where",
-}
 # Primitives computed independently per element (with numpy broadcasting): safe to tile.
-_ELEMENTWISE = frozenset({*_SIMPLE, "step", "cast"})
+_ELEMENTWISE = frozenset(p.name for p in PRIMITIVES.values() if p.elementwise)
 
 TILE_ELEMS = 32768        # elements per tile of the widest value in a fused chain (128 KiB fp32)
 FUSE_MIN_ELEMS = 1 << 20  # fuse only chains over values at least this large (4 MiB fp32): smaller
@@ -73,61 +69,27 @@ class _Graph:
         self.nodes.append(helper.make_node(op, list(inputs), [output], name=output, **attrs))
         return output
 
+    @staticmethod
+    def onnx_type(dtype: str) -> int:
+        return _TYPES[dtype]
+
 
 def _lower(g: _Graph, node: Node) -> None:
     out, ins, a = node.output.name, list(node.inputs), node.attrs
-    op = node.op
-    if op in _SIMPLE:
-        g.node(_SIMPLE[op], ins, out)
-    elif op in ("matmul", "gemm") and a.get("weights_first"):
+    if node.op in ("matmul", "gemm") and a.get("weights_first"):
         # x [m, k] @ W[n, k]^T for few rows m, as (W @ x^T)^T: the big weight is streamed as
         # Gemm's A instead of being repacked as B on every call (see _peephole).
-        if op == "gemm":
+        if node.op == "gemm":
             bias = g.node("Reshape", [ins[2], g.const(f"{out}/column_shape", np.array([-1, 1], np.int64))], f"{out}/bias_column")
             ins = [*ins[:2], bias]
         g.node("Gemm", [ins[1], ins[0], *ins[2:]], f"{out}/transposed", transA=0, transB=1)
         g.node("Transpose", [f"{out}/transposed"], out, perm=[1, 0])
-    elif op == "matmul":
+    elif node.op == "gemm":  # emitter-internal: matmul + bias
         g.node("Gemm", ins, out, transA=int(a["trans_a"]), transB=int(a["trans_b"]))
-    elif op == "gemm":  # emitter-internal: matmul + bias
-        g.node("Gemm", ins, out, transA=int(a["trans_a"]), transB=int(a["trans_b"]))
-    elif op == "sigmoid":
-        # not onnxruntime's Sigmoid: 17 % off at -15 and 0 below -20 (measured), where a saturated
-        # FF logit's gradient lives; from exp(-|x|) it keeps its relative precision on both sides
-        e = g.node("Exp", [g.node("Neg", [g.node("Abs", ins, f"{out}/abs")], f"{out}/neg_abs")], f"{out}/exp")
-        one = g.const(f"{out}/one", np.float32(1))
-        d = g.node("Add", [e, one], f"{out}/denominator")
-        below = g.node("Less", [ins[0], g.const(f"{out}/zero", np.float32(0))], f"{out}/below_zero")
-        g.node("Where", [below, g.node("Div", [e, d], f"{out}/left_tail"),
-                         g.node("Div", [one, d], f"{out}/right_tail")], out)
-    elif op == "step":
-        positive = g.node("Greater", [ins[0], g.const(f"{out}/zero", np.float32(0))], f"{out}/positive")
-        g.node("Cast", [positive], out, to=TensorProto.FLOAT)
-    elif op in ("reduce_sum", "reduce_max"):
-        axes = g.const(f"{out}/axes", np.array(a["axes"], np.int64))
-        g.node("ReduceSum" if op == "reduce_sum" else "ReduceMax", [ins[0], axes], out, keepdims=int(a["keepdims"]))
-    elif op == "reshape":
-        g.node("Reshape", [ins[0], g.const(f"{out}/shape", np.array(a["new_shape"], np.int64))], out)
-    elif op == "transpose":
-        g.node("Transpose", ins, out, perm=list(a["perm"]))
-    elif op == "concat":
-        g.node("Concat", ins, out, axis=a["axis"])
-    elif op == "slice":
-        g.node("Slice", [ins[0], g.const(f"{out}/starts", np.array([a["start"]], np.int64)),
-                         g.const(f"{out}/ends", np.array([a["stop"]], np.int64)),
-                         g.const(f"{out}/axes", np.array([a["axis"]], np.int64))], out)
-    elif op == "cast":
-        g.node("Cast", ins, out, to=_TYPES[a["to"]])
-    elif op == "cumsum":
-        g.node("CumSum", [ins[0], g.const(f"{out}/axis", np.array(a["axis"], np.int64))], out)
-    elif op == "argmax":
-        g.node("ArgMax", ins, out, axis=a["axis"], keepdims=0, select_last_index=0)
-    elif op == "one_hot":
-        column = g.node("Unsqueeze", [ins[0], g.const(f"{out}/axis", np.array([-1], np.int64))], f"{out}/column")
-        hit = g.node("Equal", [column, g.const(f"{out}/classes", np.arange(a["depth"], dtype=np.int64))], f"{out}/hit")
-        g.node("Cast", [hit], out, to=TensorProto.FLOAT)
+    elif node.op in PRIMITIVES and PRIMITIVES[node.op].onnx is not None:
+        PRIMITIVES[node.op].onnx(g, ins, out, **a)
     else:
-        raise NotImplementedError(f"ONNX emitter: no lowering for primitive {op!r}")
+        raise NotImplementedError(f"ONNX emitter: no lowering for primitive {node.op!r}")
 
 
 # -- rewrites on the program's node list ------------------------------------------------------

@@ -14,7 +14,8 @@ import pytest
 from ffcompile.compiler import onnx_emit as onnx_backend
 from ffcompile.compiler.onnx_emit import to_onnx
 from ffcompile.reference.interpreter import TorchProgram
-from ffcompile.core.builder import PRIMITIVES, Builder
+from ffcompile.core.builder import Builder
+from ffcompile.core.primitives import PRIMITIVES
 from ffcompile.runtime.ort import OrtProgram
 from outputs import assert_outputs_match  # tests/outputs.py
 

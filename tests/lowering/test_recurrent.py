@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ffcompile.compiler.onnx_emit import to_onnx
-from ffcompile.reference import interpreter as torch_backend
+from ffcompile.core.primitives import PRIMITIVES
 from ffcompile.reference.interpreter import TorchProgram
 from ffcompile.core.errors import FFCompileError
 from ffcompile.lowering import build_program, init_state
@@ -133,8 +133,9 @@ CASES = [
 def float64_program(program, monkeypatch) -> TorchProgram:
     """The label layer's one-of-N rows (constants and one_hot, fp32 in the backend) feed matmuls
     directly, which, unlike elementwise ops, do not promote to the float64 of the check."""
-    monkeypatch.setitem(torch_backend.PRIMITIVES, "one_hot",
-                        lambda idx, depth: (idx.unsqueeze(-1) == torch.arange(depth)).to(torch.float64))
+    one_hot = dataclasses.replace(PRIMITIVES["one_hot"], reference=lambda torch, idx, depth: (
+        idx.unsqueeze(-1) == torch.arange(depth)).to(torch.float64))
+    monkeypatch.setitem(PRIMITIVES, "one_hot", one_hot)
     runner = TorchProgram(program)
     runner.constants = {k: v.double() if v.is_floating_point() else v for k, v in runner.constants.items()}
     return runner
