@@ -88,6 +88,7 @@ CASES = {
     "log": [_unary("log", 1e-3, 50)],
     "sqrt": [_unary("sqrt", 0.0, 50)],
     "abs": [_unary("abs")],
+    "tanh": [_unary("tanh", -20.0, 20.0)],
     "step": [_unary("step")],
     "reduce_sum": [
         _with(lambda b: b.output("out", b.reduce_sum(b.input("x", (3, 4, 5)), [1])), lambda r: {"x": _uniform(r, (3, 4, 5))}),
