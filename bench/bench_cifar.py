@@ -9,9 +9,9 @@ the first ``--train-eval`` training images. Trains on the first 45,000 training 
 validates on the last 5,000 (test error is monitored per epoch for the report only; nothing is
 tuned on it). Writes JSON; every run keeps its checkpoints under ``--run-root`` and resumes.
 
-    python tools/bench_cifar.py --data-dir DIR --device cuda --out cifar.json
-    python tools/bench_cifar.py --download ~/data --device cuda            # fetch + verify first
-    python tools/bench_cifar.py --data-dir DIR --configs 2-max --epochs 1 --limit 1000   # smoke run
+    python bench/bench_cifar.py --data-dir DIR --device cuda --out cifar.json
+    python bench/bench_cifar.py --download ~/data --device cuda            # fetch + verify first
+    python bench/bench_cifar.py --data-dir DIR --configs 2-max --epochs 1 --limit 1000   # smoke run
 
 The data is CIFAR-10's binary version (cifar-10-batches-bin), from --data-dir or
 $FFCOMPILE_CIFAR_DIR. The paper-size nets are lowered masked dense (ffcompile.lowering.local):
@@ -27,10 +27,10 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-TOOLS = Path(__file__).resolve().parent
-REPO = TOOLS.parent
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(TOOLS))
+sys.path.insert(0, str(BENCH))
 
 from bench_paper_supervised import train_paper_run  # noqa: E402
 from ffcompile.data.datasets import load_split  # noqa: E402

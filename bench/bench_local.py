@@ -11,8 +11,8 @@ negatives] rows. It also times the whole ``train_step`` of the model. Each progr
 torch reference backend and with onnxruntime (CPU, or CUDA where available); both forms compute the
 same numbers (checked here on the layer programs before timing). Writes JSON.
 
-    python tools/bench_local.py --out bench_local.json
-    python tools/bench_local.py --device cuda --repeats 50
+    python bench/bench_local.py --out bench_local.json
+    python bench/bench_local.py --device cuda --repeats 50
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """onnxruntime vs torch eager on ffcompile's programs, side by side in one run.
 
-    python tools/bench_ort.py                 # full run (a few minutes), writes bench_ort.json
-    python tools/bench_ort.py --quick         # smoke run (well under a minute)
-    python tools/bench_ort.py --out x.json --threads 2 --repeats 9
+    python bench/bench_ort.py                 # full run (a few minutes), writes bench_ort.json
+    python bench/bench_ort.py --quick         # smoke run (well under a minute)
+    python bench/bench_ort.py --out x.json --threads 2 --repeats 9
 
 Everything runs with ``--threads`` threads (torch intra-op, onnxruntime intra-op, BLAS). Each
 measurement interleaves the variants it compares (A, B, A, B, ...) so that a change in machine
@@ -827,7 +827,7 @@ def main(argv=None):
     import onnxruntime
     import torch
     torch.set_num_threads(args.threads)
-    report = {"tool": "tools/bench_ort.py", "argv": sys.argv[1:], "quick": args.quick, "threads": args.threads,
+    report = {"tool": "bench/bench_ort.py", "argv": sys.argv[1:], "quick": args.quick, "threads": args.threads,
               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cpu": cpu_info(),
               "versions": {"onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
                            "numpy": np.__version__, "onnx": onnx.__version__},

@@ -12,8 +12,8 @@ epoch for the report only; nothing is tuned on it), then reports the official te
 readout the model has. Writes JSON; the run directory keeps checkpoints, so an interrupted run
 resumes where it stopped.
 
-    python tools/bench_paper_mnist.py --experiment local --data-dir DIR --device cuda --out local.json
-    python tools/bench_paper_mnist.py --experiment unsupervised --data-dir DIR --epochs 1 --limit 2000 \\
+    python bench/bench_paper_mnist.py --experiment local --data-dir DIR --device cuda --out local.json
+    python bench/bench_paper_mnist.py --experiment unsupervised --data-dir DIR --epochs 1 --limit 2000 \\
         --set 'layers=[{size=64},{size=64},{size=64},{size=64}]' --out smoke.json
 
 Full runs take hours on 2 CPU cores; use a GPU.
@@ -27,10 +27,10 @@ import platform
 import sys
 from pathlib import Path
 
-TOOLS = Path(__file__).resolve().parent
-REPO = TOOLS.parent
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(TOOLS))
+sys.path.insert(0, str(BENCH))
 
 from bench_paper_supervised import train_paper_run  # noqa: E402
 from ffcompile.reference.train import evaluate_params, readouts_of  # noqa: E402

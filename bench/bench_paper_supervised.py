@@ -5,8 +5,8 @@ the other 10,000), then the official test error with both readouts. Also records
 at which the goodness-readout test error reached 1.5 % (test error is monitored per epoch for that
 report only; nothing is tuned on it). Writes JSON.
 
-    python tools/bench_paper_supervised.py --data-dir DIR --device cuda --out paper.json
-    python tools/bench_paper_supervised.py --data-dir DIR --set optimizer.lr=0.003 --set training.epochs=20
+    python bench/bench_paper_supervised.py --data-dir DIR --device cuda --out paper.json
+    python bench/bench_paper_supervised.py --data-dir DIR --set optimizer.lr=0.003 --set training.epochs=20
 
 Takes about an hour on 2 CPU cores; a few minutes on a GPU.
 """

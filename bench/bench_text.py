@@ -14,8 +14,8 @@ training strings (the paper's curves) and on 31 held-out strings:
 Writes JSON (per-epoch curves, final perplexities, the two learned regimes' gap and their margin
 below the baseline) and a figure-5-style plot.
 
-    python tools/bench_text.py --out bench_text.json --plot fig5.png            # paper size, full batch
-    python tools/bench_text.py --width 500 --batch 2232 --epochs 30 --out t.json # what 2 CPU cores afford
+    python bench/bench_text.py --out bench_text.json --plot fig5.png            # paper size, full batch
+    python bench/bench_text.py --width 500 --batch 2232 --epochs 30 --out t.json # what 2 CPU cores afford
 
 The paper's net (3 x 2000 ReLUs, full-batch updates of 22,320 predictions) takes ~20 s per
 update on 2 CPU cores; use --device cuda, or --width/--batch for a smaller run.
@@ -34,7 +34,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tools"))
+sys.path.insert(0, str(REPO / "bench"))
 
 from bench_paper_supervised import apply_overrides  # noqa: E402
 from ffcompile.data.datasets import load_split  # noqa: E402

@@ -2,10 +2,10 @@
 """TVM (x86, our hand-written schedules) vs onnxruntime vs torch eager, side by side in ONE run,
 plus the train step's time on an emulated aarch64 device (reported, not a goal).
 
-    python tools/bench_tvm.py                     # writes bench_tvm.json, progress on stderr
-    python tools/bench_tvm.py --repeats 5 --out x.json --no-arm
+    python bench/bench_tvm.py                     # writes bench_tvm.json, progress on stderr
+    python bench/bench_tvm.py --repeats 5 --out x.json --no-arm
 
-Sections (medians of interleaved samples, A B C A B C ..., helpers shared with tools/bench_ort.py):
+Sections (medians of interleaved samples, A B C A B C ..., helpers shared with bench/bench_ort.py):
 
 - ``train_step``: models/mnist-supervised.toml (784-2000x4), batch 100. Goal: TVM <= ORT.
 - ``infer_goodness_b1``: one image, all labels scored in one pass, same network.
@@ -33,7 +33,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tools"))
+sys.path.insert(0, str(REPO / "bench"))
 warnings.filterwarnings("ignore", category=UserWarning)  # the ONNX importer renames dotted names
 
 import bench_ort as B  # noqa: E402  (its timing, peak and program helpers)

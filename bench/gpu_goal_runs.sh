@@ -11,7 +11,7 @@
 # Each run writes metrics.json every epoch, so a cut run still reports its curve, and resumes from
 # its checkpoint when run again with the same RESULTS_DIR (a 4x2000 checkpoint with Adam state is
 # ~160 MB: on a lent machine, delete RESULTS_DIR/*.run/*.safetensors before the results travel).
-#   bash tools/gpu_goal_runs.sh DATA_DIR RESULTS_DIR [LIMIT_SECONDS]
+#   bash bench/gpu_goal_runs.sh DATA_DIR RESULTS_DIR [LIMIT_SECONDS]
 set -u
 DATA=${1:?MNIST dir}; OUT=${2:?results dir}; LIMIT=${3:-540}
 mkdir -p "$OUT"
@@ -26,7 +26,7 @@ runs=(
 for run in "${runs[@]}"; do
   name=${run%%|*}
   # shellcheck disable=SC2086  # the run's arguments are meant to split
-  timeout "$LIMIT" python3 tools/bench_paper_mnist.py ${run#*|} --data-dir "$DATA" --device cuda \
+  timeout "$LIMIT" python3 bench/bench_paper_mnist.py ${run#*|} --data-dir "$DATA" --device cuda \
     --out "$OUT/$name.json" --run-dir "$OUT/$name.run" > "$OUT/$name.log" 2>&1 &
 done
 wait

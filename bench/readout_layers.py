@@ -7,8 +7,8 @@ linear softmax (Adam, linear cool-down over the second half, no backprop into th
 for each candidate set of layers, and chooses by **validation** error. Test error is reported
 beside it and never used for the choice. Writes JSON.
 
-    python tools/readout_layers.py RUN_DIR --data-dir DIR --out readout_layers.json
-    python tools/readout_layers.py RUN_DIR --data-dir DIR --layers h2,h3 --layers h1,h2,h3 --lr 1e-3
+    python bench/readout_layers.py RUN_DIR --data-dir DIR --out readout_layers.json
+    python bench/readout_layers.py RUN_DIR --data-dir DIR --layers h2,h3 --layers h1,h2,h3 --lr 1e-3
 
 Default candidates: every run of consecutive hidden layers. Feed-forward MNIST models only
 (dense or locally connected, supervised or not); recurrent nets read out by goodness.

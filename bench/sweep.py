@@ -3,7 +3,7 @@ their JSON results into one file. Each configuration is a list of ``--set sectio
 overrides; each run writes its own JSON and run directory, so an interrupted sweep loses nothing
 that finished.
 
-    python tools/sweep.py --script tools/bench_paper_supervised.py --out-dir sweep --parallel 4 \\
+    python bench/sweep.py --script bench/bench_paper_supervised.py --out-dir sweep --parallel 4 \\
         --config base= --config wd0=regularizers.weight_decay=0.0 -- --device cuda --data-dir DIR
 """
 

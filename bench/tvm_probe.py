@@ -1,6 +1,6 @@
 """Benchmark probe: ways of compiling our ONNX FF train steps with TVM on CPU, vs onnxruntime.
 
-Usage:  python tools/tvm_probe.py [--out tvm_probe.json] [--cases one,four,edge] [--approaches ...]
+Usage:  python bench/tvm_probe.py [--out tvm_probe.json] [--cases one,four,edge] [--approaches ...]
 
 Builds realistic Forward-Forward train-step ONNX graphs (see ``build_ff_step``), runs them in
 onnxruntime (reference + baseline timing) and compiles them with TVM in several ways:

@@ -15,7 +15,7 @@ An epoch, by ``training.phases``:
   ``train_negative`` update. With one batch of all 22,320 predictions (the paper's) an epoch is
   exactly one positive update followed by one negative update. (Alternating per minibatch rather
   than per epoch keeps Adam's momentum from carrying a whole epoch of one-sided steps into the
-  other phase, which made per-epoch phases oscillate in our runs.)
+  other phase, which makes per-epoch phases oscillate.)
 
 Randomness: shuffles and the teacher-forcing uniforms from ``loop.epoch_plan``; the generation
 uniforms from ``numpy.random.default_rng([seed, epoch, GENERATION, k])`` (k = 0: the epoch's

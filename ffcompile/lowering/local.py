@@ -25,10 +25,10 @@ Two equivalent lowerings:
 
 Which one a connection gets follows from its geometry (``form``), so a model's parameter shapes
 never depend on anything else: blocked up to ``BLOCKED_MAX_LOCATIONS`` grid locations, masked
-dense above. Blocked is faster wherever the grid is small (``tools/bench_local.py``, the paper's
-MNIST sizes, batch 100): the whole train step of models/mnist-local.toml (16, 9 and 4 locations)
-takes ~0.45 s vs ~1.9 s with the torch backend and ~0.14 s vs ~0.65 s with onnxruntime on 1 CPU
-thread, and ~23 ms vs ~63 ms with torch on an H200. But it emits ~4 ops per location and use:
+dense above. Blocked is faster wherever the grid is small (``python bench/bench_local.py``, the
+paper's MNIST sizes, batch 100): the whole train step of models/mnist-local.toml (16, 9 and 4
+locations) takes ~0.45 s vs ~1.9 s with the torch backend and ~0.14 s vs ~0.65 s with onnxruntime
+on 1 CPU thread. But it emits ~4 ops per location and use:
 CIFAR-10's 32x32 maps (1024 locations, sec. 4) would make the recurrent train step of
 models/cifar-local-3.toml a program of 571,468 nodes (masked dense: 2,622), too large to compile
 or to launch kernel by kernel, while its dense matmuls (88 % zeros) are what a GPU does best —
