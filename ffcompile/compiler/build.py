@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .. import __version__
-from ..contract.checkpoint import load_checkpoint
+from ..contract.checkpoint import CHECKPOINT, load_checkpoint
 from ..core.errors import FFCompileError
 from ..lowering import READOUT_PROGRAMS, build_program, init_state, is_train_program, readouts_of, train_programs
 from ..runtime.machine import why_not_here
@@ -46,9 +46,9 @@ def load_source(source, seed: int | None = None) -> Source:
     checkpoint file."""
     path = Path(source)
     if path.is_dir():
-        path = path / "checkpoint.safetensors"
+        path = path / CHECKPOINT
         if not path.is_file():
-            raise FFCompileError(f"{source}: a run directory needs checkpoint.safetensors (none found)")
+            raise FFCompileError(f"{source}: a run directory needs {CHECKPOINT} (none found)")
     if path.suffix == ".safetensors":
         ckpt = load_checkpoint(path)
         return Source(ckpt.model, ckpt.params, ckpt.state, ckpt.epoch, ckpt.step,
