@@ -5,7 +5,7 @@ Usage:  python bench/tvm_probe.py [--out tvm_probe.json] [--cases one,four,edge]
 Builds realistic Forward-Forward train-step ONNX graphs (see ``build_ff_step``), runs them in
 onnxruntime (reference + baseline timing) and compiles them with TVM in several ways:
 
-  hand        ffcompile.backends.tvm_compile's hand-written TensorIR schedule rules (what we ship)
+  hand        ffcompile.compiler.tvm_build's hand-written TensorIR schedule rules (what we ship)
   dlight      stock pipeline + tvm.s_tir.dlight CPU rules (GEMV, Reduction)
   ms          MetaSchedule tuning of the GEMM kernels (small trial budget, database on disk,
               applied at compile time); other kernels as in the stock pipeline

@@ -21,7 +21,7 @@ ROOT_MODULES = {"ffcompile": "core", "ffcompile.__main__": "cli"}  # the version
 # What the runtime (and everything it imports) must never import: it goes onto devices.
 RUNTIME_FORBIDDEN_LAYERS = {"reference", "emulation", "compiler", "cli"}
 RUNTIME_FORBIDDEN_EXTERNAL = ("torch", "onnx", "tvm.relax", "tvm.tir", "tvm.s_tir", "tvm.meta_schedule", "tvm.dlight",
-                              "tvm.target", "tvm.ir", "tvm.topi", "tvm.te", "matplotlib")
+                              "tvm.tirx", "tvm.target", "tvm.ir", "tvm.topi", "tvm.te", "matplotlib")
 
 
 def module_name(path: Path) -> str:

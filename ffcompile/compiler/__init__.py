@@ -1,1 +1,2 @@
-"""One file per backend, each mapping the primitives of ``ffcompile.program`` onto its target."""
+"""The compiler: tensor programs -> ONNX (``onnx_emit``) -> onnxruntime or TVM (``tvm_build``), targets,
+and the bundle builder (``build``)."""

@@ -1,5 +1,5 @@
 """The bundle compiler: a model (spec or trained checkpoint) + a target -> a self-contained,
-verified bundle directory (layout in ``ffcompile.runtime.manifest``).
+verified bundle directory (layout in ``ffcompile.contract.manifest``).
 
 The bundle is assembled in a temporary sibling directory and renamed into place only once
 everything, the parity report included, is written: an interrupted build leaves nothing behind.

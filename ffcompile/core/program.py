@@ -1,8 +1,8 @@
 """The tensor program: a small SSA of primitive ops with static shapes.
 
 Every FF algorithm (local gradients, optimizers, negatives, readouts) is written once, as a
-builder of these programs (see ``ffcompile.lowering``). Backends only map primitives, so each
-backend is one small file in ``ffcompile.backends``.
+builder of these programs (see ``ffcompile.lowering``). Backends only map primitives
+(``ffcompile.core.primitives``).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ made up instead:
   makes its own negatives.
 - ``self_generated``: the rows come from sequences the model generated from each string's first K
   characters; they are the step's input ``x_neg`` (made on the host with ``infer_softmax``, see
-  ``ffcompile.sequence``), so they can be made long before the step ("offline, in a sleep phase").
+  ``ffcompile.loop.nextchar``), so they can be made long before the step ("offline, in a sleep phase").
 
 Programs. ``train_step`` learns from positive and negative rows together; ``train_positive`` (the
 softmax readout and the positive rows' FF gradients) and ``train_negative`` (the negative rows'

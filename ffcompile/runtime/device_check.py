@@ -2,7 +2,7 @@
 
     python -m ffcompile.runtime.device_check BUNDLE INPUTS.npz OUT.npz
 
-``INPUTS.npz`` (written by ``ffcompile.emulated_verify``, no pickles) holds
+``INPUTS.npz`` (written by ``ffcompile.emulation.verify``, no pickles) holds
 
 * ``case<i>/<input>``: the feeds of check ``i`` (a program on random or real inputs);
 * ``start/<tensor>``: the parameters and optimizer state the trajectory starts from;

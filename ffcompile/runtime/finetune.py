@@ -1,7 +1,6 @@
 """Forward-Forward fine-tuning on the device, driven entirely by the bundle's compiled
 ``train_step`` (next-character models: also its positive-only / negative-only halves, with
-``infer_softmax`` generating negatives) through the shared training loops (``ffcompile.loop``,
-``ffcompile.sequence``): the same batches, random draws and learning rates as the PyTorch
+``infer_softmax`` generating negatives) through the shared training loops (``ffcompile.loop``): the same batches, random draws and learning rates as the PyTorch
 reference trainer, so a run here and ``ffcompile train`` from the same weights take the same
 steps up to fp32 rounding.
 

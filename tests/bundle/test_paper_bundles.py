@@ -142,7 +142,7 @@ def test_one_epoch_finetune_matches_reference_trainer(built, data, tmp_path, one
 
     Epoch 2 must agree to the parity trajectory's tolerance (measured: <= 5e-6 of each tensor's
     scale). Epoch 1 starts Adam from zero state, whose first step is ill-conditioned in fp32 for a
-    gradient that is zero in exact arithmetic (``ffcompile.parity``; the parity harness warms up
+    gradient that is zero in exact arithmetic (``ffcompile.reference.parity``; the parity harness warms up
     for it): here the softmax bias of a class with exactly batch/10 rows in the first batch, which
     moves by -0.43 lr in torch and -0.61 lr in onnxruntime. So in epoch 1 the softmax readout's
     weight and bias are held to one Adam step (lr) absolute (measured: 1.8e-4), every hidden-layer
