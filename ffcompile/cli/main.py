@@ -199,13 +199,13 @@ def data_verify(data_dir):
 def inspect(model_path, batch):
     """Validate MODEL.toml and print its IR (JSON) and a summary of each program a bundle of it
     carries."""
-    from ..lowering import READOUT_PROGRAMS, build_program, readouts_of, train_programs
+    from ..lowering import build_program, bundle_programs
     from ..core.spec import load_model
 
     model = load_model(model_path)
     batch = batch or model.training.batch_size
     click.echo(model.dumps())
-    for name in train_programs(model) + [READOUT_PROGRAMS[r] for r in readouts_of(model)]:
+    for name in bundle_programs(model):
         program = build_program(model, name, batch)
         sig = program.signature()
         click.echo(f"{name}: {len(program.nodes)} ops, {len(sig['inputs'])} inputs, {len(sig['outputs'])} outputs")

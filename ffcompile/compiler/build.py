@@ -20,7 +20,7 @@ from pathlib import Path
 from .. import __version__
 from ..contract.checkpoint import CHECKPOINT, load_checkpoint
 from ..core.errors import FFCompileError
-from ..lowering import READOUT_PROGRAMS, build_program, init_state, is_train_program, readouts_of, train_programs
+from ..lowering import build_program, bundle_programs, init_state, is_train_program
 from ..runtime.machine import why_not_here
 from ..contract.manifest import FORMAT, FORMAT_VERSION, MANIFEST, OPTIMIZER, PARITY, PROGRAMS_DIR, WEIGHTS, checksums, is_bundle_dir
 from ..runtime.loaders import load_program
@@ -152,8 +152,8 @@ def build_bundle(source, target, out_dir, batch: int | None = None, infer_batch:
         raise FFCompileError(f"--infer-batch must be positive, got {infer_batch}")
     batches = {"train": model.training.batch_size, "infer": infer_batch}
 
-    programs = [build_program(model, name, batches["train"]) for name in train_programs(model)]
-    programs += [build_program(model, READOUT_PROGRAMS[r], infer_batch) for r in readouts_of(model)]
+    programs = [build_program(model, name, batches["train" if is_train_program(name) else "infer"])
+                for name in bundle_programs(model)]
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.building-"))

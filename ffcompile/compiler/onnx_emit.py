@@ -36,7 +36,6 @@ changing what it computes (every output still matches the torch reference to fp3
 from __future__ import annotations
 
 import dataclasses
-import heapq
 
 import numpy as np
 import onnx
@@ -372,7 +371,6 @@ def _schedule(nodes: list[Node], tiled: list[_Tiled], outputs: set[str]) -> list
     reads: list[set[str]] = []
     made: list[int] = []         # bytes each item leaves allocated (program outputs excluded)
     for k, item in enumerate(items):
-        members = item.nodes if isinstance(item, _Tiled) else [item]
         reads.append(item.reads() if isinstance(item, _Tiled) else set(item.inputs))
         produced = item.outputs if isinstance(item, _Tiled) else [item.output]
         made.append(sum(_nbytes(v) for v in produced if v.name not in outputs))

@@ -21,8 +21,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-
+from ..runtime.machine import ALIASES, host_arch
 from ..runtime.tvm import sidecar_path, usable_cores
 
 _FORMAT = "ffcompile.tvm/1"
@@ -335,12 +334,8 @@ def compile_onnx(model, target: dict, out_path: str | Path, *, cc: str | None = 
 
 
 def _host_triple_matches(triple: str) -> bool:
-    import platform
-
-    arch = triple.split("-")[0]
-    host = platform.machine().lower()
-    return arch == host or (arch in ("x86_64", "amd64") and host in ("x86_64", "amd64")) or (
-        arch in ("aarch64", "arm64") and host in ("aarch64", "arm64"))
+    arch = triple.split("-")[0].lower()
+    return ALIASES.get(arch, arch) == host_arch()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -55,5 +55,10 @@ def train_programs(model) -> list[str]:
     return ["train_step"]
 
 
+def bundle_programs(model) -> list[str]:
+    """Every program a bundle of ``model`` carries: the training programs, then the readouts."""
+    return train_programs(model) + [READOUT_PROGRAMS[r] for r in readouts_of(model)]
+
+
 def is_train_program(name: str) -> bool:
     return name.startswith("train_")

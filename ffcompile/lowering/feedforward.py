@@ -31,15 +31,11 @@ from .optimizers import emit_updates
 from .readouts import layer_feature, readout_features, softmax, softmax_gradient, softmax_logits
 from .state import param_inputs, state_inputs
 
-PROGRAMS = ("train_step", "infer_goodness", "infer_softmax")
-EXTRA_PROGRAMS = ("hybrid_negatives",)
-
-
 def build(b: Builder, model: Model, name: str, batch: int) -> None:
     builders = {"train_step": _train_step, "infer_goodness": _infer_goodness, "infer_softmax": _infer_softmax,
                 "hybrid_negatives": _hybrid_negatives}
     if name not in builders:
-        raise FFCompileError(f"unknown program {name!r} (known: {', '.join(PROGRAMS + EXTRA_PROGRAMS)})")
+        raise FFCompileError(f"unknown program {name!r} (known: {', '.join(builders)})")
     hybrid = model.negatives.kind == "hybrid_image"
     if not supervised(model) and not hybrid:
         raise FFCompileError(f"model {model.name!r}: unsupervised models are lowered with negatives.kind = "

@@ -48,14 +48,10 @@ from .optimizers import emit_updates
 from .readouts import softmax, softmax_gradient, softmax_logits
 from .state import param_inputs, state_inputs
 
-PROGRAMS = ("train_step", "infer_goodness", "infer_softmax")
-EXTRA_PROGRAMS = ("recurrent_states", "negative_probs")
-
-
 def build(b: Builder, model: Model, name: str, batch: int) -> None:
     builders = {"train_step": _train_step, "infer_goodness": _infer_goodness, "infer_softmax": _infer_softmax,
                 "recurrent_states": _states, "negative_probs": _negative_probs}
-    known = [p for p in PROGRAMS + EXTRA_PROGRAMS if p != "infer_softmax" or model.readout.softmax_layers]
+    known = [p for p in builders if p != "infer_softmax" or model.readout.softmax_layers]
     if name not in known:
         raise FFCompileError(f"model {model.name!r} is recurrent: its programs are {', '.join(known)}, not {name!r}"
                              + (" (readout.softmax_layers is empty)" if name == "infer_softmax" else ""))
