@@ -13,9 +13,9 @@ from pathlib import Path
 import click
 import numpy as np
 
-from .main import DATA_DIR, _check_limit, _echo, load_split, main
 from ..contract.checkpoint import CHECKPOINT, METRICS
 from ..core.errors import FFCompileError
+from .main import DATA_DIR, _check_limit, _echo, load_split, main
 
 
 @main.command()

@@ -9,8 +9,8 @@ from pathlib import Path
 import click
 
 from ..contract.checkpoint import CHECKPOINT, METRICS
-from ..data.datasets import data_dir_help
 from ..core.errors import FFCompileError
+from ..data.datasets import data_dir_help
 
 
 class _Group(click.Group):

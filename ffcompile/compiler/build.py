@@ -19,13 +19,13 @@ from pathlib import Path
 
 from .. import __version__
 from ..contract.checkpoint import CHECKPOINT, load_checkpoint
-from ..core.errors import FFCompileError
-from ..lowering import build_program, bundle_programs, init_state, is_train_program
-from ..runtime.machine import why_not_here
 from ..contract.manifest import FORMAT, FORMAT_VERSION, MANIFEST, OPTIMIZER, PARITY, PROGRAMS_DIR, WEIGHTS, checksums, is_bundle_dir
-from ..runtime.loaders import load_program
 from ..contract.weights import save_tensors
+from ..core.errors import FFCompileError
 from ..core.spec import Model, load_model
+from ..lowering import build_program, bundle_programs, init_state, is_train_program
+from ..runtime.loaders import load_program
+from ..runtime.machine import why_not_here
 from .targets import Target, find_target
 
 DEFAULT_INFER_BATCH = 100

@@ -9,8 +9,8 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from ..lowering.state import param_specs, state_specs
 from ..core.spec import Model
+from ..lowering.state import param_specs, state_specs
 from .manifest import WEIGHTS_FORMAT, BundleError
 
 

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.errors import FFCompileError
 from ..contract.manifest import OPTIMIZER, WEIGHTS, read_manifest, verify_files
 from ..contract.weights import check_tensors, read_tensors
+from ..core.errors import FFCompileError
 from ..core.spec import model_from_dict
 
 REPO_PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding the ffcompile package

@@ -31,9 +31,9 @@ import numpy as np
 from tqdm import tqdm
 
 from ..core.errors import FFCompileError
-from .evaluate import run_in_batches
-from .epochs import epoch_plan, learning_rate, step_feeds, summarize
 from ..core.spec import Model
+from .epochs import epoch_plan, learning_rate, step_feeds, summarize
+from .evaluate import run_in_batches
 
 GENERATION = 41  # the generation stream's key in the per-epoch seed, apart from the epoch plan's
 

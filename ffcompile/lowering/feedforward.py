@@ -20,8 +20,8 @@ Recurrent nets (sec. 3.4) are lowered by ``recurrent``, next-character models (s
 
 from __future__ import annotations
 
-from ..core.errors import FFCompileError
 from ..core.builder import Builder
+from ..core.errors import FFCompileError
 from ..core.program import Value
 from ..core.spec import Model
 from . import labels as lbl

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..core.errors import FFCompileError
 from ..core.builder import Builder
+from ..core.errors import FFCompileError
 from ..core.program import Value
 from ..core.spec import DenseLayer, LocalLayer, Model
 from . import local

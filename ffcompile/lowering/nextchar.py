@@ -23,15 +23,15 @@ the joint loss, so their two updates sum to the joint gradient. ``training.learn
 
 from __future__ import annotations
 
-from ..core.errors import FFCompileError
 from ..core.builder import Builder
+from ..core.errors import FFCompileError
+from ..core.family import train_programs
 from ..core.program import Value
 from ..core.spec import Model
 from . import labels as lbl
 from .layer import local_gradient, run_layers
 from .optimizers import emit_updates
 from .readouts import readout_features, softmax, softmax_gradient, softmax_logits
-from ..core.family import train_programs
 from .state import param_inputs, state_inputs
 
 PHASES = {"train_step": "both", "train_positive": "positive", "train_negative": "negative"}

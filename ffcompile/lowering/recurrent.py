@@ -37,8 +37,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..core.errors import FFCompileError
 from ..core.builder import Builder
+from ..core.errors import FFCompileError
 from ..core.program import Value
 from ..core.spec import Model
 from . import labels as lbl

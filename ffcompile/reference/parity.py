@@ -52,10 +52,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .interpreter import TorchProgram
-from ..lowering import build_program, is_train_program, negative_probs_program
-from ..loop.epochs import epoch_plan, learning_rate, step_feeds, uses_hybrid_negatives
 from ..core.spec import Model
+from ..loop.epochs import epoch_plan, learning_rate, step_feeds, uses_hybrid_negatives
+from ..lowering import build_program, is_train_program, negative_probs_program
+from .interpreter import TorchProgram
 
 FORMAT = "ffcompile-parity-1"
 PROGRAM_ATOL = 1e-5

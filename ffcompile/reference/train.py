@@ -10,15 +10,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .interpreter import TorchProgram
 from ..contract.checkpoint import CHECKPOINT, METRICS, Checkpoint, resume_run, save_checkpoint, write_json
 from ..core.errors import FFCompileError
-from ..loop.evaluate import error_rate
-from ..lowering import READOUT_PROGRAMS, build_program, init_state, readouts_of, train_programs
-from ..loop.epochs import FEEDS, epoch_line
-from ..loop.runner import epoch_runner
-from ..loop.nextchar import batched, perplexity
 from ..core.spec import Model
+from ..loop.epochs import FEEDS, epoch_line
+from ..loop.evaluate import error_rate
+from ..loop.nextchar import batched, perplexity
+from ..loop.runner import epoch_runner
+from ..lowering import READOUT_PROGRAMS, build_program, init_state, readouts_of, train_programs
+from .interpreter import TorchProgram
 
 
 

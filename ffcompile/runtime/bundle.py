@@ -22,15 +22,15 @@ from pathlib import Path
 import numpy as np
 
 from ..contract.checkpoint import CHECKPOINT, Checkpoint, load_checkpoint
-from ..core.family import READOUT_PROGRAMS
-from ..core.errors import FFCompileError
-from ..loop.evaluate import predict as predict_batched
-from ..core.spec import Model, Training, model_from_dict
-from .machine import check_runs_here
-from .inputs import as_images, as_labels
 from ..contract.manifest import OPTIMIZER, WEIGHTS, BundleError, read_manifest, verify_files
-from .loaders import Runnable, load_program
 from ..contract.weights import check_tensors, read_tensors
+from ..core.errors import FFCompileError
+from ..core.family import READOUT_PROGRAMS
+from ..core.spec import Model, Training, model_from_dict
+from ..loop.evaluate import predict as predict_batched
+from .inputs import as_images, as_labels
+from .loaders import Runnable, load_program
+from .machine import check_runs_here
 
 @dataclass(frozen=True)
 class Evaluation:
