@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# The MNIST runs whose paper numbers are still open goals (issues 5 and 6), for one GPU command of
-# at most LIMIT seconds, side by side on one GPU:
+# The MNIST runs whose paper numbers are not reached yet, for one GPU command of at most LIMIT
+# seconds, side by side on one GPU:
 #   recurrent        the recurrent net, 60 epochs (goal 1.31 %; ~15-20 h on 2 CPU cores)
 #   jitter           jittered MNIST, 60 of the paper's 500 epochs, cool-down included (goal 0.70 %)
 #   unsup-lr3e-4     unsupervised 4x2000, 100 epochs, Adam 3e-4 instead of 1e-3
 #   unsup-nopeer     unsupervised 4x2000, 100 epochs, no peer normalization
-# The unsupervised spec as written completed on CPU at 2.09 % (goal 1.37 %; README): its features,
-# not its readout, were the limit, and its validation error stayed flat at the full learning rate,
-# so the two variants test the settings the paper does not give. (The local net's 1.16 % was met.)
+# The unsupervised spec reaches 2.09 % (paper 1.37 %; docs/results-notes.md): its features, not its
+# readout, are the limit, and its validation error is flat at the full learning rate, so the two
+# variants test settings the paper does not give.
 # Each run writes metrics.json every epoch, so a cut run still reports its curve, and resumes from
 # its checkpoint when run again with the same RESULTS_DIR (a 4x2000 checkpoint with Adam state is
-# ~160 MB: on a lent machine, delete RESULTS_DIR/*.run/*.safetensors before the results travel).
+# ~160 MB).
 #   bash bench/gpu_goal_runs.sh DATA_DIR RESULTS_DIR [LIMIT_SECONDS]
 set -u
 DATA=${1:?MNIST dir}; OUT=${2:?results dir}; LIMIT=${3:-540}

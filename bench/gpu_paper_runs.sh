@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU session's worth of paper benchmarks, run side by side on one GPU (each run is small for
+# The paper's MNIST benchmarks for one GPU command, run side by side on one GPU (each run is small for
 # a modern GPU, so they share it well): a 4-configuration sweep of the supervised 4x2000 network
 # (sec. 3.3, 60 epochs) plus the unsupervised, local-receptive-field and jittered experiments.
 # Every run checkpoints and writes metrics.json each epoch, so runs cut by LIMIT keep their curves.

@@ -21,7 +21,6 @@ from ..lowering import READOUT_PROGRAMS, build_program, init_state, readouts_of,
 from .interpreter import TorchProgram
 
 
-
 class ReferenceStep:
     """A training program (``train_step``, or a next-character model's ``train_positive`` /
     ``train_negative``) as a loop step function; params and state stay torch tensors on ``device``."""

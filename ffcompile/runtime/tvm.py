@@ -49,9 +49,9 @@ def _size_thread_pool() -> None:
     OMP_NUM_THREADS says otherwise, and leave this thread free to run on every CPU it could before.
 
     TVM's own default is half the logical CPUs on x86, on the assumption of two SMT threads per
-    core: on machines without SMT (most small cloud VMs) it ran our programs, scheduled for every
-    core, on half of them. And a one-thread pool pins the thread that creates it to one CPU, which
-    left every torch step after it in the same process (the parity reference) on one core too.
+    core: on machines without SMT (most small cloud VMs) it runs programs scheduled for every core
+    on half of them. And a one-thread pool pins the thread that creates it to one CPU, which leaves
+    every torch step after it in the same process (the parity reference) on one core too.
     The pool is sized once per process, on first use, so this runs before any library is loaded."""
     global _POOL_SIZED
     if _POOL_SIZED:

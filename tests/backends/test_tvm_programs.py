@@ -98,8 +98,8 @@ def scale_library(tmp_path_factory):
 @pytest.mark.parametrize("env,want", [({}, None), ({"TVM_NUM_THREADS": "1"}, 1), ({"OMP_NUM_THREADS": "1"}, 1)])
 def test_loaded_programs_run_on_every_usable_core_unless_told(env, want, scale_library):
     """TVM's default pool is half the logical CPUs on x86 (it assumes SMT), and a one-thread pool
-    pins the thread that made it to one CPU: on a 2-core VM without SMT our programs ran on one
-    core, and so did every torch reference step after them in the same process. Loading a program
+    pins the thread that made it to one CPU: on a 2-core VM without SMT, programs run on one core,
+    and so does every torch reference step after them in the same process. Loading a program
     sizes the pool to the usable physical cores; TVM_NUM_THREADS or OMP_NUM_THREADS, when set,
     still decide. Either way the process may still run on every CPU it could before. Fresh
     processes: the pool is sized once per process."""
