@@ -22,3 +22,12 @@ def error_line(result) -> str:
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.output
     return lines[0]
+
+
+def assert_user_error(result, needle):
+    assert result.exit_code != 0
+    out = result.output.strip()
+    assert "Traceback" not in out
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, out
+    assert needle in errors[0], out

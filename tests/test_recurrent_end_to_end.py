@@ -3,8 +3,7 @@
 
 import json
 
-from cli_helpers import invoke, succeeded  # tests/cli_helpers.py
-from tests.test_cli import assert_user_error
+from cli_helpers import assert_user_error, invoke, succeeded  # tests/cli_helpers.py
 
 SPEC = """
 name = "recurrent-tiny"

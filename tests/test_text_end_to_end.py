@@ -10,8 +10,7 @@ from safetensors.numpy import load_file
 
 from ffcompile.data.text import ALPHABET
 
-from cli_helpers import invoke, succeeded  # tests/cli_helpers.py
-from tests.test_cli import assert_user_error
+from cli_helpers import assert_user_error, invoke, succeeded  # tests/cli_helpers.py
 
 
 def tiny_spec(tmp_path):

@@ -1,6 +1,6 @@
 """The primitives of tensor programs, one entry each: its shape rule, its meaning (the reference,
 written against torch), its ONNX lowering and its hints for backends. Adding a primitive is one
-``@primitive`` entry here (and its case in tests/backends/test_onnx_primitives.py); the builder
+``@primitive`` entry here (and its case in tests/compiler/test_onnx_emit.py); the builder
 (``b.name(...)``), the torch interpreter and the ONNX emitter all read this table.
 
 - **shape rule** (the decorated function): ``rule(b, *args, **kwargs) -> Emit``: checks the

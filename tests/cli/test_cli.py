@@ -7,23 +7,15 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
+from cli_helpers import assert_user_error  # tests/cli_helpers.py
 from ffcompile.cli import main
 
-REPO = Path(__file__).parents[1]
+REPO = Path(__file__).parents[2]
 
 
 def invoke(*args, env=None):
     result = CliRunner().invoke(main, [str(a) for a in args], env=env, catch_exceptions=False)
     return result
-
-
-def assert_user_error(result, needle):
-    assert result.exit_code != 0
-    out = result.output.strip()
-    assert "Traceback" not in out
-    errors = [line for line in out.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, out
-    assert needle in errors[0], out
 
 
 def test_help_explains_commands():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_onnx_primitives import CASES, PARAMS, _chain_program  # same folder: pytest puts it on sys.path
+from test_onnx_emit import CASES, PARAMS, _chain_program  # same folder: pytest puts it on sys.path
 
 from ffcompile.compiler import onnx_emit as onnx_backend, tvm_build as tvm_compile
 from ffcompile.runtime import tvm as tvm_runtime

@@ -7,7 +7,7 @@ import pytest
 
 from ffcompile.core.spec import LocalLayer, SpecError, load_model, model_from_dict, model_from_json
 
-MODELS = sorted((Path(__file__).parents[1] / "models").glob("*.toml"))
+MODELS = sorted((Path(__file__).parents[2] / "models").glob("*.toml"))
 
 
 @pytest.mark.parametrize("path", MODELS, ids=[p.stem for p in MODELS])
@@ -19,7 +19,7 @@ def test_shipped_specs_load_and_round_trip(path):
 
 
 def test_thresholds_default_to_width():
-    model = load_model(Path(__file__).parents[1] / "models" / "mnist-supervised.toml")
+    model = load_model(Path(__file__).parents[2] / "models" / "mnist-supervised.toml")
     assert [model.threshold(i) for i in range(4)] == [2000.0] * 4
 
 

@@ -10,7 +10,7 @@ from ffcompile.data import shift_images
 from ffcompile.loop.epochs import epoch_plan, run_epoch
 from ffcompile.core.spec import load_model
 
-MODELS = Path(__file__).parents[1] / "models"
+MODELS = Path(__file__).parents[2] / "models"
 
 
 def small(name: str, batch: int = 20):

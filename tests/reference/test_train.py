@@ -11,7 +11,7 @@ from ffcompile.data import load_mnist
 from ffcompile.core.spec import DenseLayer, Readout, Training, load_model
 from ffcompile.reference.train import Dataset, evaluate_params, train
 
-SMALL = Path(__file__).parents[1] / "models" / "mnist-small.toml"
+SMALL = Path(__file__).parents[2] / "models" / "mnist-small.toml"
 
 
 @pytest.fixture(scope="module")
