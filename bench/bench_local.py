@@ -55,7 +55,7 @@ def layer_program(model, i: int, batch: int):
     _, pw, pb, _ = peer_normalization(b, b.slice(x, 0, 0, batch), b.slice(y, 0, 0, batch), peer_mean, model, i)
     grads = {f"{layer.name}.weight": b.add(rule.weight, pw), f"{layer.name}.bias": b.add(rule.bias, pb)}
     for name, param in params.items():
-        new, slots = apply_update(b, model, name, param, grads[name], state, lr, step, decay=name.endswith(".weight"))
+        new, slots = apply_update(b, model, name, param, grads[name], state, lr, step)
         b.output(f"new.{name}", new)
         for slot, value in slots.items():
             b.output(f"new.{slot}", value)

@@ -106,24 +106,64 @@ class Goodness:
 
 @dataclass(frozen=True)
 class PeerNorm:
+    """Footnote 9: each unit's running mean activity m (on positive data) is pulled toward its
+    layer's mean. ``form = "loss"``: the gradient of ``weight * mean_j (m_j - mean m)^2``.
+    ``form = "direct"`` (Hinton's published code): ``weight * (m_j - mean m)`` is added to every
+    positive row's gradient at the unit's input, a pull 2 * units / (1 - momentum) times stronger.
+    Either way it passes the ReLU as if it were on, so dead units revive."""
+
     weight: float = 0.03
     momentum: float = 0.9
+    form: str = "loss"
+    initial_mean: float = 0.0  # m before the first batch
 
 
 @dataclass(frozen=True)
 class Regularizers:
+    """``weight_decay`` applies to weights, never biases. Coupled (torch.optim's SGD and Adam): added
+    to the gradient before the optimizer sees it. ``decoupled_weight_decay``: subtracted from the
+    parameter next to the optimizer's step, ``w -= lr * (step + weight_decay * w)`` (AdamW; the
+    update rule of Hinton's published code)."""
+
     weight_decay: float = 0.0
+    decoupled_weight_decay: bool = False
     peer_norm: PeerNorm | None = None
 
 
 @dataclass(frozen=True)
+class ParamGroup:
+    """Optimizer settings for some parameters. ``params``: parameter names (``h1.weight``,
+    ``softmax.bias``) or a layer's name for all of its parameters (``h1``, ``softmax``).
+    ``lr``: the group's learning rate before the schedule (the schedule scales every group alike;
+    0 freezes the group). ``weight_decay``: replaces ``regularizers.weight_decay`` for the group."""
+
+    params: tuple[str, ...] = ()
+    lr: float | None = None
+    weight_decay: float | None = None
+
+
+@dataclass(frozen=True)
 class Optimizer:
+    """``sgd``: ``velocity = momentum * velocity + (1 - dampening) * gradient`` (velocity starts at 0;
+    dampening 0.9 is the "delay" gradient smoothing of Hinton's code), step = velocity. ``adam``:
+    torch.optim.Adam. ``groups``: per-parameter learning rate and weight decay."""
+
     kind: str = "sgd"
     lr: float = 0.01
     momentum: float = 0.9
+    dampening: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
+    groups: tuple[ParamGroup, ...] = ()
+
+
+@dataclass(frozen=True)
+class Initialization:
+    """Hidden-layer weights: ``uniform`` U(-1/sqrt(fan_in), 1/sqrt(fan_in)) or ``normal``
+    N(0, 1)/sqrt(fan_in) (Hinton's code). Biases and the softmax readout start at 0."""
+
+    kind: str = "uniform"
 
 
 @dataclass(frozen=True)
@@ -181,6 +221,7 @@ class Model:
     name: str
     layers: tuple[Layer, ...]
     input: InputSpec = InputSpec()
+    initialization: Initialization = Initialization()
     normalization: Normalization = Normalization()
     goodness: Goodness = Goodness()
     regularizers: Regularizers = Regularizers()
@@ -198,6 +239,24 @@ class Model:
         layer = self.layers[i]
         return layer.threshold if layer.threshold is not None else self.goodness.threshold_per_unit * layer.size
 
+    def parameter_names(self) -> list[str]:
+        """Every learned parameter, as the lowering names them."""
+        names = []
+        for layer in self.layers:
+            names += [f"{layer.name}.weight", f"{layer.name}.bias"]
+            if self.recurrent is not None:
+                names.append(f"{layer.name}.top_down.weight")
+        if self.readout.softmax_layers:
+            names += ["softmax.weight", "softmax.bias"]
+        return names
+
+    def param_group(self, param: str) -> ParamGroup | None:
+        """The optimizer group that sets ``param``'s learning rate and weight decay, if any."""
+        for group in self.optimizer.groups:
+            if any(_selects(pattern, param) for pattern in group.params):
+                return group
+        return None
+
     def fan_in(self, i: int) -> int:
         return self.input.size if i == 0 else self.layers[i - 1].size
 
@@ -212,6 +271,10 @@ class Model:
         return json.dumps(self.to_json(), indent=1, sort_keys=True)
 
 
+def _selects(pattern: str, param: str) -> bool:
+    return param == pattern or param.startswith(pattern + ".")
+
+
 # --------------------------------------------------------------------------------------------
 # Loading: plain dicts (from TOML or JSON) -> typed, validated Model.
 
@@ -222,6 +285,7 @@ _CHOICES = {
     "normalization.kind": ("rms", "l2", "l1"),
     "goodness.kind": ("ssq", "neg_ssq", "sum"),
     "optimizer.kind": ("sgd", "adam"),
+    "initialization.kind": ("uniform", "normal"),
     "schedule.kind": ("constant", "linear_cooldown"),
     "negatives.kind": ("random_label", "hard_label", "hybrid_image", "teacher_forcing", "self_generated"),
     "training.phases": ("together", "separate"),
@@ -309,6 +373,8 @@ class _Reader:
         if base.startswith("tuple["):
             if not isinstance(value, (list, tuple)):
                 self.fail(where, f"must be a list, got {value!r}")
+            if "ParamGroup" in base:
+                return tuple(self.make(ParamGroup, v, f"{where}[{i}]") for i, v in enumerate(value))
             item = "str" if "str" in base else "int"
             return tuple(self.coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
         nested = {"LabelEmbedding": LabelEmbedding, "PeerNorm": PeerNorm}
@@ -337,7 +403,7 @@ class _Reader:
             layer.setdefault("name", f"h{i + 1}")
             layers.append(self.make(_LAYER_KINDS[kind], layer, where, kind=kind))
         sections = {
-            "input": InputSpec, "normalization": Normalization, "goodness": Goodness,
+            "input": InputSpec, "initialization": Initialization, "normalization": Normalization, "goodness": Goodness,
             "regularizers": Regularizers, "optimizer": Optimizer, "schedule": Schedule,
             "negatives": Negatives, "readout": Readout, "training": Training, "recurrent": Recurrent,
         }
@@ -404,13 +470,18 @@ def validate(model: Model, source: str = "<model>") -> None:
             fail("regularizers.peer_norm.weight", f"must be >= 0, got {reg.peer_norm.weight}")
         if not 0 <= reg.peer_norm.momentum < 1:
             fail("regularizers.peer_norm.momentum", f"must be in [0, 1), got {reg.peer_norm.momentum}")
+        if reg.peer_norm.form not in ("loss", "direct"):
+            fail("regularizers.peer_norm.form", f"unknown value {reg.peer_norm.form!r} (known: loss, direct)")
+        if not 0 <= reg.peer_norm.initial_mean < float("inf"):
+            fail("regularizers.peer_norm.initial_mean", f"must be a finite number >= 0, got {reg.peer_norm.initial_mean}")
 
     opt = model.optimizer
     if opt.lr <= 0:
         fail("optimizer.lr", f"must be > 0, got {opt.lr}")
-    for name in ("momentum", "beta1", "beta2"):
+    for name in ("momentum", "dampening", "beta1", "beta2"):
         if not 0 <= getattr(opt, name) < 1:
             fail(f"optimizer.{name}", f"must be in [0, 1), got {getattr(opt, name)}")
+    _validate_groups(model, fail)
     if not 0 <= model.schedule.cooldown_start <= 1:
         fail("schedule.cooldown_start", f"must be in [0, 1], got {model.schedule.cooldown_start}")
 
@@ -451,6 +522,26 @@ def validate(model: Model, source: str = "<model>") -> None:
         _validate_recurrent(model, fail)
     elif inp.label.kind == "top_layer":
         fail("input.label.kind", "\"top_layer\" labels belong to recurrent networks: add a [recurrent] section")
+
+
+def _validate_groups(model: Model, fail) -> None:
+    params = model.parameter_names()
+    owner: dict[str, int] = {}
+    for g, group in enumerate(model.optimizer.groups):
+        where = f"optimizer.groups[{g}]"
+        if not group.params:
+            fail(f"{where}.params", "list at least one parameter or layer name")
+        for j, pattern in enumerate(group.params):
+            chosen = [p for p in params if _selects(pattern, p)]
+            if not chosen:
+                fail(f"{where}.params[{j}]", f"{pattern!r} matches no parameter (parameters: {', '.join(params)})")
+            for p in chosen:
+                if owner.setdefault(p, g) != g:
+                    fail(f"{where}.params[{j}]", f"{p!r} is already in optimizer.groups[{owner[p]}]")
+        for name in ("lr", "weight_decay"):
+            value = getattr(group, name)
+            if value is not None and not 0 <= value < float("inf"):
+                fail(f"{where}.{name}", f"must be a finite number >= 0, got {value}")
 
 
 SEQUENCE_NEGATIVES = ("teacher_forcing", "self_generated")

@@ -148,8 +148,10 @@ def peer_normalization(b: Builder, x_pos: Value, y_pos: Value, old_mean: Value, 
         new_mean = b.add(b.mul(old_mean, peer.momentum), b.mul(b.reduce_mean(y_pos, [0]), 1.0 - peer.momentum))
         deviation = b.sub(new_mean, b.reduce_mean(new_mean, [0], keepdims=True))
         loss = b.mul(b.reduce_mean(b.mul(deviation, deviation), [0]), peer.weight)
-        # dloss/dz for every positive row: weight * 2 (m_j - mean m) / units * (1 - momentum) / batch
-        dz_row = b.mul(deviation, peer.weight * 2.0 / units * (1.0 - peer.momentum) / batch)
+        # dloss/dz for every positive row: "loss" differentiates the loss through the running mean,
+        # weight * 2 (m_j - mean m) / units * (1 - momentum) / batch; "direct" pulls by weight * (m_j - mean m) / batch
+        scale = peer.weight / batch if peer.form == "direct" else peer.weight * 2.0 / units * (1.0 - peer.momentum) / batch
+        dz_row = b.mul(deviation, scale)
         x_sum = b.reduce_sum(x_pos, [0], keepdims=True)
         if i is not None and local.is_local(model, i):
             dw = local.weight_gradient(b, b.reshape(dz_row, [1, units]), x_sum, model, i)

@@ -64,8 +64,9 @@ def state_inputs(b: Builder, model: Model) -> dict[str, Value]:
 
 
 def init_state(model: Model, seed: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Weights ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)), biases and the softmax readout 0, optimizer
-    state 0. Peer means start at 0 too; they track the first batches within a few steps."""
+    """Dense weights as ``model.initialization`` says (local layers: uniform over their window),
+    biases and the softmax readout 0, optimizer state 0, peer means at
+    ``peer_norm.initial_mean``."""
     rng = np.random.default_rng(seed)
     params = {}
     local_layers = {f"{layer.name}.weight": local.geometry(model, i)
@@ -76,9 +77,18 @@ def init_state(model: Model, seed: int) -> tuple[dict[str, np.ndarray], dict[str
         if name in local_layers:
             params[name] = local.init(local_layers[name], rng)
         elif name.endswith(".weight") and not name.startswith("softmax."):
-            bound = 1.0 / np.sqrt(shape[1])
-            params[name] = rng.uniform(-bound, bound, size=shape).astype(np.float32)
+            params[name] = _dense_init(model, shape, rng)
         else:
             params[name] = np.zeros(shape, np.float32)
     state = {name: np.zeros(shape, np.float32) for name, shape in state_specs(model).items()}
+    peer = model.regularizers.peer_norm
+    for layer in model.layers if peer is not None else ():
+        state[f"{layer.name}.peer_mean"][:] = peer.initial_mean
     return params, state
+
+
+def _dense_init(model: Model, shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    scale = 1.0 / np.sqrt(shape[1])
+    if model.initialization.kind == "normal":
+        return (rng.standard_normal(size=shape) * scale).astype(np.float32)
+    return rng.uniform(-scale, scale, size=shape).astype(np.float32)

@@ -114,29 +114,50 @@ def _ff_layers(model, P, state, new_state, rows, batch, layer_inputs) -> dict:
         if peer is not None:
             pretend = z + (a - z).detach()  # value of the ReLU, derivative of the identity (footnote 9)
             mean = peer.momentum * state[f"{layer.name}.peer_mean"] + (1 - peer.momentum) * pretend[:batch].mean(0)
-            loss = loss + peer.weight * ((mean - mean.mean()) ** 2).mean()
+            deviation = mean - mean.mean()
+            if peer.form == "direct":  # a fixed pull weight * (m_j - mean m) on every positive row's z
+                loss = loss + peer.weight * (deviation.detach() * pretend[:batch]).sum(1).mean()
+            else:
+                loss = loss + peer.weight * (deviation ** 2).mean()
             new_state[f"{layer.name}.peer_mean"] = mean.detach()
         loss.backward()
     return activities
 
 
 def _optimizer_step(model, P, state, new_state, lr, step) -> None:
+    """torch.optim over one parameter group per (learning rate, weight decay) of the spec's groups.
+    SGD's momentum buffers and Adam's moments are seeded from ``state`` (zeros at the start), so
+    dampening applies from the first step. Decoupled weight decay: AdamW, or for SGD the
+    parameter scaled by 1 - lr * decay before the step (what AdamW does)."""
     opt = model.optimizer
-    wd = model.regularizers.weight_decay
-    ordered = list(P)
-    groups = [{"params": [P[k] for k in ordered if k.endswith(".weight")], "weight_decay": wd},
-              {"params": [P[k] for k in ordered if k.endswith(".bias")], "weight_decay": 0.0}]
+    decoupled = model.regularizers.decoupled_weight_decay
+    groups: dict[tuple[float, float], list] = {}
+    for k in P:
+        group = model.param_group(k)
+        k_lr = lr * (group.lr / opt.lr) if group is not None and group.lr is not None else lr
+        decay = model.regularizers.weight_decay
+        if group is not None and group.weight_decay is not None:
+            decay = group.weight_decay
+        groups.setdefault((k_lr, decay if k.endswith(".weight") else 0.0), []).append(P[k])
+    param_groups = [{"params": ps, "lr": k_lr, "weight_decay": decay} for (k_lr, decay), ps in groups.items()]
     if opt.kind == "sgd":
-        optim = torch.optim.SGD(groups, lr=lr, momentum=opt.momentum)
-        for k in ordered:
+        if decoupled:
+            with torch.no_grad():
+                for g in param_groups:
+                    for p in g["params"]:
+                        p.mul_(1 - g["lr"] * g["weight_decay"])
+                    g["weight_decay"] = 0.0
+        optim = torch.optim.SGD(param_groups, lr=lr, momentum=opt.momentum, dampening=opt.dampening)
+        for k in P:
             optim.state[P[k]]["momentum_buffer"] = state[f"{k}.velocity"].clone()
     else:
-        optim = torch.optim.Adam(groups, lr=lr, betas=(opt.beta1, opt.beta2), eps=opt.eps)
-        for k in ordered:
+        adam = torch.optim.AdamW if decoupled else torch.optim.Adam
+        optim = adam(param_groups, lr=lr, betas=(opt.beta1, opt.beta2), eps=opt.eps)
+        for k in P:
             optim.state[P[k]].update(step=torch.tensor(float(step - 1)), exp_avg=state[f"{k}.m"].clone(),
                                      exp_avg_sq=state[f"{k}.v"].clone())
     optim.step()
-    for k in ordered:
+    for k in P:
         if opt.kind == "sgd":
             new_state[f"{k}.velocity"] = optim.state[P[k]]["momentum_buffer"]
         else:

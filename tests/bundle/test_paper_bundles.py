@@ -23,7 +23,7 @@ from ffcompile.core.spec import LocalLayer, load_model
 from ffcompile.reference.train import Dataset, ReferenceStep, train
 
 MODELS = Path(__file__).parents[2] / "models"
-NAMES = ("mnist-unsupervised", "mnist-local", "mnist-minssq", "mnist-jitter")
+NAMES = ("mnist-unsupervised", "mnist-local", "mnist-minssq", "mnist-jitter", "mnist-ffcode")
 BATCH = 20
 EXAMPLES = 200  # one epoch = 10 steps
 

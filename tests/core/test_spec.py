@@ -96,3 +96,47 @@ def test_duplicate_layer_names_rejected():
     raw["readout"] = {}
     with pytest.raises(SpecError, match="duplicate layer name 'a'"):
         model_from_dict(raw)
+
+
+GROUPED = 'name = "x"\n[[layers]]\nsize = 3\n[readout]\nsoftmax_layers = ["h1"]\n'
+
+
+@pytest.mark.parametrize("toml_text,needle", [
+    (GROUPED + '[[optimizer.groups]]\nparams = ["sofmax"]\nlr = 0.1\n',
+     "optimizer.groups[0].params[0]: 'sofmax' matches no parameter (parameters: h1.weight, h1.bias, softmax.weight"),
+    (GROUPED + '[[optimizer.groups]]\nparams = ["softmax"]\nlr = -0.1\n', "optimizer.groups[0].lr: must be a finite number >= 0, got -0.1"),
+    (GROUPED + '[[optimizer.groups]]\nparams = ["h1"]\nweight_decay = nan\n', "optimizer.groups[0].weight_decay: must be a finite number >= 0"),
+    (GROUPED + '[[optimizer.groups]]\nparams = ["h1"]\n[[optimizer.groups]]\nparams = ["h1.bias"]\n',
+     "optimizer.groups[1].params[0]: 'h1.bias' is already in optimizer.groups[0]"),
+    (GROUPED + '[[optimizer.groups]]\nlr = 0.1\n', "optimizer.groups[0].params: list at least one parameter or layer name"),
+    (GROUPED + '[[optimizer.groups]]\nparams = ["h1"]\nrate = 0.1\n', "optimizer.groups[0].rate: unknown field"),
+    (GROUPED + '[optimizer]\ndampening = 1.0\n', "optimizer.dampening: must be in [0, 1)"),
+    (GROUPED + '[regularizers]\npeer_norm = { form = "strong" }\n', "regularizers.peer_norm.form: unknown value 'strong'"),
+    (GROUPED + '[initialization]\nkind = "xavier"\n', "initialization.kind: unknown value 'xavier'"),
+])
+def test_recipe_fields_are_validated(tmp_path, toml_text, needle):
+    assert needle in error_of(toml_text, tmp_path)
+
+
+def test_param_groups_select_parameters_by_name_or_layer():
+    model = load_model(Path(__file__).parents[2] / "models" / "mnist-ffcode.toml")
+    assert model.param_group("softmax.weight").lr == 0.1
+    assert model.param_group("softmax.bias").lr == 0.0
+    assert model.param_group("h1.weight") is None
+
+
+def test_normal_initialization_statistics():
+    import numpy as np
+
+    from ffcompile.lowering import init_state
+
+    model = load_model(Path(__file__).parents[2] / "models" / "mnist-ffcode.toml")
+    params, state = init_state(model, seed=0)
+    w = params["h1.weight"].astype(np.float64)
+    assert w.shape == (1000, 784)
+    assert abs(w.mean()) < 4 / np.sqrt(w.size) / np.sqrt(784)  # 4 standard errors
+    assert abs(w.std() * np.sqrt(784) - 1) < 0.01
+    kurtosis = ((w - w.mean()) ** 4).mean() / w.var() ** 2
+    assert abs(kurtosis - 3) < 0.05  # a normal's 3, not a uniform's 1.8
+    assert not params["h1.bias"].any() and not params["softmax.weight"].any()
+    assert np.all(state["h2.peer_mean"] == 0.5)

@@ -11,7 +11,8 @@ import torch
 from ffcompile.reference.interpreter import TorchProgram
 from ffcompile.lowering import build_program, init_state, local
 from ffcompile.reference.oracle import oracle_train_step
-from ffcompile.core.spec import DenseLayer, Goodness, InputSpec, LabelEmbedding, LocalLayer, Model, Negatives, Normalization, Optimizer, PeerNorm, Readout, Regularizers, Training
+from ffcompile.core.spec import (DenseLayer, Goodness, InputSpec, LabelEmbedding, LocalLayer, Model, Negatives,
+                                 Normalization, Optimizer, ParamGroup, PeerNorm, Readout, Regularizers, Training)
 
 GOODNESS = [("ssq", "rms"), ("ssq", "l2"), ("neg_ssq", "rms"), ("sum", "l1")]
 REGULARIZERS = [Regularizers(), Regularizers(weight_decay=1e-2, peer_norm=PeerNorm(weight=0.5, momentum=0.8))]
@@ -68,6 +69,51 @@ def test_analytic_update_matches_autograd(goodness, norm, reg, opt, negatives):
         scale = max(float(reference.abs().max()), 1e-12)
         err = float((got - want).abs().max())
         assert err <= 1e-6 * scale, f"{name}: max abs err {err:.3g} vs update scale {scale:.3g}"
+
+
+# Hinton's published recipe: dampened momentum ("delay"), decoupled weight decay, per-group learning
+# rate and decay (a faster readout, a frozen readout bias), the direct peer-normalization pull.
+GROUPS = (ParamGroup(params=("softmax.weight",), lr=0.5, weight_decay=0.03), ParamGroup(params=("softmax.bias",), lr=0.0),
+          ParamGroup(params=("h2",), weight_decay=0.0))
+RECIPES = {
+    "sgd-dampened-decoupled-direct": (Optimizer(kind="sgd", lr=0.05, momentum=0.9, dampening=0.9, groups=GROUPS),
+                                      Regularizers(weight_decay=1e-2, decoupled_weight_decay=True,
+                                                   peer_norm=PeerNorm(weight=0.5, momentum=0.8, form="direct"))),
+    "sgd-dampened-coupled": (Optimizer(kind="sgd", lr=0.05, momentum=0.9, dampening=0.5, groups=GROUPS),
+                             Regularizers(weight_decay=1e-2)),
+    "sgd-no-momentum-groups": (Optimizer(kind="sgd", lr=0.05, momentum=0.0, groups=GROUPS),
+                               Regularizers(weight_decay=1e-2, decoupled_weight_decay=True)),
+    "adamw-groups-loss-peer": (Optimizer(kind="adam", lr=0.01, groups=GROUPS),
+                               Regularizers(weight_decay=1e-2, decoupled_weight_decay=True,
+                                            peer_norm=PeerNorm(weight=0.5, momentum=0.8))),
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+@pytest.mark.parametrize("zero_state", [False, True], ids=["state", "first-step"])
+def test_recipe_update_matches_torch_optim(recipe, zero_state):
+    """The first step (zero optimizer state) checks that dampening applies from the start, as in
+    the recipe (torch.optim's SGD would otherwise start its buffer at the undampened gradient)."""
+    optimizer, regularizers = RECIPES[recipe]
+    model = tiny_model("ssq", "rms", regularizers, optimizer, "hard_label")
+    params, state, x, y, u = random_step_inputs(model, np.random.default_rng(5))
+    if zero_state:
+        state = {k: torch.zeros_like(v) if not k.endswith("peer_mean") else v for k, v in state.items()}
+    step, lr = 1 if zero_state else 4, optimizer.lr
+    program = TorchProgram(build_program(model, "train_step", model.training.batch_size))
+    feeds = {**params, **state, "x": x, "y": y, "u": u, "lr": torch.tensor(lr, dtype=torch.float64),
+             "step": torch.tensor(float(step), dtype=torch.float64)}
+    with torch.no_grad():
+        out = program.run({v.name: feeds[v.name] for v in program.program.inputs})
+    want_params, want_state, _ = oracle_train_step(model, params, state, x, y, u, lr, step)
+    for name, want in {**want_params, **want_state}.items():
+        if name.endswith(".velocity") and optimizer.momentum == 0:
+            continue  # torch.optim keeps no momentum buffer without momentum
+        reference = want - feeds[name] if name in want_params else want
+        scale = max(float(reference.abs().max()), 1e-12)
+        err = float((out[f"new.{name}"] - want).abs().max())
+        assert err <= 1e-6 * scale, f"{name}: max abs err {err:.3g} vs update scale {scale:.3g}"
+    assert torch.equal(out["new.softmax.bias"], feeds["softmax.bias"])  # lr 0 freezes the group
 
 
 def test_unnormalized_input_matches_autograd():

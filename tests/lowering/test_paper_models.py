@@ -47,7 +47,7 @@ def feeds_for(model, rng):
             "lr": np.float32(1e-3), "step": np.float32(3)}
 
 
-CASES = [(name, program) for name in ("mnist-unsupervised", "mnist-local", "mnist-jitter", "mnist-minssq")
+CASES = [(name, program) for name in ("mnist-unsupervised", "mnist-local", "mnist-jitter", "mnist-minssq", "mnist-ffcode")
          for program in programs_of(small(name))]
 
 
