@@ -22,6 +22,7 @@ from .checkpoint import load_checkpoint
 from .errors import FFCompileError
 from .lowering import READOUT_PROGRAMS, build_program, init_state, is_train_program, readouts_of, train_programs
 from .runtime.host import why_not_here
+from .runtime.integrity import load_private_key, sign_bundle, write_digest
 from .runtime.manifest import (FORMAT, FORMAT_VERSION, MANIFEST, OPTIMIZER, PARITY, PROGRAMS_DIR, WEIGHTS,
                                checksums, is_bundle_dir)
 from .runtime.programs import load_program
@@ -130,9 +131,12 @@ def _replace_dir(tmp: Path, out_dir: Path) -> None:
 
 def build_bundle(source, target, out_dir, batch: int | None = None, infer_batch: int = DEFAULT_INFER_BATCH,
                  verify_steps: int = 100, data_dir=None, seed: int | None = None, progress: bool = True,
-                 log=print) -> dict:
-    """Compile, write and verify a bundle; returns its manifest. The parity report is written as
-    parity.json; a failed parity check aborts the build (its report is kept at OUT.parity-failed.json)."""
+                 log=print, sign_key=None) -> dict:
+    """Compile, write and verify a bundle; returns its manifest, with the bundle digest under
+    ``manifest["digest"]`` (not stored in the file). The parity report is written as parity.json;
+    a failed parity check aborts the build (its report is kept at OUT.parity-failed.json).
+    ``sign_key``: a private key file (``ffcompile keygen``) to sign the bundle digest with."""
+    key = load_private_key(sign_key) if sign_key is not None else None
     target = find_target(target)
     if target.backend not in COMPILERS:
         raise FFCompileError(f"target {target.name!r}: this ffcompile cannot compile for backend {target.backend!r} "
@@ -191,14 +195,18 @@ def build_bundle(source, target, out_dir, batch: int | None = None, infer_batch:
             "versions": versions(),
             "parity_passed": report.get("passed"),
         }
-        _readable(tmp)
         manifest["files"] = checksums(tmp)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        manifest_bytes = (json.dumps(manifest, indent=1) + "\n").encode()
+        (tmp / MANIFEST).write_bytes(manifest_bytes)
+        digest = write_digest(tmp, manifest_bytes)
+        if key is not None:
+            log(f"signed by {sign_bundle(tmp, digest, key)}")
+        _readable(tmp)
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return manifest
+    return {**manifest, "digest": digest}
 
 
 def _parity(model, target: dict, root: Path, entries: dict, src: Source, infer_batch: int, steps: int, data_dir,

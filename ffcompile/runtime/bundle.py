@@ -28,7 +28,7 @@ from ..spec import Model, Training, model_from_dict
 from .host import check_runs_here
 from .inputs import as_images, as_labels
 from .manifest import OPTIMIZER, WEIGHTS, BundleError, read_manifest, verify_files
-from .programs import Runnable, load_program
+from .programs import Runnable, load_program, program_files
 from .weights import check_tensors, read_tensors
 
 READOUT_PROGRAMS = {"goodness": "infer_goodness", "softmax": "infer_softmax"}
@@ -168,11 +168,12 @@ def same_network(a: Model, b: Model) -> bool:
     return dataclasses.replace(a, training=Training()) == dataclasses.replace(b, training=Training())
 
 
-def load_bundle(path) -> Bundle:
-    """Load a bundle after checking its format, every file's sha256, and that this machine can
-    run its target."""
+def load_bundle(path, trust=None, digest: str | None = None) -> Bundle:
+    """Load a bundle after checking its digest (with ``trust``, a public key file: its signature
+    by that key; with ``digest``, that it is this bundle), format, every file's sha256, and that
+    this machine can run its target. Nothing is opened or loaded before these checks."""
     root = Path(path)
-    manifest = read_manifest(root)
+    manifest = read_manifest(root, trust, digest)
     verify_files(root, manifest)
     model = model_from_dict(manifest["model"], source=f"{root / 'manifest.json'} (model)")
     target = manifest["target"]
@@ -184,6 +185,11 @@ def load_bundle(path) -> Bundle:
         epoch, step = int(meta["epoch"]), int(meta["step"])
     except (KeyError, ValueError):
         raise BundleError(f"{root / OPTIMIZER}: metadata lacks the training position (epoch, step)") from None
+    for name, entry in manifest["programs"].items():
+        unlisted = [rel for rel in program_files(target["backend"], entry["file"]) if rel not in manifest["files"]]
+        if unlisted:
+            raise BundleError(f"bundle {root}: program {name} reads {', '.join(unlisted)}, which is not among "
+                              "the bundle's hashed files")
     programs = {}
     for name, entry in manifest["programs"].items():
         programs[name] = load_program(root / entry["file"], target, f"{root.name}/{entry['file']}", entry)
