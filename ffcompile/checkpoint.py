@@ -76,6 +76,8 @@ def load_checkpoint(path: Path) -> Checkpoint:
         for name, shape in want.items():
             if tuple(got[name].shape) != tuple(shape):
                 raise FFCompileError(f"{path}: {name} has shape {got[name].shape}, the model needs {shape}")
+            if not np.isfinite(got[name]).all():
+                raise FFCompileError(f"{path}: {what} {name} has NaN/inf values; the checkpoint is unusable")
     return Checkpoint(model, params, state, int(meta["epoch"]), int(meta["step"]))
 
 

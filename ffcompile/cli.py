@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from .data.datasets import data_dir_help
+from .divergence import RunInterrupted
 from .errors import FFCompileError
 
 
@@ -16,11 +17,14 @@ class _Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except RunInterrupted as e:  # a training run says what it saved
+            click.echo(str(e), err=True)
+            sys.exit(130)
         except FFCompileError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
-            click.echo("interrupted: the last completed epoch is saved; continue with --resume", err=True)
+            click.echo("interrupted", err=True)
             sys.exit(130)
 
 
@@ -78,6 +82,9 @@ def train(model_path, data_dir, epochs, run_dir, resume, device, split, limit, e
     epochs = model.training.epochs if epochs is None else epochs
     if epochs < 0:
         raise FFCompileError(f"--epochs must be >= 0, got {epochs}")
+    if epochs == 0 and not resume:
+        _echo("--epochs 0: nothing to train; nothing written")
+        return
     if device.startswith("cuda"):
         import torch
 

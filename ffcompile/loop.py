@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
+from .divergence import check_metrics
 from .spec import Model
 
 StepFn = Callable[[object, object, dict], tuple[object, object, dict]]
@@ -160,6 +161,7 @@ def run_epoch(model: Model, step_fn: StepFn, params, state, x: np.ndarray, y: np
     for k in bar:
         step += 1
         params, state, metrics = step_fn(params, state, step_feeds(plan, k, x, y, lr, step, shift))
+        check_metrics(metrics, step, epoch)
         for name, value in metrics.items():
             sums[name] = sums.get(name, 0.0) + value
         if progress and (k % 10 == 0 or k == len(plan.order) - 1):

@@ -31,6 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .errors import FFCompileError
+from .divergence import check_metrics
 from .evaluate import run_in_batches
 from .loop import epoch_plan, learning_rate, step_feeds, summarize
 from .spec import Model
@@ -131,6 +132,7 @@ def run_sequence_epoch(model: Model, steps: dict, probs_fn: ProbsFn, params, sta
         if x_neg is not None:
             feeds["x_neg"] = x_neg[plan.order[k]]
         params, state, metrics = steps[program](params, state, feeds)
+        check_metrics(metrics, step, epoch)
         for name, value in metrics.items():
             sums[name] = sums.get(name, 0.0) + value
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..checkpoint import CHECKPOINT, METRICS, Checkpoint, resume_run, save_checkpoint, write_json
+from ..divergence import DivergenceError, check_tensors, stopped
 from ..errors import FFCompileError
 from ..loop import FEEDS, epoch_line, epoch_runner
 from .inputs import as_images, as_labels
@@ -77,26 +78,30 @@ def finetune(bundle, x, y, epochs: int, out_dir, resume: bool = False, progress:
 
     epoch_fn = _epoch_runner(bundle, [*ckpt.params, *ckpt.state], seed, progress)
     params, state, step = dict(ckpt.params), dict(ckpt.state), ckpt.step
-    for epoch in range(ckpt.epoch, epochs):
-        started = time.perf_counter()
-        params, state, step, metrics = epoch_fn(params, state, x, y, epoch, epochs, step)
-        bad = [k for k, v in params.items() if not np.all(np.isfinite(v))]
-        if bad:
-            raise FFCompileError(f"fine-tuning diverged in epoch {epoch + 1}: non-finite {', '.join(bad)}; "
-                                 f"the last good checkpoint (epoch {epoch}) is kept")
-        record = {"epoch": epoch + 1, "step": step, "seconds": round(time.perf_counter() - started, 3), **metrics}
-        if val is not None:
-            tuned = bundle.with_params(params, state, epoch + 1, step)
-            if model.input.dataset == "text":
-                record["val_perplexity"] = tuned.perplexity(val[0], val[1])
-            for readout in bundle.readouts:
-                record[f"val_error.{readout}"] = tuned.evaluate(val[0], val[1], readout).error_percent
-        history.append(record)
-        ckpt = Checkpoint(model, params, state, epoch + 1, step)
-        save_checkpoint(ckpt_path, ckpt)
-        write_json(out_dir / METRICS, {"model": model.name, "bundle": str(bundle.path), "target": bundle.target["name"],
-                                       "started_from": bundle.weights_from, "epochs": history})
-        log(epoch_line(record))
+    saved = ckpt.epoch if resume else None  # the epoch of the checkpoint on disk
+    try:
+        for epoch in range(ckpt.epoch, epochs):
+            started = time.perf_counter()
+            params, state, step, metrics = epoch_fn(params, state, x, y, epoch, epochs, step)
+            check_tensors(params, "parameter", step, epoch)
+            check_tensors(state, "optimizer state", step, epoch)
+            record = {"epoch": epoch + 1, "step": step, "seconds": round(time.perf_counter() - started, 3), **metrics}
+            if val is not None:
+                tuned = bundle.with_params(params, state, epoch + 1, step)
+                if model.input.dataset == "text":
+                    record["val_perplexity"] = tuned.perplexity(val[0], val[1])
+                for readout in bundle.readouts:
+                    record[f"val_error.{readout}"] = tuned.evaluate(val[0], val[1], readout).error_percent
+            history.append(record)
+            ckpt = Checkpoint(model, params, state, epoch + 1, step)
+            save_checkpoint(ckpt_path, ckpt)
+            write_json(out_dir / METRICS, {"model": model.name, "bundle": str(bundle.path),
+                                           "target": bundle.target["name"], "started_from": bundle.weights_from,
+                                           "epochs": history})
+            saved = epoch + 1
+            log(epoch_line(record))
+    except (DivergenceError, KeyboardInterrupt) as e:
+        raise stopped(e, ckpt_path, saved) from None
     return ckpt
 
 
