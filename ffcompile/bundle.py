@@ -27,6 +27,7 @@ from .runtime.manifest import (FORMAT, FORMAT_VERSION, MANIFEST, OPTIMIZER, PARI
                                checksums, is_bundle_dir)
 from .runtime.programs import load_program
 from .runtime.weights import save_tensors
+from .shipped import shipped_model
 from .spec import Model, load_model
 from .targets import Target, find_target
 
@@ -47,6 +48,8 @@ def load_source(source, seed: int | None = None) -> Source:
     """A model spec (.toml/.json: fresh weights from ``init_state``), a run directory, or a
     checkpoint file."""
     path = Path(source)
+    if not path.exists() and not path.suffix and shipped_model(str(path)) is not None:
+        path = shipped_model(str(path))  # a shipped model spec by name
     if path.is_dir():
         path = path / "checkpoint.safetensors"
         if not path.is_file():

@@ -224,7 +224,12 @@ _CHOICES = {
 
 
 def load_model(path: str | Path) -> Model:
+    """A spec file, or the name of a shipped spec (``mnist-small``: models/mnist-small.toml)."""
+    from .shipped import shipped_model
+
     path = Path(path)
+    if not path.is_file() and not path.suffix and shipped_model(str(path)) is not None:
+        path = shipped_model(str(path))
     if not path.is_file():
         raise SpecError(f"{path}: model spec not found")
     try:

@@ -2,7 +2,8 @@
 programs, on which device and CPU architecture, in which dtype.
 
 Targets are looked up by name in ``$FFCOMPILE_TARGETS`` (folders separated by ``os.pathsep``) and
-then in the repository's top-level ``targets/`` folder, the source of truth; a path to a ``.toml``
+then in the repository's top-level ``targets/`` folder, the source of truth (in an installed wheel:
+its copy, see ``ffcompile.shipped``); a path to a ``.toml``
 file works anywhere a name does. Errors name the file and the field.
 """
 
@@ -14,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import FFCompileError
+from .shipped import spec_dir
 
 ENV_VAR = "FFCOMPILE_TARGETS"
-DEFAULT_DIR = Path(__file__).resolve().parents[1] / "targets"
+DEFAULT_DIR = spec_dir("targets")
 
 BACKENDS = ("onnxruntime", "tvm")
 DEVICES = ("cpu", "cuda")
