@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
 from .errors import FFCompileError
+from .spec_limits import check_layer_name, check_limits
 
 
 class SpecError(FFCompileError):
@@ -237,8 +239,10 @@ def load_model(path: str | Path) -> Model:
             raw = json.loads(path.read_text())
         else:
             raw = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SpecError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {e}") from None
+    except (tomllib.TOMLDecodeError, ValueError, UnicodeDecodeError) as e:  # ValueError: json, huge integers
+        raise SpecError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {str(e)[:200]}") from None
+    except RecursionError:
+        raise SpecError(f"{path}: nested too deeply to be a model spec") from None
     return model_from_dict(raw, source=str(path))
 
 
@@ -301,6 +305,8 @@ class _Reader:
         if base == "float":
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 self.fail(where, f"must be a number, got {value!r}")
+            if not math.isfinite(value):
+                self.fail(where, f"must be a finite number, got {value!r}")
             return float(value)
         if base == "str":
             if not isinstance(value, str):
@@ -378,6 +384,7 @@ def validate(model: Model, source: str = "<model>") -> None:
     names = set()
     for i, layer in enumerate(model.layers):
         where = f"layers[{i}] ({layer.name})"
+        check_layer_name(layer.name, where, fail)
         if layer.name in names:
             fail(f"{where}.name", f"duplicate layer name {layer.name!r}")
         names.add(layer.name)
@@ -451,6 +458,7 @@ def validate(model: Model, source: str = "<model>") -> None:
         _validate_recurrent(model, fail)
     elif inp.label.kind == "top_layer":
         fail("input.label.kind", "\"top_layer\" labels belong to recurrent networks: add a [recurrent] section")
+    check_limits(model, fail)
 
 
 SEQUENCE_NEGATIVES = ("teacher_forcing", "self_generated")
