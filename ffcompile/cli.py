@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import traceback
 from pathlib import Path
 
 import click
@@ -26,6 +27,13 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
+            raise
+        except Exception:  # not a user error: a bug, shown in full
+            traceback.print_exc()
+            click.echo("this is a bug in ffcompile, not in your input; please report it with the command line "
+                       "and the traceback above", err=True)
+            sys.exit(3)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -85,15 +93,14 @@ def train(model_path, data_dir, epochs, run_dir, resume, device, split, limit, e
     if epochs == 0 and not resume:
         _echo("--epochs 0: nothing to train; nothing written")
         return
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise FFCompileError("--device cuda: torch sees no CUDA GPU on this machine")
+    if eval_every < 1:
+        raise FFCompileError(f"--eval-every must be >= 1, got {eval_every}")
+    _check_device(device)
     source, x, y = load_split(model, data_dir, split)
     if limit is not None:
         _check_limit(model, limit)
         x, y = x[:limit], y[:limit]
+    check_one_batch(model, len(x))
     x_val = y_val = None
     if split == "train":
         _, x_val, y_val = load_split(model, source, "val")
@@ -118,9 +125,31 @@ def train(model_path, data_dir, epochs, run_dir, resume, device, split, limit, e
     _echo(f"wrote {run_dir}/{wrote}")
 
 
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise FFCompileError(f"--device {device!r}: must be cpu, cuda or cuda:N")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise FFCompileError(f"--device {device}: torch sees no CUDA GPU on this machine")
+
+
+def check_one_batch(model, examples: int) -> None:
+    if examples < model.training.batch_size:
+        raise FFCompileError(f"{examples} training examples is less than one batch of {model.training.batch_size} "
+                             "(training.batch_size)")
+
+
 def _check_limit(model, limit: int) -> None:
     if limit <= 0:
         raise FFCompileError(f"--limit must be positive, got {limit}")
+    if limit < model.training.batch_size:
+        raise FFCompileError(f"--limit {limit} is less than one batch of {model.training.batch_size} "
+                             "(training.batch_size)")
     if model.input.dataset == "text":
         from .data.text import PREDICTIONS
         from .sequence import check_whole_strings
@@ -141,6 +170,10 @@ def eval_cmd(run_dir, data_dir, readout, split, device, batch, as_json):
     pass) and/or the one-pass softmax readout."""
     from .checkpoint import CHECKPOINT, load_checkpoint
     from .train import evaluate_params, readouts_of
+
+    _check_device(device)
+    if batch <= 0:
+        raise FFCompileError(f"--batch must be positive, got {batch}")
 
     path = run_dir / CHECKPOINT if run_dir.is_dir() else run_dir
     ckpt = load_checkpoint(path)

@@ -78,25 +78,19 @@ def build(source, target_name, out_dir, batch, infer_batch, verify_steps, data_d
     click.echo(f"bundle digest {manifest['digest']}")
 
 
-def _load_data(model, data_dir, split: str, input_path: Path | None, labels_path: Path | None):
+def _load_data(model, data_dir, split: str, input_path: Path | None, labels_path: Path | None,
+               input_scale: float | None = None):
     """(x, y or None, description) from the model's data set or from .npy files."""
+    from .runtime.inputs import read_npy, scaled_images
+
     if input_path is None:
-        if labels_path is not None:
-            raise FFCompileError("--labels needs --input")
+        if labels_path is not None or input_scale is not None:
+            raise FFCompileError("--labels and --input-scale need --input")
         source, x, y = load_split(model, data_dir, split)
         return x, y, f"{source.describe()}, {split} split"
-    x = _load_npy(input_path, "--input")
-    y = _load_npy(labels_path, "--labels") if labels_path is not None else None
+    x = scaled_images(read_npy(input_path, "--input"), input_scale)
+    y = read_npy(labels_path, "--labels") if labels_path is not None else None
     return x, y, str(input_path)
-
-
-def _load_npy(path: Path, option: str) -> np.ndarray:
-    try:
-        return np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise FFCompileError(f"{option} {path}: file not found") from None
-    except (ValueError, OSError) as e:
-        raise FFCompileError(f"{option} {path}: not a readable .npy array without pickles ({str(e).splitlines()[0]})") from None
 
 
 @main.command()
@@ -106,19 +100,21 @@ def _load_npy(path: Path, option: str) -> np.ndarray:
 @click.option("--input", "input_path", type=click.Path(path_type=Path), default=None,
               help="Images as a .npy array [N, 784] instead of MNIST (predictions only, unless --labels).")
 @click.option("--labels", "labels_path", type=click.Path(path_type=Path), default=None, help="Labels .npy [N] for --input.")
+@click.option("--input-scale", type=float, default=None,
+              help="Divide --input by this first (255 for 0..255 images); pixels must end up in [0, 1].")
 @click.option("--readout", type=click.Choice(["goodness", "softmax", "all"]), default="all", show_default=True)
 @click.option("--weights", "weights", type=click.Path(path_type=Path), default=None,
               help="Use a checkpoint's weights (e.g. BUNDLE.finetune/checkpoint.safetensors) instead of the bundle's.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @trust_options
-def run(bundle_dir, data_dir, split, input_path, labels_path, readout, weights, as_json, trust, digest):
+def run(bundle_dir, data_dir, split, input_path, labels_path, input_scale, readout, weights, as_json, trust, digest):
     """Run a bundle's inference programs: error rate and latency (median ms per batch, throughput)."""
     from .runtime.bundle import load_bundle
 
     bundle = load_bundle(bundle_dir, trust, digest)
     if weights is not None:
         bundle = bundle.with_weights(weights)
-    x, y, described = _load_data(bundle.model, data_dir, split, input_path, labels_path)
+    x, y, described = _load_data(bundle.model, data_dir, split, input_path, labels_path, input_scale)
     readouts = bundle.readouts if readout == "all" else [readout]
     result = {"bundle": str(bundle_dir), "model": bundle.model.name, "target": bundle.target["name"],
               "weights": bundle.weights_from, "data": described, "examples": int(len(x)), "readouts": {}}
