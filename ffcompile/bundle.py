@@ -20,7 +20,9 @@ from pathlib import Path
 from . import __version__
 from .checkpoint import load_checkpoint
 from .errors import FFCompileError
+from .locking import exclusive, remove_stale
 from .lowering import READOUT_PROGRAMS, build_program, init_state, is_train_program, readouts_of, train_programs
+from .rename import exchange
 from .runtime.host import why_not_here
 from .runtime.integrity import load_private_key, sign_bundle, write_digest
 from .runtime.manifest import (FORMAT, FORMAT_VERSION, MANIFEST, OPTIMIZER, PARITY, PROGRAMS_DIR, WEIGHTS,
@@ -122,14 +124,20 @@ def _readable(root: Path) -> None:
 
 
 def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Move the finished bundle into place; an older bundle there is replaced as a whole."""
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
-        os.replace(out_dir, old / "bundle")
+    """Move the finished bundle into place; an older bundle there is replaced as a whole, in one
+    step (the two folders are exchanged), so ``out_dir`` always holds a whole bundle. Where the
+    file system cannot exchange, the old bundle is moved aside first; a kill between the two
+    renames is undone by the next build (``_recover``)."""
+    if not out_dir.exists():
         os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
+        return
+    if exchange(tmp, out_dir):
+        shutil.rmtree(tmp, ignore_errors=True)  # now the old bundle
+        return
+    old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
+    os.replace(out_dir, old / "bundle")
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def build_bundle(source, target, out_dir, batch: int | None = None, infer_batch: int = DEFAULT_INFER_BATCH,
@@ -140,6 +148,24 @@ def build_bundle(source, target, out_dir, batch: int | None = None, infer_batch:
     a failed parity check aborts the build (its report is kept at OUT.parity-failed.json).
     ``sign_key``: a private key file (``ffcompile keygen``) to sign the bundle digest with."""
     key = load_private_key(sign_key) if sign_key is not None else None
+    out_dir = Path(out_dir)
+    with exclusive(out_dir, "ffcompile build"):
+        _recover(out_dir, log)
+        return _build(source, target, out_dir, batch, infer_batch, verify_steps, data_dir, seed, progress, log, key)
+
+
+def _recover(out_dir: Path, log) -> None:
+    """Undo what a killed build left (call with the lock held): a bundle moved aside by a rebuild
+    killed between its two renames goes back to ``out_dir``; temporary folders are removed."""
+    aside = sorted(out_dir.parent.glob(f".{out_dir.name}.old-*/bundle"))
+    if not out_dir.exists() and aside:
+        os.replace(aside[-1], out_dir)
+        log(f"restored the bundle {out_dir} that an interrupted rebuild had moved aside")
+    remove_stale(out_dir.parent, (f".{out_dir.name}.building-*", f".{out_dir.name}.old-*"), log)
+
+
+def _build(source, target, out_dir: Path, batch, infer_batch, verify_steps, data_dir, seed, progress, log,
+           key) -> dict:
     target = find_target(target)
     if target.backend not in COMPILERS:
         raise FFCompileError(f"target {target.name!r}: this ffcompile cannot compile for backend {target.backend!r} "
@@ -148,7 +174,6 @@ def build_bundle(source, target, out_dir, batch: int | None = None, infer_batch:
         from .emulation import _which
 
         _which(target.cc)  # before any work: one line naming the Debian package when it is missing
-    out_dir = Path(out_dir)
     _check_out_dir(out_dir)
     src = load_source(source, seed)
     model = src.model

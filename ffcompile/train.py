@@ -11,10 +11,11 @@ import numpy as np
 import torch
 
 from .backends.torch_backend import TorchProgram
-from .checkpoint import CHECKPOINT, METRICS, Checkpoint, resume_run, save_checkpoint, write_json
+from .checkpoint import CHECKPOINT, TEMP_FILES, Checkpoint, commit_epoch, resume_run
 from .divergence import DivergenceError, check_tensors, stopped
 from .errors import FFCompileError
 from .evaluate import error_rate
+from .locking import exclusive, remove_stale
 from .lowering import READOUT_PROGRAMS, build_program, init_state, readouts_of, train_programs
 from .lowering.sequence import is_sequence
 from .loop import FEEDS, epoch_line, epoch_runner
@@ -142,7 +143,15 @@ class Dataset:
 
 def train(model: Model, data: Dataset, run_dir: Path, epochs: int, resume: bool = False, device: str = "cpu",
           seed: int | None = None, progress: bool = True, eval_every: int = 1, log=print) -> Checkpoint:
-    run_dir = Path(run_dir)
+    """Train until ``epochs`` epochs are done, holding the run folder's lock (one writer)."""
+    with exclusive(run_dir, "ffcompile train"):
+        if Path(run_dir).is_dir():
+            remove_stale(run_dir, TEMP_FILES, log)
+        return _train(model, data, Path(run_dir), epochs, resume, device, seed, progress, eval_every, log)
+
+
+def _train(model: Model, data: Dataset, run_dir: Path, epochs: int, resume: bool, device: str, seed: int | None,
+           progress: bool, eval_every: int, log) -> Checkpoint:
     ckpt_path = run_dir / CHECKPOINT
     history: list[dict] = []
     if resume:
@@ -177,8 +186,7 @@ def train(model: Model, data: Dataset, run_dir: Path, epochs: int, resume: bool 
                 _evaluate(model, data, np_params, record, eval_batch, device)
             history.append(record)
             ckpt = Checkpoint(model, np_params, np_state, epoch + 1, step)
-            save_checkpoint(ckpt_path, ckpt)
-            write_json(run_dir / METRICS, {"model": model.name, "data": data.description, "epochs": history})
+            commit_epoch(run_dir, ckpt, {"model": model.name, "data": data.description, "epochs": history})
             saved = epoch + 1
             log(epoch_line(record))
     except (DivergenceError, KeyboardInterrupt) as e:

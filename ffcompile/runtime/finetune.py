@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import CHECKPOINT, METRICS, Checkpoint, resume_run, save_checkpoint, write_json
+from ..checkpoint import CHECKPOINT, TEMP_FILES, Checkpoint, commit_epoch, resume_run
 from ..divergence import DivergenceError, check_tensors, stopped
 from ..errors import FFCompileError
+from ..locking import exclusive, remove_stale
 from ..loop import FEEDS, epoch_line, epoch_runner
 from .inputs import as_images, as_labels
 from .programs import Runnable
@@ -65,6 +66,14 @@ def finetune(bundle, x, y, epochs: int, out_dir, resume: bool = False, progress:
                as_labels(val[1], len(val[0]), model.input.label.classes, "validation labels"))
     out_dir = Path(out_dir)
     refuse_inside_bundle(out_dir, Path(bundle.path))
+    with exclusive(out_dir, "ffcompile finetune"):
+        if out_dir.is_dir():
+            remove_stale(out_dir, TEMP_FILES, log)
+        return _finetune(bundle, x, y, epochs, out_dir, resume, progress, val, seed, log)
+
+
+def _finetune(bundle, x, y, epochs: int, out_dir: Path, resume: bool, progress: bool, val, seed, log) -> Checkpoint:
+    model = bundle.model
     ckpt_path = out_dir / CHECKPOINT
     seed = model.training.seed if seed is None else seed
     history: list[dict] = []
@@ -94,10 +103,9 @@ def finetune(bundle, x, y, epochs: int, out_dir, resume: bool = False, progress:
                     record[f"val_error.{readout}"] = tuned.evaluate(val[0], val[1], readout).error_percent
             history.append(record)
             ckpt = Checkpoint(model, params, state, epoch + 1, step)
-            save_checkpoint(ckpt_path, ckpt)
-            write_json(out_dir / METRICS, {"model": model.name, "bundle": str(bundle.path),
-                                           "target": bundle.target["name"], "started_from": bundle.weights_from,
-                                           "epochs": history})
+            commit_epoch(out_dir, ckpt, {"model": model.name, "bundle": str(bundle.path),
+                                         "target": bundle.target["name"], "started_from": bundle.weights_from,
+                                         "epochs": history})
             saved = epoch + 1
             log(epoch_line(record))
     except (DivergenceError, KeyboardInterrupt) as e:
