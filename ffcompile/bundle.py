@@ -31,6 +31,7 @@ from .runtime.programs import load_program
 from .runtime.weights import save_tensors
 from .shipped import shipped_model
 from .spec import Model, load_model
+from .spec_limits import MAX_BATCH
 from .targets import Target, find_target
 
 DEFAULT_INFER_BATCH = 100
@@ -177,6 +178,10 @@ def _build(source, target, out_dir: Path, batch, infer_batch, verify_steps, data
     _check_out_dir(out_dir)
     src = load_source(source, seed)
     model = src.model
+    for option, value in (("--batch", batch), ("--infer-batch", infer_batch)):
+        if value is not None and value > MAX_BATCH:
+            raise FFCompileError(f"{option} must be at most {MAX_BATCH}, got {value} "
+                                 "(the compiled programs hold a whole batch at once)")
     if batch is not None:
         if batch <= 0:
             raise FFCompileError(f"--batch must be positive, got {batch}")

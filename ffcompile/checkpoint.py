@@ -119,7 +119,11 @@ def resume_run(run_dir: Path, model: Model, log) -> tuple[Checkpoint, list[dict]
         history = list(ckpt.metrics.get("epochs", []))[: ckpt.epoch]
         write_json(Path(run_dir) / METRICS, {**ckpt.metrics, "epochs": history})
     elif (Path(run_dir) / METRICS).is_file():
-        history = json.loads((Path(run_dir) / METRICS).read_text())["epochs"][: ckpt.epoch]
+        try:
+            history = json.loads((Path(run_dir) / METRICS).read_text())["epochs"][: ckpt.epoch]
+        except (ValueError, KeyError, TypeError):
+            raise FFCompileError(f"--resume: {Path(run_dir) / METRICS} is damaged (not the metrics this run wrote); "
+                                 "move it away to resume without the earlier epochs' metrics") from None
     log(f"resuming {ckpt_path} after epoch {ckpt.epoch} (step {ckpt.step})")
     return ckpt, history
 

@@ -138,6 +138,13 @@ def _check_device(device: str) -> None:
         raise FFCompileError(f"--device {device}: torch sees no CUDA GPU on this machine")
 
 
+def check_batch(batch: int, option: str) -> None:
+    from .spec_limits import MAX_BATCH
+
+    if not 0 < batch <= MAX_BATCH:
+        raise FFCompileError(f"{option} must be in 1..{MAX_BATCH}, got {batch} (a program holds a whole batch at once)")
+
+
 def check_one_batch(model, examples: int) -> None:
     if examples < model.training.batch_size:
         raise FFCompileError(f"{examples} training examples is less than one batch of {model.training.batch_size} "
@@ -172,8 +179,7 @@ def eval_cmd(run_dir, data_dir, readout, split, device, batch, as_json):
     from .train import evaluate_params, readouts_of
 
     _check_device(device)
-    if batch <= 0:
-        raise FFCompileError(f"--batch must be positive, got {batch}")
+    check_batch(batch, "--batch")
 
     path = run_dir / CHECKPOINT if run_dir.is_dir() else run_dir
     ckpt = load_checkpoint(path)
@@ -243,6 +249,7 @@ def inspect(model_path, batch):
 
     model = load_model(model_path)
     batch = batch or model.training.batch_size
+    check_batch(batch, "--batch")
     click.echo(model.dumps())
     for name in train_programs(model) + [READOUT_PROGRAMS[r] for r in readouts_of(model)]:
         program = build_program(model, name, batch)

@@ -338,7 +338,7 @@ class _Reader:
             where = f"layers[{i}]"
             layer = dict(self.table(layer, where))
             kind = layer.pop("kind", "dense")
-            if kind not in _LAYER_KINDS:
+            if not isinstance(kind, str) or kind not in _LAYER_KINDS:
                 self.fail(f"{where}.kind", f"unknown layer kind {kind!r} (known: {', '.join(_LAYER_KINDS)})")
             layer.setdefault("name", f"h{i + 1}")
             layers.append(self.make(_LAYER_KINDS[kind], layer, where, kind=kind))

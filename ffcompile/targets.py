@@ -66,8 +66,12 @@ def load_target(path: str | Path) -> Target:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise TargetError(f"{path}: target file not found") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise TargetError(f"{path}: not valid TOML: {e}") from None
+    except OSError as e:
+        raise TargetError(f"{path}: cannot read the target file ({e.strerror})") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, ValueError) as e:
+        raise TargetError(f"{path}: not valid TOML: {str(e)[:200]}") from None
+    except RecursionError:
+        raise TargetError(f"{path}: nested too deeply to be a target file") from None
     return target_from_dict(raw, name=path.stem, source=str(path))
 
 

@@ -157,6 +157,7 @@ def keygen(path) -> tuple[Path, Path, str]:
     for p in (path, pub):
         if os.path.lexists(p):
             raise IntegrityError(f"{p}: exists; refusing to overwrite a key (choose another name)")
+    path.parent.mkdir(parents=True, exist_ok=True)
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
