@@ -157,6 +157,7 @@ def test_a_backend_off_a_sound_reference_is_still_judged(loaded, train_data):
     """No re-synchronization while the reference holds: the same departure fails."""
     t = _trajectory(loaded, train_data, 12, departing=(6,))
     assert not t["passed"] and t["resyncs"] == [] and t["judged_steps"] == 12
+    assert t["why_failed"] and "step 6" in t["why_failed"] and "h2.weight" in t["why_failed"], t["why_failed"]
 
 
 def test_sampling_tie_restarts_the_backend(loaded, train_data, monkeypatch):
