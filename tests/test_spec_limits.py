@@ -2,32 +2,13 @@
 line naming the field (and, for caps, the cap and why)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from cli_helpers import error_line, invoke  # tests/cli_helpers.py
 
-TINY = """name = "tiny"
-[input]
-size = 784
-[[layers]]
-name = "h1"
-size = 32
-[[layers]]
-name = "h2"
-size = 24
-[optimizer]
-kind = "adam"
-lr = 0.001
-[negatives]
-kind = "hard_label"
-[readout]
-goodness_layers = ["h1", "h2"]
-softmax_layers = ["h2"]
-[training]
-batch_size = 20
-epochs = 2
-"""
+TINY = (Path(__file__).parent / "bundle" / "tiny.toml").read_text()
 
 
 def spec(tmp_path, old, new, text=TINY):
@@ -69,10 +50,10 @@ def test_bad_values_refused_in_one_line(tmp_path, old, new, field, phrase):
 
 
 def test_recurrent_iterations_capped(tmp_path):
-    text = (TINY.replace('kind = "first_pixels"', "")
+    text = (TINY.replace("peer_norm = { weight = 0.03, momentum = 0.9 }", "")
             .replace("size = 784", 'size = 784\nlabel = { kind = "top_layer" }')
             .replace("epochs = 2", "epochs = 2\n[recurrent]\niterations = 100000000\nreadout_iterations = [1, 2]"))
-    line = error_line(invoke("inspect", spec(tmp_path, "[regularizers]", "[regularizers]", text + "[regularizers]\n")))
+    line = error_line(invoke("inspect", spec(tmp_path, "size = 784", "size = 784", text)))
     assert "recurrent.iterations" in line and "at most" in line, line
 
 

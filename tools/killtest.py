@@ -5,7 +5,8 @@ bundle, and the next build leaves no leftovers.
 
     python tools/killtest.py --kills 50 --out killtest.json
 
-Uses a tiny model (2 small layers) on the built-in MNIST subset, so each command takes seconds.
+Uses tests/bundle/tiny.toml (2 small layers) on the built-in MNIST subset, so each command takes
+seconds.
 """
 
 from __future__ import annotations
@@ -31,27 +32,7 @@ from ffcompile.checkpoint import load_checkpoint  # noqa: E402
 from ffcompile.errors import FFCompileError  # noqa: E402
 from ffcompile.runtime.bundle import load_bundle  # noqa: E402
 
-SPEC = """name = "killtest"
-[input]
-size = 784
-[[layers]]
-name = "h1"
-size = 32
-[[layers]]
-name = "h2"
-size = 24
-[optimizer]
-kind = "adam"
-lr = 0.001
-[negatives]
-kind = "hard_label"
-[readout]
-goodness_layers = ["h1", "h2"]
-softmax_layers = ["h2"]
-[training]
-batch_size = 20
-epochs = 4
-"""
+SPEC = REPO / "tests" / "bundle" / "tiny.toml"  # 2 small layers, Adam, peer normalization
 
 
 def ffcompile(*args) -> list[str]:
@@ -160,29 +141,22 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="ffcompile-killtest-"))
     results = {"kills_per_command": args.kills, "epochs": args.epochs, "limit": args.limit, "commands": {}}
     try:
-        spec = work / "killtest.toml"
-        spec.write_text(SPEC)
+        spec = SPEC
         common = ["--epochs", args.epochs, "--limit", args.limit, "--no-progress"]
         commands = args.commands.split(",")
-        if "train" in commands:
-            def train(out, resume):
-                return ffcompile("train", spec, "--out", out, *common, *resume)
-            seconds, ref = run(train(work / "train-ref", []))
-            assert ref.returncode == 0, ref.stderr
-            results["commands"]["train"] = {"uninterrupted_seconds": round(seconds, 2), **kill_runs(
-                "train", train, work / "train-ref", seconds, args.kills, work, rng)}
-            print("train", results["commands"]["train"], flush=True)
         bundle = work / "bundles" / "b"
         seconds, built = run(ffcompile("build", spec, "-o", bundle, "--verify-steps", "0", "--no-progress"))
         assert built.returncode == 0, built.stderr
-        if "finetune" in commands:
-            def finetune(out, resume):
-                return ffcompile("finetune", bundle, "--out", out, *common, *resume)
-            ft_seconds, ref = run(finetune(work / "finetune-ref", []))
+        trained = {"train": lambda out, resume: ffcompile("train", spec, "--out", out, *common, *resume),
+                   "finetune": lambda out, resume: ffcompile("finetune", bundle, "--out", out, *common, *resume)}
+        for name, command in trained.items():
+            if name not in commands:
+                continue
+            run_seconds, ref = run(command(work / f"{name}-ref", []))
             assert ref.returncode == 0, ref.stderr
-            results["commands"]["finetune"] = {"uninterrupted_seconds": round(ft_seconds, 2), **kill_runs(
-                "finetune", finetune, work / "finetune-ref", ft_seconds, args.kills, work, rng)}
-            print("finetune", results["commands"]["finetune"], flush=True)
+            results["commands"][name] = {"uninterrupted_seconds": round(run_seconds, 2), **kill_runs(
+                name, command, work / f"{name}-ref", run_seconds, args.kills, work, rng)}
+            print(name, results["commands"][name], flush=True)
         if "build" in commands:
             results["commands"]["build"] = {"uninterrupted_seconds": round(seconds, 2), **kill_builds(
                 spec, bundle, seconds, args.kills, rng)}
