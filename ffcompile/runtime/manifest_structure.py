@@ -57,6 +57,11 @@ def check_structure(manifest: dict, where: str) -> None:
     _need(isinstance(target, dict), where, "target", "must be an object")
     for key in ("name", "backend", "device", "arch"):
         _need(isinstance(target.get(key), str), where, f"target.{key}", "must be a string")
+    providers = target.get("providers", [])
+    _need(isinstance(providers, list) and all(isinstance(p, str) for p in providers)
+          and (providers or target["backend"] != "onnxruntime"), where, "target.providers",
+          "must be a list of onnxruntime execution provider names (at least one for onnxruntime)")
+    _need(isinstance(target.get("tvm", {}), dict), where, "target.tvm", "must be an object")
     _need(isinstance(manifest["model"], dict), where, "model", "must be an object")
     batch = manifest["batch"]
     _need(isinstance(batch, dict), where, "batch", "must be an object")

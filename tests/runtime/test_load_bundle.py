@@ -140,3 +140,12 @@ def test_nan_and_bad_labels(tiny_bundle):
         bundle.evaluate(np.zeros((3, 784)), np.array([1, 2, 10]))
     with pytest.raises(FFCompileError, match=r"labels must be integers"):
         bundle.evaluate(np.zeros((3, 784)), np.array([1.0, 2.0, 3.0]))
+
+
+@pytest.mark.parametrize("providers", [[1], [["CPUExecutionProvider"]], [], "CPUExecutionProvider"])
+def test_malformed_target_providers_refused(bundle_copy, providers):
+    """Found by tools/fuzz.py: a non-string provider crashed the "runs here?" check."""
+    rewrite_manifest(bundle_copy, lambda m: m["target"].__setitem__("providers", providers))
+    with pytest.raises(FFCompileError) as e:
+        load_bundle(bundle_copy)
+    assert "target.providers" in one_line(e)
