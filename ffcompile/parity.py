@@ -64,7 +64,15 @@ forced by a full-size model that failed without it:
   state (the quantity the horizon watches): rounding differences spread through a chaotic state
   at rates that differ per tensor and per implementation (mnist-minssq failed at steps 82-84,
   onnxruntime 17-37x as far from float64 as torch in h3's Adam moments, with the whole reference
-  within 1e-3 of float64 and onnxruntime within 2.5e-3 of torch).
+  within 1e-3 of float64 and onnxruntime within 2.5e-3 of torch);
+- that distance is the largest the reference reached since the float64 side last restarted, not
+  the current step's: the reference's own distance from float64 also shrinks at times, while a
+  backend's distance is what its past steps amplified. mnist-small after 5 epochs of the built-in
+  subset failed on TVM at step 241 because the reference's distance dipped from 1.1e-4 to 6e-5 in
+  one step: TVM, 6.2e-5 from float64 in h2.bias.m (73x the reference there), computed that step
+  within 1.5e-6 of the reference stepped from TVM's own state (inside the program tolerance), and
+  onnxruntime, passing, stood at 0.84 of the same floor at the same step (50x the reference).
+  Both are a function of the reference alone, so a backend that computes steps wrong still fails.
 
 A reference within the horizon can still be ill-conditioned in a few elements. In full-size
 mnist-local, TVM landed 5.8e-5 (1.2e-3 of the tensor's scale) from the reference in one softmax
@@ -115,8 +123,8 @@ TOLERANCES = {
     "float64_floor": f"a float tensor outside its tolerance still passes if max|out - ref64| <= tolerance + "
                      f"{FLOAT64_FACTOR:g} * max|ref32 - ref64| (no less accurate than the fp32 reference, within "
                      f"{FLOAT64_FACTOR:g}x, against the float64 evaluation of the same program); in trajectories "
-                     f"max|ref32 - ref64| is at least the reference's largest relative distance over the whole "
-                     f"state times max|ref64|",
+                     f"max|ref32 - ref64| is at least the largest relative distance the reference reached over "
+                     f"the whole state since the float64 side last restarted, times max|ref64|",
     "resync": f"a step where the fp32 reference is more than {REFERENCE_HORIZON_RTOL:g} (rel) from float64 in some "
               f"tensor restarts the float64 side and the backend from the fp32 reference's state (the step judged only "
               f"if the backend was within the strict tolerance); a negative label drawn differently on a sampling tie "
@@ -326,6 +334,7 @@ def trajectory_parity(run, reference: Reference, ties: _LabelTies, params: dict,
     sides = {"backend": (params, state), "ref32": (params, state), "ref64": (params, state)}
     per_step, worst, label_events, resyncs, passed, strict = [], {}, [], [], True, True
     first_step = first_beyond = first_failure = None
+    stretch_drift = 0.0  # the reference's largest drift from float64 since the float64 side last restarted
     for _ in tqdm(range(steps), desc="verify trajectory", disable=not progress, leave=False):
         feeds = next(feeds_iter)
         first_step = int(feeds["step"]) if first_step is None else first_step
@@ -342,8 +351,9 @@ def trajectory_parity(run, reference: Reference, ties: _LabelTies, params: dict,
         record = {"step": int(feeds["step"]), "tensors": {}}
         drift = _reference_drift(sides["ref32"], sides["ref64"])
         lost = drift if drift[1] > REFERENCE_HORIZON_RTOL else None
+        stretch_drift = max(stretch_drift, drift[1])
         entries = {name: compare_float(sides["backend"][g][name], sides["ref32"][g][name],
-                                       None if lost else sides["ref64"][g][name], 0.0, TRAJECTORY_RTOL, drift[1])
+                                       None if lost else sides["ref64"][g][name], 0.0, TRAJECTORY_RTOL, stretch_drift)
                    for g in (0, 1) for name in sides["ref32"][g]}
         for name, entry in entries.items():
             record["tensors"][name] = [entry["max_abs"], entry["max_rel"]]
@@ -403,6 +413,7 @@ def trajectory_parity(run, reference: Reference, ties: _LabelTies, params: dict,
             # Both restart: a backend left at its own distance from a float64 side that restarted
             # would be held to the floor of a trajectory shorter than its own.
             sides["ref64"] = sides["backend"] = sides["ref32"]
+            stretch_drift = 0.0
             if record["judged"]:
                 resyncs.append({"step": record["step"], "cause": f"the fp32 reference is {lost[1]:.1e} (rel) from "
                                 f"float64 in {lost[0]} (step judged: the backend was within {TRAJECTORY_RTOL:g})"})
