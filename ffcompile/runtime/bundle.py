@@ -168,6 +168,23 @@ def same_network(a: Model, b: Model) -> bool:
     return dataclasses.replace(a, training=Training()) == dataclasses.replace(b, training=Training())
 
 
+def _check_batches(root: Path, manifest: dict, model: Model) -> None:
+    """The manifest's batch sizes, the model's and each program's static batch agree (the loops
+    cut batches by the manifest; a program of another batch would fail in the middle of a run)."""
+    from ..lowering.programs import is_train_program
+
+    batch = manifest["batch"]
+    if batch["train"] != model.training.batch_size:
+        raise BundleError(f"bundle {root}: batch.train {batch['train']} is not the model's training.batch_size "
+                          f"{model.training.batch_size}")
+    for name, entry in manifest["programs"].items():
+        want = batch["train"] if is_train_program(name) else batch["infer"]
+        for v in entry["inputs"]:
+            if v["name"] == "x" and (not v["shape"] or v["shape"][0] != want):
+                raise BundleError(f"bundle {root}: program {name} takes a batch of {v['shape'][:1]}, the manifest's "
+                                  f"batch is {want}")
+
+
 def load_bundle(path, trust=None, digest: str | None = None) -> Bundle:
     """Load a bundle after checking its digest (with ``trust``, a public key file: its signature
     by that key; with ``digest``, that it is this bundle), format, every file's sha256, and that
@@ -185,6 +202,7 @@ def load_bundle(path, trust=None, digest: str | None = None) -> Bundle:
         epoch, step = int(meta["epoch"]), int(meta["step"])
     except (KeyError, ValueError):
         raise BundleError(f"{root / OPTIMIZER}: metadata lacks the training position (epoch, step)") from None
+    _check_batches(root, manifest, model)
     for name, entry in manifest["programs"].items():
         unlisted = [rel for rel in program_files(target["backend"], entry["file"]) if rel not in manifest["files"]]
         if unlisted:

@@ -149,3 +149,15 @@ def test_malformed_target_providers_refused(bundle_copy, providers):
     with pytest.raises(FFCompileError) as e:
         load_bundle(bundle_copy)
     assert "target.providers" in one_line(e)
+
+
+@pytest.mark.parametrize("change", [
+    lambda m: m["batch"].__setitem__("train", 7),
+    lambda m: m["batch"].__setitem__("infer", 7),
+    lambda m: m["model"]["training"].__setitem__("batch_size", 7),
+])
+def test_batch_sizes_that_disagree_refused(bundle_copy, change):
+    rewrite_manifest(bundle_copy, change)
+    with pytest.raises(FFCompileError) as e:
+        load_bundle(bundle_copy)
+    assert "batch" in one_line(e)
