@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -305,8 +304,6 @@ class _Reader:
         if base == "float":
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 self.fail(where, f"must be a number, got {value!r}")
-            if not math.isfinite(value):
-                self.fail(where, f"must be a finite number, got {value!r}")
             return float(value)
         if base == "str":
             if not isinstance(value, str):

@@ -4,6 +4,8 @@ memory before anything could say why. Each message names the cap and the reason 
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 
 MAX_UNITS = 1 << 20  # units in the input or in one layer
@@ -29,9 +31,23 @@ def check_layer_name(name: str, where: str, fail) -> None:
         fail(f"{where}.name", f"{name!r} is reserved for the softmax readout's parameters")
 
 
+def check_finite(value, where: str, fail) -> None:
+    """Every float field, however deep, is a finite number (NaN passes most range checks)."""
+    if dataclasses.is_dataclass(value):
+        for f in dataclasses.fields(value):
+            check_finite(getattr(value, f.name), f"{where}.{f.name}" if where else f.name, fail)
+    elif isinstance(value, tuple):
+        for i, item in enumerate(value):
+            check_finite(item, f"{where}[{i}]", fail)
+    elif isinstance(value, float) and not math.isfinite(value):
+        fail(where, f"must be a finite number, got {value}")
+
+
 def check_limits(model, fail) -> None:
     """``fail(where, message)`` raises; called after the fields' own checks."""
     from .spec import LocalLayer
+
+    check_finite(model, "", fail)
 
     def at_most(where: str, value: int, cap: int, why: str) -> None:
         if value > cap:

@@ -25,7 +25,7 @@ CASES = [
     ("lr = 0.001", "lr = 0.001\neps = -1e-8", "optimizer.eps", "> 0"),
     ("lr = 0.001", "lr = 0.001\nbeta1 = 0.0", "optimizer.beta1", "(0, 1)"),
     ("lr = 0.001", "lr = 0.001\nbeta2 = 0.0", "optimizer.beta2", "(0, 1)"),
-    ("lr = 0.001", "lr = 0.001\nbeta2 = nan", "optimizer.beta2", "finite"),
+    ("lr = 0.001", "lr = 0.001\nbeta2 = nan", "optimizer.beta2", "got nan"),
     ("epochs = 2", "epochs = 2\n[goodness]\nthreshold_per_unit = nan", "goodness.threshold_per_unit", "finite"),
     ("epochs = 2", "epochs = 2\n[normalization]\neps = inf", "normalization.eps", "finite"),
     ("size = 32", "size = 32\nthreshold = inf", "layers[0]", "finite"),
@@ -76,7 +76,8 @@ def test_huge_integers_refused(tmp_path):
 
 def test_json_spec_nan_refused(tmp_path):
     path = tmp_path / "nan.json"
-    raw = {"name": "x", "layers": [{"size": 8}], "optimizer": {"lr": float("nan")}}
+    raw = {"name": "x", "layers": [{"size": 8}], "negatives": {"kind": "random_label"},
+           "goodness": {"threshold_per_unit": float("nan")}}
     path.write_text(json.dumps(raw))
     line = error_line(invoke("inspect", path))
     assert "nan.json" in line and ("finite" in line or "NaN" in line), line
