@@ -8,6 +8,7 @@ everything, the parity report included, is written: an interrupted build leaves 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 import platform
@@ -158,11 +159,12 @@ def build_bundle(source, target, out_dir, batch: int | None = None, infer_batch:
 def _recover(out_dir: Path, log) -> None:
     """Undo what a killed build left (call with the lock held): a bundle moved aside by a rebuild
     killed between its two renames goes back to ``out_dir``; temporary folders are removed."""
-    aside = sorted(out_dir.parent.glob(f".{out_dir.name}.old-*/bundle"))
+    name = glob.escape(out_dir.name)
+    aside = sorted(out_dir.parent.glob(f".{name}.old-*/bundle"))
     if not out_dir.exists() and aside:
         os.replace(aside[-1], out_dir)
         log(f"restored the bundle {out_dir} that an interrupted rebuild had moved aside")
-    remove_stale(out_dir.parent, (f".{out_dir.name}.building-*", f".{out_dir.name}.old-*"), log)
+    remove_stale(out_dir.parent, (f".{name}.building-*", f".{name}.old-*"), log)
 
 
 def _build(source, target, out_dir: Path, batch, infer_batch, verify_steps, data_dir, seed, progress, log,
