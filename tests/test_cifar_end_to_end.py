@@ -83,7 +83,7 @@ def write_cifar(root, per_file=20, seed=0):
 @pytest.fixture
 def one_torch_thread():
     """The reference runs thousands of tiny matmuls; on a busy 2-core machine a second thread
-    made each ~25x slower (see ffcompile.parity)."""
+    made each ~25x slower (see ffcompile.reference.parity)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

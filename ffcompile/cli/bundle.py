@@ -30,6 +30,25 @@ def targets():
         click.echo("  ".join(str(v).ljust(w) for v, w in zip(row[:4], widths)) + "  " + row[4])
 
 
+def trust_options(command):
+    """--trust and --digest: what a bundle must prove before anything in it is loaded."""
+    command = click.option("--digest", default=None, metavar="sha256:HEX",
+                           help="Require this bundle digest (as `ffcompile build` prints it).")(command)
+    return click.option("--trust", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="KEY.pub",
+                        help="Require the bundle to be signed by this public key (`ffcompile keygen`).")(command)
+
+
+@main.command()
+@click.argument("key_path", metavar="KEY", type=click.Path(dir_okay=False, path_type=Path))
+def keygen(key_path):
+    """Create an ed25519 signing key pair: KEY (private, owner-only) and KEY.pub (public; give it to
+    devices as --trust). Sign bundles with `ffcompile build ... --sign KEY`."""
+    from ..contract.integrity import keygen as make_keys
+
+    private, public, fingerprint = make_keys(key_path)
+    click.echo(f"wrote {private} (private: keep it secret) and {public} (public); key {fingerprint}")
+
+
 @main.command()
 @click.argument("source", metavar="RUN_DIR|CHECKPOINT|MODEL.toml", type=click.Path(path_type=Path))
 @click.option("--target", "target_name", default="x86-cpu", show_default=True,
@@ -42,7 +61,9 @@ def targets():
 @DATA_DIR
 @click.option("--seed", type=int, default=None, help="Seed of the initial weights when SOURCE is a model spec.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def build(source, target_name, out_dir, batch, infer_batch, verify_steps, data_dir, seed, progress):
+@click.option("--sign", "sign_key", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="KEY",
+              help="Sign the bundle digest with this private key (`ffcompile keygen`).")
+def build(source, target_name, out_dir, batch, infer_batch, verify_steps, data_dir, seed, progress, sign_key):
     """Compile a trained run (or a model spec, with fresh weights) into a self-contained bundle:
     train_step + inference programs, weights, optimizer state, manifest with checksums, and the
     parity report of the compiled programs against the PyTorch reference."""
@@ -51,30 +72,26 @@ def build(source, target_name, out_dir, batch, infer_batch, verify_steps, data_d
     if verify_steps < 0:
         raise FFCompileError(f"--verify-steps must be >= 0, got {verify_steps}")
     manifest = build_bundle(source, target_name, out_dir, batch=batch, infer_batch=infer_batch,
-                            verify_steps=verify_steps, data_dir=data_dir, seed=seed, progress=progress, log=_echo)
+                            verify_steps=verify_steps, data_dir=data_dir, seed=seed, progress=progress, log=_echo,
+                            sign_key=sign_key)
     click.echo(f"wrote bundle {out_dir}: {', '.join(manifest['programs'])} for {manifest['target']['name']}"
                f" (parity {'passed' if manifest['parity_passed'] else 'not run here' if manifest['parity_passed'] is None else 'FAILED'})")
+    click.echo(f"bundle digest {manifest['digest']}")
 
 
-def _load_data(model, data_dir, split: str, input_path: Path | None, labels_path: Path | None):
+def _load_data(model, data_dir, split: str, input_path: Path | None, labels_path: Path | None,
+               input_scale: float | None = None):
     """(x, y or None, description) from the model's data set or from .npy files."""
+    from ..runtime.inputs import read_npy, scaled_images
+
     if input_path is None:
-        if labels_path is not None:
-            raise FFCompileError("--labels needs --input")
+        if labels_path is not None or input_scale is not None:
+            raise FFCompileError("--labels and --input-scale need --input")
         source, x, y = load_split(model, data_dir, split)
         return x, y, f"{source.describe()}, {split} split"
-    x = _load_npy(input_path, "--input")
-    y = _load_npy(labels_path, "--labels") if labels_path is not None else None
+    x = scaled_images(read_npy(input_path, "--input"), input_scale)
+    y = read_npy(labels_path, "--labels") if labels_path is not None else None
     return x, y, str(input_path)
-
-
-def _load_npy(path: Path, option: str) -> np.ndarray:
-    try:
-        return np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise FFCompileError(f"{option} {path}: file not found") from None
-    except (ValueError, OSError) as e:
-        raise FFCompileError(f"{option} {path}: not a readable .npy array without pickles ({str(e).splitlines()[0]})") from None
 
 
 @main.command()
@@ -84,18 +101,21 @@ def _load_npy(path: Path, option: str) -> np.ndarray:
 @click.option("--input", "input_path", type=click.Path(path_type=Path), default=None,
               help="Images as a .npy array [N, 784] instead of MNIST (predictions only, unless --labels).")
 @click.option("--labels", "labels_path", type=click.Path(path_type=Path), default=None, help="Labels .npy [N] for --input.")
+@click.option("--input-scale", type=float, default=None,
+              help="Divide --input by this first (255 for 0..255 images); pixels must end up in [0, 1].")
 @click.option("--readout", type=click.Choice(["goodness", "softmax", "all"]), default="all", show_default=True)
 @click.option("--weights", "weights", type=click.Path(path_type=Path), default=None,
               help=f"Use a checkpoint's weights (e.g. BUNDLE.finetune/{CHECKPOINT}) instead of the bundle's.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def run(bundle_dir, data_dir, split, input_path, labels_path, readout, weights, as_json):
+@trust_options
+def run(bundle_dir, data_dir, split, input_path, labels_path, input_scale, readout, weights, as_json, trust, digest):
     """Run a bundle's inference programs: error rate and latency (median ms per batch, throughput)."""
     from ..runtime.bundle import load_bundle
 
-    bundle = load_bundle(bundle_dir)
+    bundle = load_bundle(bundle_dir, trust, digest)
     if weights is not None:
         bundle = bundle.with_weights(weights)
-    x, y, described = _load_data(bundle.model, data_dir, split, input_path, labels_path)
+    x, y, described = _load_data(bundle.model, data_dir, split, input_path, labels_path, input_scale)
     readouts = bundle.readouts if readout == "all" else [readout]
     result = {"bundle": str(bundle_dir), "model": bundle.model.name, "target": bundle.target["name"],
               "weights": bundle.weights_from, "data": described, "examples": int(len(x)), "readouts": {}}
@@ -138,7 +158,8 @@ def run(bundle_dir, data_dir, split, input_path, labels_path, readout, weights, 
               help="Write the full JSON report here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full JSON report on stdout.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def verify(bundle_dir, data_dir, steps, emulate, sysroot_cache, report_path, as_json, progress):
+@trust_options
+def verify(bundle_dir, data_dir, steps, emulate, sysroot_cache, report_path, as_json, progress, trust, digest):
     """Check every compiled program against the PyTorch reference (random inputs and real data)
     and a STEPS-step training trajectory; exit 1 if any tensor is outside its tolerance."""
     from ..contract.checkpoint import write_json
@@ -151,12 +172,12 @@ def verify(bundle_dir, data_dir, steps, emulate, sysroot_cache, report_path, as_
 
         report = verify_emulated(bundle_dir, data_dir, DEFAULT_STEPS if steps is None else steps,
                                  cache_dir=sysroot_cache, progress=progress and not as_json,
-                                 log=(lambda _: None) if as_json else _echo)
+                                 log=(lambda _: None) if as_json else _echo, trust=trust, digest=digest)
     else:
         from ..reference.parity import verify as run_verify
         from ..runtime.bundle import load_bundle
 
-        bundle = load_bundle(bundle_dir)
+        bundle = load_bundle(bundle_dir, trust, digest)
         source, x, y = load_split(bundle.model, data_dir, "train")
         report = run_verify(bundle.model, bundle.target, bundle.programs, bundle.params, bundle.state, bundle.step,
                             x, y, bundle.manifest["batch"]["infer"], 100 if steps is None else steps,
@@ -184,12 +205,13 @@ def verify(bundle_dir, data_dir, steps, emulate, sysroot_cache, report_path, as_
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the draws (the same seed, the same text).")
 @click.option("--greedy", is_flag=True, help="Always take the most probable character instead of drawing one.")
 @click.option("--weights", type=click.Path(path_type=Path), default=None, help="Use a checkpoint's weights instead of the bundle's.")
-def generate(bundle_dir, prompt, length, seed, greedy, weights):
+@trust_options
+def generate(bundle_dir, prompt, length, seed, greedy, weights, trust, digest):
     """Next-character bundles: continue PROMPT with characters drawn from the model, with only the
     bundle's infer_softmax and the torch-free runtime (the way self-generated negatives are made)."""
     from ..runtime.bundle import load_bundle
 
-    bundle = load_bundle(bundle_dir)
+    bundle = load_bundle(bundle_dir, trust, digest)
     if weights is not None:
         bundle = bundle.with_weights(weights)
     click.echo(bundle.generate(prompt, length, seed, greedy))
@@ -206,13 +228,14 @@ def generate(bundle_dir, prompt, length, seed, greedy, weights):
               help="train: validate on the held-out part each epoch (see train --help); trainval: train on both.")
 @click.option("--limit", type=int, default=None, help="Use only the first N training examples.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def finetune(bundle_dir, data_dir, epochs, out_dir, resume, split, limit, progress):
+@trust_options
+def finetune(bundle_dir, data_dir, epochs, out_dir, resume, split, limit, progress, trust, digest):
     """Forward-Forward training on this machine with the bundle's compiled train_step (no torch):
     starts from the bundle's weights, never writes into the bundle."""
     from ..runtime.bundle import load_bundle
     from ..runtime.finetune import refuse_inside_bundle
 
-    bundle = load_bundle(bundle_dir)
+    bundle = load_bundle(bundle_dir, trust, digest)
     out_dir = out_dir or bundle_dir.parent / f"{bundle_dir.name}.finetune"
     refuse_inside_bundle(out_dir, bundle_dir)
     source, x, y = load_split(bundle.model, data_dir, split)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import traceback
 from pathlib import Path
 
 import click
@@ -11,18 +12,29 @@ import click
 from ..contract.checkpoint import CHECKPOINT, METRICS
 from ..core.errors import FFCompileError
 from ..data.datasets import data_dir_help
+from ..loop.divergence import RunInterrupted
 
 
 class _Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except RunInterrupted as e:  # a training run says what it saved
+            click.echo(str(e), err=True)
+            sys.exit(130)
         except FFCompileError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
-            click.echo("interrupted: the last completed epoch is saved; continue with --resume", err=True)
+            click.echo("interrupted", err=True)
             sys.exit(130)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
+            raise
+        except Exception:  # not a user error: a bug, shown in full
+            traceback.print_exc()
+            click.echo("this is a bug in ffcompile, not in your input; please report it with the command line "
+                       "and the traceback above", err=True)
+            sys.exit(3)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -79,15 +91,17 @@ def train(model_path, data_dir, epochs, run_dir, resume, device, split, limit, e
     epochs = model.training.epochs if epochs is None else epochs
     if epochs < 0:
         raise FFCompileError(f"--epochs must be >= 0, got {epochs}")
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise FFCompileError("--device cuda: torch sees no CUDA GPU on this machine")
+    if epochs == 0 and not resume:
+        _echo("--epochs 0: nothing to train; nothing written")
+        return
+    if eval_every < 1:
+        raise FFCompileError(f"--eval-every must be >= 1, got {eval_every}")
+    _check_device(device)
     source, x, y = load_split(model, data_dir, split)
     if limit is not None:
         _check_limit(model, limit)
         x, y = x[:limit], y[:limit]
+    check_one_batch(model, len(x))
     x_val = y_val = None
     if split == "train":
         _, x_val, y_val = load_split(model, source, "val")
@@ -112,9 +126,38 @@ def train(model_path, data_dir, epochs, run_dir, resume, device, split, limit, e
     _echo(f"wrote {run_dir}/{wrote}")
 
 
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise FFCompileError(f"--device {device!r}: must be cpu, cuda or cuda:N")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise FFCompileError(f"--device {device}: torch sees no CUDA GPU on this machine")
+
+
+def check_batch(batch: int, option: str) -> None:
+    from ..core.spec_limits import MAX_BATCH
+
+    if not 0 < batch <= MAX_BATCH:
+        raise FFCompileError(f"{option} must be in 1..{MAX_BATCH}, got {batch} (a program holds a whole batch at once)")
+
+
+def check_one_batch(model, examples: int) -> None:
+    if examples < model.training.batch_size:
+        raise FFCompileError(f"{examples} training examples is less than one batch of {model.training.batch_size} "
+                             "(training.batch_size)")
+
+
 def _check_limit(model, limit: int) -> None:
     if limit <= 0:
         raise FFCompileError(f"--limit must be positive, got {limit}")
+    if limit < model.training.batch_size:
+        raise FFCompileError(f"--limit {limit} is less than one batch of {model.training.batch_size} "
+                             "(training.batch_size)")
     if model.family.predicts_characters:
         from ..data.text import PREDICTIONS
         from ..loop.nextchar import check_whole_strings
@@ -135,6 +178,9 @@ def eval_cmd(run_dir, data_dir, readout, split, device, batch, as_json):
     pass) and/or the one-pass softmax readout."""
     from ..contract.checkpoint import load_checkpoint
     from ..reference.train import evaluate_params, readouts_of
+
+    _check_device(device)
+    check_batch(batch, "--batch")
 
     path = run_dir / CHECKPOINT if run_dir.is_dir() else run_dir
     ckpt = load_checkpoint(path)
@@ -204,6 +250,7 @@ def inspect(model_path, batch):
 
     model = load_model(model_path)
     batch = batch or model.training.batch_size
+    check_batch(batch, "--batch")
     click.echo(model.dumps())
     for name in bundle_programs(model):
         program = build_program(model, name, batch)

@@ -8,6 +8,7 @@ everything, the parity report included, is written: an interrupted build leaves 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 import platform
@@ -19,10 +20,16 @@ from pathlib import Path
 
 from .. import __version__
 from ..contract.checkpoint import CHECKPOINT, load_checkpoint
-from ..contract.manifest import FORMAT, FORMAT_VERSION, MANIFEST, OPTIMIZER, PARITY, PROGRAMS_DIR, WEIGHTS, checksums, is_bundle_dir
+from ..contract.integrity import load_private_key, sign_bundle, write_digest
+from ..contract.locking import exclusive, remove_stale
+from ..contract.manifest import (FORMAT, FORMAT_VERSION, MANIFEST, OPTIMIZER, PARITY, PROGRAMS_DIR, WEIGHTS,
+                                 checksums, is_bundle_dir)
+from ..contract.rename import exchange
 from ..contract.weights import save_tensors
 from ..core.errors import FFCompileError
+from ..core.shipped import shipped_model
 from ..core.spec import Model, load_model
+from ..core.spec_limits import MAX_BATCH
 from ..lowering import build_program, bundle_programs, init_state, is_train_program
 from ..runtime.loaders import load_program
 from ..runtime.machine import why_not_here
@@ -45,6 +52,8 @@ def load_source(source, seed: int | None = None) -> Source:
     """A model spec (.toml/.json: fresh weights from ``init_state``), a run directory, or a
     checkpoint file."""
     path = Path(source)
+    if not path.exists() and not path.suffix and shipped_model(str(path)) is not None:
+        path = shipped_model(str(path))  # a shipped model spec by name
     if path.is_dir():
         path = path / CHECKPOINT
         if not path.is_file():
@@ -117,21 +126,49 @@ def _readable(root: Path) -> None:
 
 
 def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Move the finished bundle into place; an older bundle there is replaced as a whole."""
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
-        os.replace(out_dir, old / "bundle")
+    """Move the finished bundle into place; an older bundle there is replaced as a whole, in one
+    step (the two folders are exchanged), so ``out_dir`` always holds a whole bundle. Where the
+    file system cannot exchange, the old bundle is moved aside first; a kill between the two
+    renames is undone by the next build (``_recover``)."""
+    if not out_dir.exists():
         os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
+        return
+    if exchange(tmp, out_dir):
+        shutil.rmtree(tmp, ignore_errors=True)  # now the old bundle
+        return
+    old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
+    os.replace(out_dir, old / "bundle")
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def build_bundle(source, target, out_dir, batch: int | None = None, infer_batch: int = DEFAULT_INFER_BATCH,
                  verify_steps: int = 100, data_dir=None, seed: int | None = None, progress: bool = True,
-                 log=print) -> dict:
-    """Compile, write and verify a bundle; returns its manifest. The parity report is written as
-    parity.json; a failed parity check aborts the build (its report is kept at OUT.parity-failed.json)."""
+                 log=print, sign_key=None) -> dict:
+    """Compile, write and verify a bundle; returns its manifest, with the bundle digest under
+    ``manifest["digest"]`` (not stored in the file). The parity report is written as parity.json;
+    a failed parity check aborts the build (its report is kept at OUT.parity-failed.json).
+    ``sign_key``: a private key file (``ffcompile keygen``) to sign the bundle digest with."""
+    key = load_private_key(sign_key) if sign_key is not None else None
+    out_dir = Path(out_dir)
+    with exclusive(out_dir, "ffcompile build"):
+        _recover(out_dir, log)
+        return _build(source, target, out_dir, batch, infer_batch, verify_steps, data_dir, seed, progress, log, key)
+
+
+def _recover(out_dir: Path, log) -> None:
+    """Undo what a killed build left (call with the lock held): a bundle moved aside by a rebuild
+    killed between its two renames goes back to ``out_dir``; temporary folders are removed."""
+    name = glob.escape(out_dir.name)
+    aside = sorted(out_dir.parent.glob(f".{name}.old-*/bundle"))
+    if not out_dir.exists() and aside:
+        os.replace(aside[-1], out_dir)
+        log(f"restored the bundle {out_dir} that an interrupted rebuild had moved aside")
+    remove_stale(out_dir.parent, (f".{name}.building-*", f".{name}.old-*"), log)
+
+
+def _build(source, target, out_dir: Path, batch, infer_batch, verify_steps, data_dir, seed, progress, log,
+           key) -> dict:
     target = find_target(target)
     if target.backend not in COMPILERS:
         raise FFCompileError(f"target {target.name!r}: this ffcompile cannot compile for backend {target.backend!r} "
@@ -140,10 +177,13 @@ def build_bundle(source, target, out_dir, batch: int | None = None, infer_batch:
         from ..emulation.qemu import _which
 
         _which(target.cc)  # before any work: one line naming the Debian package when it is missing
-    out_dir = Path(out_dir)
     _check_out_dir(out_dir)
     src = load_source(source, seed)
     model = src.model
+    for option, value in (("--batch", batch), ("--infer-batch", infer_batch)):
+        if value is not None and value > MAX_BATCH:
+            raise FFCompileError(f"{option} must be at most {MAX_BATCH}, got {value} "
+                                 "(the compiled programs hold a whole batch at once)")
     if batch is not None:
         if batch <= 0:
             raise FFCompileError(f"--batch must be positive, got {batch}")
@@ -190,14 +230,18 @@ def build_bundle(source, target, out_dir, batch: int | None = None, infer_batch:
             "versions": versions(),
             "parity_passed": report.get("passed"),
         }
-        _readable(tmp)
         manifest["files"] = checksums(tmp)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        manifest_bytes = (json.dumps(manifest, indent=1) + "\n").encode()
+        (tmp / MANIFEST).write_bytes(manifest_bytes)
+        digest = write_digest(tmp, manifest_bytes)
+        if key is not None:
+            log(f"signed by {sign_bundle(tmp, digest, key)}")
+        _readable(tmp)
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return manifest
+    return {**manifest, "digest": digest}
 
 
 def _parity(model, target: dict, root: Path, entries: dict, src: Source, infer_batch: int, steps: int, data_dir,

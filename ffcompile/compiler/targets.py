@@ -2,7 +2,8 @@
 programs, on which device and CPU architecture, in which dtype.
 
 Targets are looked up by name in ``$FFCOMPILE_TARGETS`` (folders separated by ``os.pathsep``) and
-then in the repository's top-level ``targets/`` folder, the source of truth; a path to a ``.toml``
+then in the repository's top-level ``targets/`` folder, the source of truth (in an installed wheel:
+its copy, see ``ffcompile.core.shipped``); a path to a ``.toml``
 file works anywhere a name does. Errors name the file and the field.
 """
 
@@ -14,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core.errors import FFCompileError
+from ..core.shipped import spec_dir
 
 ENV_VAR = "FFCOMPILE_TARGETS"
-DEFAULT_DIR = Path(__file__).resolve().parents[2] / "targets"
+DEFAULT_DIR = spec_dir("targets")
 
 BACKENDS = ("onnxruntime", "tvm")
 DEVICES = ("cpu", "cuda")
@@ -64,8 +66,12 @@ def load_target(path: str | Path) -> Target:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise TargetError(f"{path}: target file not found") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise TargetError(f"{path}: not valid TOML: {e}") from None
+    except OSError as e:
+        raise TargetError(f"{path}: cannot read the target file ({e.strerror})") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, ValueError) as e:
+        raise TargetError(f"{path}: not valid TOML: {str(e)[:200]}") from None
+    except RecursionError:
+        raise TargetError(f"{path}: nested too deeply to be a target file") from None
     return target_from_dict(raw, name=path.stem, source=str(path))
 
 

@@ -1,9 +1,12 @@
-"""Checkpoints: parameters and optimizer state in one safetensors file, with the model IR and the
-training position in its metadata. Written atomically (temp file + rename) so an interrupted
-write never leaves a half checkpoint behind."""
+"""Checkpoints: parameters and optimizer state in one safetensors file, with the model IR, the
+training position and the run's metrics up to it in its metadata. Written atomically (temp file +
+rename) so an interrupted write never leaves a half checkpoint behind; metrics.json is a copy of
+the metrics in the checkpoint, rewritten from it on resume, so a kill between the two writes
+loses nothing."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -30,6 +33,7 @@ class Checkpoint:
     state: dict[str, np.ndarray]
     epoch: int  # epochs completed
     step: int  # optimizer steps taken
+    metrics: dict | None = None  # the metrics.json document up to this checkpoint
 
 
 def atomic_write(path: Path, write) -> None:
@@ -46,9 +50,14 @@ def atomic_write(path: Path, write) -> None:
             os.unlink(tmp)
 
 
+TEMP_FILES = (".*.tmp",)  # what atomic_write leaves when killed
+
+
 def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
     tensors = {**{f"param/{k}": v for k, v in ckpt.params.items()}, **{f"state/{k}": v for k, v in ckpt.state.items()}}
     meta = {"model": ckpt.model.dumps(), "epoch": str(ckpt.epoch), "step": str(ckpt.step), "format": "ffcompile-checkpoint-1"}
+    if ckpt.metrics is not None:
+        meta["metrics"] = json.dumps(ckpt.metrics)
     atomic_write(path, lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp), metadata=meta))
 
 
@@ -76,11 +85,23 @@ def load_checkpoint(path: Path) -> Checkpoint:
         for name, shape in want.items():
             if tuple(got[name].shape) != tuple(shape):
                 raise FFCompileError(f"{path}: {name} has shape {got[name].shape}, the model needs {shape}")
-    return Checkpoint(model, params, state, int(meta["epoch"]), int(meta["step"]))
+            if not np.isfinite(got[name]).all():
+                raise FFCompileError(f"{path}: {what} {name} has NaN/inf values; the checkpoint is unusable")
+    try:
+        metrics = json.loads(meta["metrics"]) if "metrics" in meta else None
+    except ValueError:
+        raise FFCompileError(f"{path}: its metrics metadata is not valid JSON") from None
+    return Checkpoint(model, params, state, int(meta["epoch"]), int(meta["step"]), metrics)
 
 
 def write_json(path: Path, obj) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1) + "\n"))
+
+
+def commit_epoch(run_dir: Path, ckpt: Checkpoint, metrics: dict) -> None:
+    """Save the checkpoint with the run's metrics in it (the commit), then metrics.json (a copy)."""
+    save_checkpoint(Path(run_dir) / CHECKPOINT, dataclasses.replace(ckpt, metrics=metrics))
+    write_json(Path(run_dir) / METRICS, metrics)
 
 
 def resume_run(run_dir: Path, model: Model, log) -> tuple[Checkpoint, list[dict]]:
@@ -94,8 +115,15 @@ def resume_run(run_dir: Path, model: Model, log) -> tuple[Checkpoint, list[dict]
         raise FFCompileError(f"--resume: {ckpt_path} was trained with a different model spec (or bundle settings) "
                              f"than {model.name!r}")
     history = []
-    if (Path(run_dir) / METRICS).is_file():
-        history = json.loads((Path(run_dir) / METRICS).read_text())["epochs"][: ckpt.epoch]
+    if ckpt.metrics is not None:  # the metrics committed with the checkpoint: metrics.json may lag behind
+        history = list(ckpt.metrics.get("epochs", []))[: ckpt.epoch]
+        write_json(Path(run_dir) / METRICS, {**ckpt.metrics, "epochs": history})
+    elif (Path(run_dir) / METRICS).is_file():
+        try:
+            history = json.loads((Path(run_dir) / METRICS).read_text())["epochs"][: ckpt.epoch]
+        except (ValueError, KeyError, TypeError):
+            raise FFCompileError(f"--resume: {Path(run_dir) / METRICS} is damaged (not the metrics this run wrote); "
+                                 "move it away to resume without the earlier epochs' metrics") from None
     log(f"resuming {ckpt_path} after epoch {ckpt.epoch} (step {ckpt.step})")
     return ckpt, history
 

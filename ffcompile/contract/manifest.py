@@ -8,27 +8,34 @@ A bundle is a directory::
     weights.safetensors      parameters
     optimizer.safetensors    optimizer state; training epoch/step in its metadata
     parity.json              the verification report made at build time
+    bundle.digest            the bundle digest (sha256 over the manifest, see ``integrity``)
+    bundle.sig               optional: an ed25519 signature of the digest
 
-Nothing else may be in it: loading refuses unknown, missing and modified files.
+Nothing else may be in it: loading refuses unknown, missing and modified files, names that are not
+plain relative paths inside the bundle (``confine``), links, FIFOs and devices.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 from ..core.errors import FFCompileError
+from .confine import open_plain, plain_files, read_plain
+from .integrity import UNLISTED, check_integrity
+from .manifest_structure import check_structure
 
 FORMAT = "ffcompile-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: bundle.digest beside the manifest (version 1 bundles had none)
+MAX_MANIFEST_BYTES = 8 << 20
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 OPTIMIZER = "optimizer.safetensors"
 PARITY = "parity.json"
 PROGRAMS_DIR = "programs"
 WEIGHTS_FORMAT = "ffcompile-weights-1"
-REQUIRED_KEYS = ("format", "format_version", "model", "target", "programs", "batch", "files")
 
 
 class BundleError(FFCompileError):
@@ -36,24 +43,19 @@ class BundleError(FFCompileError):
 
 
 def sha256_file(path: Path) -> str:
+    """sha256 of a regular file (never follows a final symbolic link, never blocks on a FIFO)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    fd = open_plain(Path(path))
+    with os.fdopen(fd, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
 
 
 def bundle_files(root: Path) -> list[str]:
-    """Every file under ``root`` except the manifest, as sorted relative POSIX paths. Links are
-    refused: a bundle's content must be the bytes that were checksummed, not wherever a link points."""
-    files = []
-    for path in sorted(root.rglob("*")):
-        rel = path.relative_to(root).as_posix()
-        if path.is_symlink():
-            raise BundleError(f"bundle {root}: {rel} is a symbolic link; bundles hold plain files only")
-        if path.is_file() and rel != MANIFEST:
-            files.append(rel)
-    return files
+    """Every file under ``root`` except the manifest and its digest and signature, as sorted
+    relative POSIX paths; refuses links, FIFOs and devices (``confine.plain_files``)."""
+    return [rel for rel in plain_files(root) if rel != MANIFEST and rel not in UNLISTED]
 
 
 def checksums(root: Path) -> dict[str, str]:
@@ -63,34 +65,41 @@ def checksums(root: Path) -> dict[str, str]:
 def is_bundle_dir(path: Path) -> bool:
     """Whether ``path`` looks like a bundle (its manifest says so), without verifying it."""
     try:
-        return json.loads((Path(path) / MANIFEST).read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
+        return json.loads(read_plain(Path(path) / MANIFEST, MAX_MANIFEST_BYTES)).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError, RecursionError, FFCompileError):
         return False
 
 
-def read_manifest(root: Path) -> dict:
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def read_manifest(root: Path, trust=None, digest: str | None = None) -> dict:
+    """The manifest after checking its bytes against the bundle digest (and, with ``trust``, the
+    signature; with ``digest``, a pinned digest) and its structure; see ``integrity``."""
     root = Path(root)
-    if not root.is_dir():
-        raise BundleError(f"{root}: not a bundle directory (it does not exist or is a file)")
+    if not root.is_dir() or root.is_symlink():
+        raise BundleError(f"{root}: not a bundle directory (it does not exist, is a file or a symbolic link)")
     path = root / MANIFEST
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        data = read_plain(path, MAX_MANIFEST_BYTES)
     except FileNotFoundError:
         raise BundleError(f"{root}: not a bundle ({MANIFEST} missing)") from None
+    check_integrity(root, data, trust, digest)
+    try:
+        manifest = json.loads(data.decode("utf-8"), parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError) as e:
-        raise BundleError(f"{path}: not valid JSON ({e})") from None
+        raise BundleError(f"{path}: not valid JSON ({str(e)[:200]})") from None
+    except RecursionError:
+        raise BundleError(f"{path}: JSON nested too deeply") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise BundleError(f"{path}: not an ffcompile bundle manifest (format {got!r}, expected {FORMAT!r})")
+        raise BundleError(f"{path}: not an ffcompile bundle manifest (format {str(got)[:80]!r}, expected {FORMAT!r})")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
-        raise BundleError(f"{path}: bundle format version {version!r} is not supported by this ffcompile "
+        raise BundleError(f"{path}: bundle format version {version if isinstance(version, int) else repr(str(version)[:20])} is not supported by this ffcompile "
                           f"(it reads version {FORMAT_VERSION}); rebuild the bundle with this ffcompile")
-    missing = [k for k in REQUIRED_KEYS if k not in manifest]
-    if missing:
-        raise BundleError(f"{path}: manifest lacks {', '.join(missing)}")
-    if not isinstance(manifest["files"], dict):
-        raise BundleError(f"{path}: files: must map relative paths to sha256 digests")
+    check_structure(manifest, str(path))
     return manifest
 
 

@@ -40,3 +40,7 @@ def check_tensors(path: Path, model: Model, params: dict, state: dict) -> None:
             if tuple(got[name].shape) != tuple(shape) or got[name].dtype != np.float32:
                 raise BundleError(f"{path}: {name} is {got[name].dtype} {list(got[name].shape)}, "
                                   f"the model needs float32 {list(shape)}")
+            bad = int((~np.isfinite(got[name])).sum())
+            if bad:
+                raise BundleError(f"{path}: {what} {name} has {bad} NaN/inf value(s); the weights are unusable "
+                                  "(a diverged training run?)")

@@ -21,6 +21,7 @@ from typing import Any, Union
 
 from .errors import FFCompileError
 from .family import Family, family_of
+from .spec_limits import check_layer_name, check_limits
 
 
 class SpecError(FFCompileError):
@@ -293,7 +294,12 @@ _CHOICES = {
 
 
 def load_model(path: str | Path) -> Model:
+    """A spec file, or the name of a shipped spec (``mnist-small``: models/mnist-small.toml)."""
+    from .shipped import shipped_model
+
     path = Path(path)
+    if not path.is_file() and not path.suffix and shipped_model(str(path)) is not None:
+        path = shipped_model(str(path))
     if not path.is_file():
         raise SpecError(f"{path}: model spec not found")
     try:
@@ -301,8 +307,10 @@ def load_model(path: str | Path) -> Model:
             raw = json.loads(path.read_text())
         else:
             raw = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SpecError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {e}") from None
+    except (tomllib.TOMLDecodeError, ValueError, UnicodeDecodeError) as e:  # ValueError: json, huge integers
+        raise SpecError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {str(e)[:200]}") from None
+    except RecursionError:
+        raise SpecError(f"{path}: nested too deeply to be a model spec") from None
     return model_from_dict(raw, source=str(path))
 
 
@@ -398,7 +406,7 @@ class _Reader:
             where = f"layers[{i}]"
             layer = dict(self.table(layer, where))
             kind = layer.pop("kind", "dense")
-            if kind not in _LAYER_KINDS:
+            if not isinstance(kind, str) or kind not in _LAYER_KINDS:
                 self.fail(f"{where}.kind", f"unknown layer kind {kind!r} (known: {', '.join(_LAYER_KINDS)})")
             layer.setdefault("name", f"h{i + 1}")
             layers.append(self.make(_LAYER_KINDS[kind], layer, where, kind=kind))
@@ -444,6 +452,7 @@ def validate(model: Model, source: str = "<model>") -> None:
     names = set()
     for i, layer in enumerate(model.layers):
         where = f"layers[{i}] ({layer.name})"
+        check_layer_name(layer.name, where, fail)
         if layer.name in names:
             fail(f"{where}.name", f"duplicate layer name {layer.name!r}")
         names.add(layer.name)
@@ -522,6 +531,7 @@ def validate(model: Model, source: str = "<model>") -> None:
         _validate_recurrent(model, fail)
     elif inp.label.kind == "top_layer":
         fail("input.label.kind", "\"top_layer\" labels belong to recurrent networks: add a [recurrent] section")
+    check_limits(model, fail)
 
 
 def _validate_groups(model: Model, fail) -> None:

@@ -30,8 +30,8 @@ DEFAULT_STEPS = 10
 GUEST_TIMEOUT_S = 1800
 
 
-def _read_bundle(root: Path):
-    manifest = read_manifest(root)
+def _read_bundle(root: Path, trust=None, digest: str | None = None):
+    manifest = read_manifest(root, trust, digest)
     verify_files(root, manifest)
     model = model_from_dict(manifest["model"], source=f"{root / 'manifest.json'} (model)")
     params, _ = read_tensors(root / WEIGHTS)
@@ -62,9 +62,10 @@ def _outputs(path: Path) -> dict[str, dict[str, np.ndarray]]:
 
 
 def verify_emulated(bundle_dir, data_dir=None, steps: int = DEFAULT_STEPS, cache_dir=None, progress: bool = True,
-                    log=print, keep_dir=None) -> dict:
+                    log=print, keep_dir=None, trust=None, digest: str | None = None) -> dict:
     """The parity report (as ``ffcompile verify``) of an aarch64 bundle run under qemu; adds an
-    ``emulated`` section (device, sysroot, timings). ``keep_dir``: keep the exchanged npz files there."""
+    ``emulated`` section (device, sysroot, timings). ``keep_dir``: keep the exchanged npz files there.
+    ``trust``/``digest``: as ``load_bundle``."""
     from . import qemu as emulation
     from ..data.datasets import load_split
     from ..reference.parity import plan_checks, run_checks
@@ -73,7 +74,7 @@ def verify_emulated(bundle_dir, data_dir=None, steps: int = DEFAULT_STEPS, cache
     root = Path(bundle_dir)
     if steps < 0:
         raise FFCompileError(f"--steps must be >= 0, got {steps}")
-    manifest, model, params, state, step = _read_bundle(root)
+    manifest, model, params, state, step = _read_bundle(root, trust, digest)
     target = manifest["target"]
     if target.get("arch") != "aarch64" or target.get("device") != "cpu":
         raise FFCompileError(f"bundle {root}: --emulate runs aarch64 CPU bundles under qemu-aarch64; this bundle is for "

@@ -20,6 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..core.spec import Model
+from .divergence import check_metrics
 
 StepFn = Callable[[object, object, dict], tuple[object, object, dict]]
 FEEDS = ("x", "y", "u", "lr", "step", "x_other", "mask_bits", "x_neg")
@@ -134,6 +135,7 @@ def run_epoch(model: Model, step_fn: StepFn, params, state, x: np.ndarray, y: np
     for k in bar:
         step += 1
         params, state, metrics = step_fn(params, state, step_feeds(plan, k, x, y, lr, step, shift))
+        check_metrics(metrics, step, epoch)
         for name, value in metrics.items():
             sums[name] = sums.get(name, 0.0) + value
         if progress and (k % 10 == 0 or k == len(plan.order) - 1):

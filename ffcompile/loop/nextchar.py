@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from ..core.errors import FFCompileError
 from ..core.spec import Model
+from .divergence import check_metrics
 from .epochs import epoch_plan, learning_rate, step_feeds, summarize
 from .evaluate import run_in_batches
 
@@ -131,6 +132,7 @@ def run_sequence_epoch(model: Model, steps: dict, probs_fn: ProbsFn, params, sta
         if x_neg is not None:
             feeds["x_neg"] = x_neg[plan.order[k]]
         params, state, metrics = steps[program](params, state, feeds)
+        check_metrics(metrics, step, epoch)
         for name, value in metrics.items():
             sums[name] = sums.get(name, 0.0) + value
 

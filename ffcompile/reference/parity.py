@@ -75,8 +75,8 @@ TOLERANCES = {
     "float64_floor": f"a float tensor outside its tolerance still passes if max|out - ref64| <= tolerance + "
                      f"{FLOAT64_FACTOR:g} * max|ref32 - ref64| (no less accurate than the fp32 reference, within "
                      f"{FLOAT64_FACTOR:g}x, against the float64 evaluation of the same program); in trajectories "
-                     f"max|ref32 - ref64| is at least the reference's largest relative distance over the whole "
-                     f"state times max|ref64|",
+                     f"max|ref32 - ref64| is at least the largest relative distance the reference reached over "
+                     f"the whole state since the float64 side last restarted, times max|ref64|",
     "resync": f"a step where the fp32 reference is more than {REFERENCE_HORIZON_RTOL:g} (rel) from float64 in some "
               f"tensor restarts the float64 side and the backend from the fp32 reference's state (the step judged only "
               f"if the backend was within the strict tolerance); a negative label drawn differently on a sampling tie "
@@ -285,7 +285,8 @@ def trajectory_parity(run, reference: Reference, ties: _LabelTies, params: dict,
     needed = [v.name for v in reference.f32.program.inputs]
     sides = {"backend": (params, state), "ref32": (params, state), "ref64": (params, state)}
     per_step, worst, label_events, resyncs, passed, strict = [], {}, [], [], True, True
-    first_step = first_beyond = None
+    first_step = first_beyond = first_failure = None
+    stretch_drift = 0.0  # the reference's largest drift from float64 since the float64 side last restarted
     for _ in tqdm(range(steps), desc="verify trajectory", disable=not progress, leave=False):
         feeds = next(feeds_iter)
         first_step = int(feeds["step"]) if first_step is None else first_step
@@ -302,8 +303,9 @@ def trajectory_parity(run, reference: Reference, ties: _LabelTies, params: dict,
         record = {"step": int(feeds["step"]), "tensors": {}}
         drift = _reference_drift(sides["ref32"], sides["ref64"])
         lost = drift if drift[1] > REFERENCE_HORIZON_RTOL else None
+        stretch_drift = max(stretch_drift, drift[1])
         entries = {name: compare_float(sides["backend"][g][name], sides["ref32"][g][name],
-                                       None if lost else sides["ref64"][g][name], 0.0, TRAJECTORY_RTOL, drift[1])
+                                       None if lost else sides["ref64"][g][name], 0.0, TRAJECTORY_RTOL, stretch_drift)
                    for g in (0, 1) for name in sides["ref32"][g]}
         for name, entry in entries.items():
             record["tensors"][name] = [entry["max_abs"], entry["max_rel"]]
@@ -325,6 +327,9 @@ def trajectory_parity(run, reference: Reference, ties: _LabelTies, params: dict,
                 else:
                     cause = "mismatch"
                     passed = False
+                    first_failure = first_failure or (
+                        f"step {record['step']}: negative label of row {int(r)} is {int(got[r])}, the reference "
+                        f"draws {int(want[r])} (CDF margin {float(margins[r]):.1e}, not a sampling tie)")
                 label_events.append({"step": record["step"], "row": int(r), "reference": int(want[r]),
                                      "backend": int(got[r]), "cdf_margin": float(margins[r]), "cause": cause})
             record["negative_label_mismatches"] = len(wrong)
@@ -354,10 +359,13 @@ def trajectory_parity(run, reference: Reference, ties: _LabelTies, params: dict,
                     strict = False
                     record.setdefault("float64_floor", {})[name] = {**entry["float64"], "passed": entry["passed"]}
                 passed &= entry["passed"]
+                if not entry["passed"] and first_failure is None:
+                    first_failure = _tensor_failure(record["step"], name, entry)
         if lost:
             # Both restart: a backend left at its own distance from a float64 side that restarted
             # would be held to the floor of a trajectory shorter than its own.
             sides["ref64"] = sides["backend"] = sides["ref32"]
+            stretch_drift = 0.0
             if record["judged"]:
                 resyncs.append({"step": record["step"], "cause": f"the fp32 reference is {lost[1]:.1e} (rel) from "
                                 f"float64 in {lost[0]} (step judged: the backend was within {TRAJECTORY_RTOL:g})"})
@@ -368,11 +376,24 @@ def trajectory_parity(run, reference: Reference, ties: _LabelTies, params: dict,
         passed = False
         why_failed = (f"only {judged} of {steps} steps could be judged (at least {MIN_JUDGED_FRACTION:.0%}): "
                       f"too few to establish parity")
+    if not passed:
+        why_failed = "; ".join(w for w in (first_failure, why_failed) if w) or "failed (no cause recorded)"
     return {"steps": steps, "judged_steps": judged, "first_step": first_step, "passed": bool(passed),
             "within_strict_tolerance": bool(strict), "first_step_beyond_strict_tolerance": first_beyond,
             "resyncs": resyncs, "why_failed": why_failed, "worst_rel": worst,
             "negative_label_events": label_events, "columns": ["max_abs", "max_rel"],
             "per_step": per_step}
+
+
+def _tensor_failure(step: int, name: str, entry: dict) -> str:
+    """Why a tensor failed a judged step, in one line."""
+    text = (f"step {step}: {name} is {entry['max_abs']:.2e} from the fp32 reference (rel {entry['max_rel']:.1e}), "
+            f"tolerance {entry['tolerance']:.2e}")
+    if "float64" in entry:
+        f64 = entry["float64"]
+        text += (f"; {f64['max_abs_vs_float64']:.2e} from float64 where the fp32 reference is "
+                 f"{f64['reference_max_abs_vs_float64']:.2e} (floor {f64['tolerance']:.2e})")
+    return text
 
 
 def _amplified_step(reference: Reference, params: dict, state: dict, backend_feeds: dict, own32: dict,

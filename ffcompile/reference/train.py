@@ -10,15 +10,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..contract.checkpoint import CHECKPOINT, METRICS, Checkpoint, resume_run, save_checkpoint, write_json
+from ..contract.checkpoint import CHECKPOINT, TEMP_FILES, Checkpoint, commit_epoch, resume_run
+from ..contract.locking import exclusive, remove_stale
 from ..core.errors import FFCompileError
 from ..core.spec import Model
+from ..loop.divergence import DivergenceError, check_tensors, stopped
 from ..loop.epochs import FEEDS, epoch_line
 from ..loop.evaluate import error_rate
 from ..loop.nextchar import batched, perplexity
 from ..loop.runner import epoch_runner
 from ..lowering import READOUT_PROGRAMS, build_program, init_state, readouts_of, train_programs
 from .interpreter import TorchProgram
+
 
 
 class ReferenceStep:
@@ -113,6 +116,21 @@ def sequence_perplexity(model: Model, params: dict[str, np.ndarray], x, y, batch
     return perplexity(batched(runner, batch), inputs, x, y)
 
 
+def _evaluate(model: Model, data, np_params: dict, record: dict, eval_batch: int, device: str) -> None:
+    """Validation (and monitor) errors, perplexities for next-character models, into ``record``."""
+    sets = {"val": (data.x_val, data.y_val), **data.monitor} if data.x_val is not None else data.monitor
+    if model.family.predicts_characters:
+        sets = {"train": (data.x_train, data.y_train), **sets}
+    for set_name, (xs, ys) in sets.items():
+        if model.family.predicts_characters:
+            record[f"{set_name}_perplexity"] = sequence_perplexity(model, np_params, xs, ys, eval_batch, device)
+            if set_name == "train":
+                continue
+        for readout in readouts_of(model):
+            record[f"{set_name}_error.{readout}"] = evaluate_params(
+                model, np_params, xs, ys, readout, batch=eval_batch, device=device)
+
+
 @dataclass
 class Dataset:
     x_train: np.ndarray
@@ -125,7 +143,15 @@ class Dataset:
 
 def train(model: Model, data: Dataset, run_dir: Path, epochs: int, resume: bool = False, device: str = "cpu",
           seed: int | None = None, progress: bool = True, eval_every: int = 1, log=print) -> Checkpoint:
-    run_dir = Path(run_dir)
+    """Train until ``epochs`` epochs are done, holding the run folder's lock (one writer)."""
+    with exclusive(run_dir, "ffcompile train"):
+        if Path(run_dir).is_dir():
+            remove_stale(run_dir, TEMP_FILES, log)
+        return _train(model, data, Path(run_dir), epochs, resume, device, seed, progress, eval_every, log)
+
+
+def _train(model: Model, data: Dataset, run_dir: Path, epochs: int, resume: bool, device: str, seed: int | None,
+           progress: bool, eval_every: int, log) -> Checkpoint:
     ckpt_path = run_dir / CHECKPOINT
     history: list[dict] = []
     if resume:
@@ -147,27 +173,23 @@ def train(model: Model, data: Dataset, run_dir: Path, epochs: int, resume: bool 
     params, state = step_fn.to_device(ckpt.params), step_fn.to_device(ckpt.state)
     epoch_fn = _epoch_runner(model, step_fn, device, eval_batch, seed, progress, log)
     step = ckpt.step
-    for epoch in range(ckpt.epoch, epochs):
-        started = time.perf_counter()
-        params, state, step, metrics = epoch_fn(params, state, data.x_train, data.y_train, epoch, epochs, step)
-        record = {"epoch": epoch + 1, "step": step, "seconds": round(time.perf_counter() - started, 3), **metrics}
-        np_params = numpy_dict(params)
-        if (epoch + 1) % eval_every == 0 or epoch + 1 == epochs:
-            sets = {"val": (data.x_val, data.y_val), **data.monitor} if data.x_val is not None else data.monitor
-            if model.family.predicts_characters:
-                sets = {"train": (data.x_train, data.y_train), **sets}
-            for set_name, (xs, ys) in sets.items():
-                if model.family.predicts_characters:
-                    record[f"{set_name}_perplexity"] = sequence_perplexity(model, np_params, xs, ys, eval_batch, device)
-                    if set_name == "train":
-                        continue
-                for readout in readouts_of(model):
-                    record[f"{set_name}_error.{readout}"] = evaluate_params(
-                        model, np_params, xs, ys, readout, batch=eval_batch, device=device)
-        history.append(record)
-        ckpt = Checkpoint(model, np_params, numpy_dict(state), epoch + 1, step)
-        save_checkpoint(ckpt_path, ckpt)
-        write_json(run_dir / METRICS, {"model": model.name, "data": data.description, "epochs": history})
-        log(epoch_line(record))
+    saved = ckpt.epoch if resume else None  # the epoch of the checkpoint on disk
+    try:
+        for epoch in range(ckpt.epoch, epochs):
+            started = time.perf_counter()
+            params, state, step, metrics = epoch_fn(params, state, data.x_train, data.y_train, epoch, epochs, step)
+            record = {"epoch": epoch + 1, "step": step, "seconds": round(time.perf_counter() - started, 3), **metrics}
+            np_params, np_state = numpy_dict(params), numpy_dict(state)
+            check_tensors(np_params, "parameter", step, epoch)
+            check_tensors(np_state, "optimizer state", step, epoch)
+            if (epoch + 1) % eval_every == 0 or epoch + 1 == epochs:
+                _evaluate(model, data, np_params, record, eval_batch, device)
+            history.append(record)
+            ckpt = Checkpoint(model, np_params, np_state, epoch + 1, step)
+            commit_epoch(run_dir, ckpt, {"model": model.name, "data": data.description, "epochs": history})
+            saved = epoch + 1
+            log(epoch_line(record))
+    except (DivergenceError, KeyboardInterrupt) as e:
+        raise stopped(e, ckpt_path, saved) from None
     return ckpt
 

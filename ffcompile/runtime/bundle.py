@@ -29,7 +29,7 @@ from ..core.family import READOUT_PROGRAMS
 from ..core.spec import Model, Training, model_from_dict
 from ..loop.evaluate import predict as predict_batched
 from .inputs import as_images, as_labels
-from .loaders import Runnable, load_program
+from .loaders import Runnable, load_program, program_files
 from .machine import check_runs_here
 
 @dataclass(frozen=True)
@@ -166,11 +166,29 @@ def same_network(a: Model, b: Model) -> bool:
     return dataclasses.replace(a, training=Training()) == dataclasses.replace(b, training=Training())
 
 
-def load_bundle(path) -> Bundle:
-    """Load a bundle after checking its format, every file's sha256, and that this machine can
-    run its target."""
+def _check_batches(root: Path, manifest: dict, model: Model) -> None:
+    """The manifest's batch sizes, the model's and each program's static batch agree (the loops
+    cut batches by the manifest; a program of another batch would fail in the middle of a run)."""
+    from ..lowering import is_train_program
+
+    batch = manifest["batch"]
+    if batch["train"] != model.training.batch_size:
+        raise BundleError(f"bundle {root}: batch.train {batch['train']} is not the model's training.batch_size "
+                          f"{model.training.batch_size}")
+    for name, entry in manifest["programs"].items():
+        want = batch["train"] if is_train_program(name) else batch["infer"]
+        for v in entry["inputs"]:
+            if v["name"] == "x" and (not v["shape"] or v["shape"][0] != want):
+                raise BundleError(f"bundle {root}: program {name} takes a batch of {v['shape'][:1]}, the manifest's "
+                                  f"batch is {want}")
+
+
+def load_bundle(path, trust=None, digest: str | None = None) -> Bundle:
+    """Load a bundle after checking its digest (with ``trust``, a public key file: its signature
+    by that key; with ``digest``, that it is this bundle), format, every file's sha256, and that
+    this machine can run its target. Nothing is opened or loaded before these checks."""
     root = Path(path)
-    manifest = read_manifest(root)
+    manifest = read_manifest(root, trust, digest)
     verify_files(root, manifest)
     model = model_from_dict(manifest["model"], source=f"{root / 'manifest.json'} (model)")
     target = manifest["target"]
@@ -182,6 +200,12 @@ def load_bundle(path) -> Bundle:
         epoch, step = int(meta["epoch"]), int(meta["step"])
     except (KeyError, ValueError):
         raise BundleError(f"{root / OPTIMIZER}: metadata lacks the training position (epoch, step)") from None
+    _check_batches(root, manifest, model)
+    for name, entry in manifest["programs"].items():
+        unlisted = [rel for rel in program_files(target["backend"], entry["file"]) if rel not in manifest["files"]]
+        if unlisted:
+            raise BundleError(f"bundle {root}: program {name} reads {', '.join(unlisted)}, which is not among "
+                              "the bundle's hashed files")
     programs = {}
     for name, entry in manifest["programs"].items():
         programs[name] = load_program(root / entry["file"], target, f"{root.name}/{entry['file']}", entry)

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..contract.checkpoint import CHECKPOINT, METRICS, Checkpoint, resume_run, save_checkpoint, write_json
+from ..contract.checkpoint import CHECKPOINT, TEMP_FILES, Checkpoint, commit_epoch, resume_run
+from ..contract.locking import exclusive, remove_stale
 from ..core.errors import FFCompileError
+from ..loop.divergence import DivergenceError, check_tensors, stopped
 from ..loop.epochs import FEEDS, epoch_line
 from ..loop.runner import epoch_runner
 from .inputs import as_images, as_labels
@@ -64,6 +66,14 @@ def finetune(bundle, x, y, epochs: int, out_dir, resume: bool = False, progress:
                as_labels(val[1], len(val[0]), model.input.label.classes, "validation labels"))
     out_dir = Path(out_dir)
     refuse_inside_bundle(out_dir, Path(bundle.path))
+    with exclusive(out_dir, "ffcompile finetune"):
+        if out_dir.is_dir():
+            remove_stale(out_dir, TEMP_FILES, log)
+        return _finetune(bundle, x, y, epochs, out_dir, resume, progress, val, seed, log)
+
+
+def _finetune(bundle, x, y, epochs: int, out_dir: Path, resume: bool, progress: bool, val, seed, log) -> Checkpoint:
+    model = bundle.model
     ckpt_path = out_dir / CHECKPOINT
     seed = model.training.seed if seed is None else seed
     history: list[dict] = []
@@ -77,26 +87,29 @@ def finetune(bundle, x, y, epochs: int, out_dir, resume: bool = False, progress:
 
     epoch_fn = _epoch_runner(bundle, [*ckpt.params, *ckpt.state], seed, progress)
     params, state, step = dict(ckpt.params), dict(ckpt.state), ckpt.step
-    for epoch in range(ckpt.epoch, epochs):
-        started = time.perf_counter()
-        params, state, step, metrics = epoch_fn(params, state, x, y, epoch, epochs, step)
-        bad = [k for k, v in params.items() if not np.all(np.isfinite(v))]
-        if bad:
-            raise FFCompileError(f"fine-tuning diverged in epoch {epoch + 1}: non-finite {', '.join(bad)}; "
-                                 f"the last good checkpoint (epoch {epoch}) is kept")
-        record = {"epoch": epoch + 1, "step": step, "seconds": round(time.perf_counter() - started, 3), **metrics}
-        if val is not None:
-            tuned = bundle.with_params(params, state, epoch + 1, step)
-            if model.family.predicts_characters:
-                record["val_perplexity"] = tuned.perplexity(val[0], val[1])
-            for readout in bundle.readouts:
-                record[f"val_error.{readout}"] = tuned.evaluate(val[0], val[1], readout).error_percent
-        history.append(record)
-        ckpt = Checkpoint(model, params, state, epoch + 1, step)
-        save_checkpoint(ckpt_path, ckpt)
-        write_json(out_dir / METRICS, {"model": model.name, "bundle": str(bundle.path), "target": bundle.target["name"],
-                                       "started_from": bundle.weights_from, "epochs": history})
-        log(epoch_line(record))
+    saved = ckpt.epoch if resume else None  # the epoch of the checkpoint on disk
+    try:
+        for epoch in range(ckpt.epoch, epochs):
+            started = time.perf_counter()
+            params, state, step, metrics = epoch_fn(params, state, x, y, epoch, epochs, step)
+            check_tensors(params, "parameter", step, epoch)
+            check_tensors(state, "optimizer state", step, epoch)
+            record = {"epoch": epoch + 1, "step": step, "seconds": round(time.perf_counter() - started, 3), **metrics}
+            if val is not None:
+                tuned = bundle.with_params(params, state, epoch + 1, step)
+                if model.family.predicts_characters:
+                    record["val_perplexity"] = tuned.perplexity(val[0], val[1])
+                for readout in bundle.readouts:
+                    record[f"val_error.{readout}"] = tuned.evaluate(val[0], val[1], readout).error_percent
+            history.append(record)
+            ckpt = Checkpoint(model, params, state, epoch + 1, step)
+            commit_epoch(out_dir, ckpt, {"model": model.name, "bundle": str(bundle.path),
+                                         "target": bundle.target["name"], "started_from": bundle.weights_from,
+                                         "epochs": history})
+            saved = epoch + 1
+            log(epoch_line(record))
+    except (DivergenceError, KeyboardInterrupt) as e:
+        raise stopped(e, ckpt_path, saved) from None
     return ckpt
 
 

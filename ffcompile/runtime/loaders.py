@@ -24,9 +24,11 @@ Loader = Callable[[Path, dict, str], Runnable]
 
 
 def _load_onnxruntime(path: Path, target: dict, name: str) -> Runnable:
-    from .ort import OrtProgram
+    from .ort import OrtProgram, check_self_contained
 
-    program = OrtProgram(path.read_bytes(), providers=list(target["providers"]), name=name)
+    model_bytes = path.read_bytes()
+    check_self_contained(model_bytes, name)
+    program = OrtProgram(model_bytes, providers=list(target["providers"]), name=name)
     active = program.session.get_providers()
     if target["providers"][0] not in active:
         # onnxruntime may fall back to the CPU silently when a GPU provider fails to start.
@@ -57,10 +59,18 @@ def _load_tvm(path: Path, target: dict, name: str) -> Runnable:
 
 
 LOADERS: dict[str, Loader] = {"onnxruntime": _load_onnxruntime, "tvm": _load_tvm}
+# Files a program of a backend reads beside its own (TVM: the sidecar); they must be hashed too.
+COMPANION_SUFFIXES: dict[str, tuple[str, ...]] = {"tvm": (".json",)}
 
 
-def register_loader(backend: str, loader: Loader) -> None:
+def register_loader(backend: str, loader: Loader, companion_suffixes: tuple[str, ...] = ()) -> None:
     LOADERS[backend] = loader
+    COMPANION_SUFFIXES[backend] = companion_suffixes
+
+
+def program_files(backend: str, rel: str) -> list[str]:
+    """The bundle files a program of ``backend`` stored as ``rel`` reads."""
+    return [rel, *(rel + suffix for suffix in COMPANION_SUFFIXES.get(backend, ()))]
 
 
 def load_program(path: Path, target: dict, name: str, signature: dict | None = None) -> Runnable:

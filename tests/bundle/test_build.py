@@ -20,15 +20,16 @@ def quiet(_):
 
 def test_layout_and_manifest(tiny_bundle, tiny_spec):
     files = sorted(p.relative_to(tiny_bundle).as_posix() for p in tiny_bundle.rglob("*") if p.is_file())
-    assert files == ["manifest.json", "optimizer.safetensors", "parity.json", "programs/infer_goodness.onnx",
+    assert files == ["bundle.digest", "manifest.json", "optimizer.safetensors", "parity.json", "programs/infer_goodness.onnx",
                      "programs/infer_softmax.onnx", "programs/train_step.onnx", "weights.safetensors"]
     manifest = json.loads((tiny_bundle / "manifest.json").read_text())
-    assert (manifest["format"], manifest["format_version"]) == ("ffcompile-bundle", 1)
+    assert (manifest["format"], manifest["format_version"]) == ("ffcompile-bundle", 2)
     assert manifest["model"] == load_model(tiny_spec).to_json()
     assert manifest["target"]["name"] == "x86-cpu" and manifest["target"]["arch"] == "x86_64"
     assert manifest["batch"] == {"train": 20, "infer": 50}
     assert set(manifest["versions"]) >= {"ffcompile", "onnx", "onnxruntime", "numpy"}
-    assert manifest["files"] == {rel: sha256_file(tiny_bundle / rel) for rel in files if rel != "manifest.json"}
+    assert manifest["files"] == {rel: sha256_file(tiny_bundle / rel) for rel in files
+                                 if rel not in ("manifest.json", "bundle.digest")}
     step = manifest["programs"]["train_step"]
     assert step["file"] == "programs/train_step.onnx" and step["backend"] == "onnxruntime"
     x = next(v for v in step["inputs"] if v["name"] == "x")

@@ -82,6 +82,7 @@ def test_verify_fails_on_a_miscompiled_program(tiny_spec, bundle_copy, tmp_path)
     """A train_step with the same signature but another learning rule (weight decay 1e-2 instead
     of 1e-3), slipped in with a forged checksum: verify must exit 1."""
     from ffcompile.compiler.build import build_bundle
+    from ffcompile.contract.integrity import write_digest
     from ffcompile.contract.manifest import sha256_file
 
     spec = tmp_path / "decay.toml"
@@ -92,6 +93,7 @@ def test_verify_fails_on_a_miscompiled_program(tiny_spec, bundle_copy, tmp_path)
     manifest = json.loads((bundle_copy / "manifest.json").read_text())
     manifest["files"][rel] = sha256_file(bundle_copy / rel)
     (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    write_digest(bundle_copy)  # a consistently forged bundle: verify still catches the wrong program
     result = invoke("verify", bundle_copy, "--steps", "2", "--no-progress")
     assert result.exit_code == 1, result.output
     assert "parity FAILED" in result.output and "train_step/real" in result.output

@@ -1,0 +1,170 @@
+"""Kill -9 ``ffcompile train``, ``finetune`` and ``build`` at random points and check that nothing
+is lost: every interrupted run, resumed until done, ends bit-identical to an uninterrupted one
+with complete metrics; after every killed rebuild the output folder holds a whole, loadable
+bundle, and the next build leaves no leftovers.
+
+    python tools/killtest.py --kills 50 --out killtest.json
+
+Uses tests/bundle/tiny.toml (2 small layers) on the built-in MNIST subset, so each command takes
+seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from ffcompile.contract.checkpoint import load_checkpoint  # noqa: E402
+from ffcompile.core.errors import FFCompileError  # noqa: E402
+from ffcompile.runtime.bundle import load_bundle  # noqa: E402
+
+SPEC = REPO / "tests" / "bundle" / "tiny.toml"  # 2 small layers, Adam, peer normalization
+
+
+def ffcompile(*args) -> list[str]:
+    return [sys.executable, "-m", "ffcompile", *map(str, args)]
+
+
+def env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def run(cmd) -> tuple[float, subprocess.CompletedProcess]:
+    started = time.perf_counter()
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env())
+    return time.perf_counter() - started, result
+
+
+def run_killed(cmd, after: float) -> bool:
+    """Start ``cmd``, SIGKILL its process group after ``after`` seconds; True if it was killed
+    (False: it finished first)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(),
+                            start_new_session=True)
+    try:
+        proc.wait(timeout=after)
+        return False
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return True
+
+
+def same_checkpoint(a: Path, b: Path) -> bool:
+    x, y = load_checkpoint(a), load_checkpoint(b)
+    return (x.epoch, x.step) == (y.epoch, y.step) and all(
+        np.array_equal(x.params[k], y.params[k]) for k in x.params) and all(
+        np.array_equal(x.state[k], y.state[k]) for k in x.state)
+
+
+def metrics_rows(run_dir: Path) -> list[dict]:
+    rows = json.loads((run_dir / "metrics.json").read_text())["epochs"]
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") or p.name.endswith(".tmp"))
+
+
+def kill_runs(name: str, command, reference: Path, seconds: float, kills: int, work: Path, rng) -> dict:
+    """Train-like commands: each trial kills a run 1 to 3 times at random points (resuming after
+    each kill), then lets it finish; the result is compared with the uninterrupted ``reference``."""
+    report = {"kills": 0, "trials": 0, "bit_identical": 0, "metrics_complete": 0, "failures": []}
+    while report["kills"] < kills:
+        out = work / f"{name}-{report['trials']}"
+        report["trials"] += 1
+        for _ in range(rng.randint(1, 3)):
+            resume = ["--resume"] if (out / "checkpoint.safetensors").exists() else []
+            report["kills"] += run_killed(command(out, resume), rng.uniform(0.0, seconds))
+        resume = ["--resume"] if (out / "checkpoint.safetensors").exists() else []
+        _, final = run(command(out, resume))
+        if final.returncode != 0:
+            report["failures"].append(f"trial {report['trials']}: {final.stderr.strip().splitlines()[-1:]}")
+            continue
+        report["bit_identical"] += same_checkpoint(out / "checkpoint.safetensors", reference / "checkpoint.safetensors")
+        report["metrics_complete"] += metrics_rows(out) == metrics_rows(reference)
+        stray = leftovers(out)
+        if stray:
+            report["failures"].append(f"trial {report['trials']}: leftovers {stray}")
+        shutil.rmtree(out)
+    return report
+
+
+def kill_builds(spec: Path, bundle: Path, seconds: float, kills: int, rng) -> dict:
+    report = {"kills": 0, "builds_completed": 0, "bundle_missing_or_broken": 0, "leftovers_after_final_build": [],
+              "failures": []}
+    seed = 0
+    while report["kills"] < kills:
+        seed += 1
+        cmd = ffcompile("build", spec, "-o", bundle, "--verify-steps", "0", "--no-progress", "--seed", seed)
+        if run_killed(cmd, rng.uniform(0.0, seconds)):
+            report["kills"] += 1
+        else:
+            report["builds_completed"] += 1
+        try:
+            load_bundle(bundle)
+        except FFCompileError as e:
+            # a killed build may leave the old bundle moved aside: the next build restores it
+            report["bundle_missing_or_broken"] += 1
+            report["failures"].append(f"after kill {report['kills']}: {e}")
+    _, final = run(ffcompile("build", spec, "-o", bundle, "--verify-steps", "0", "--no-progress"))
+    if final.returncode != 0:
+        report["failures"].append(f"final build: {final.stderr.strip().splitlines()[-1:]}")
+    report["leftovers_after_final_build"] = leftovers(bundle.parent)
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kills", type=int, default=50, help="kills per command (default 50)")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--limit", type=int, default=200, help="training examples")
+    parser.add_argument("--commands", default="train,finetune,build")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("killtest.json"))
+    args = parser.parse_args()
+    rng = random.Random(args.seed)
+    work = Path(tempfile.mkdtemp(prefix="ffcompile-killtest-"))
+    results = {"kills_per_command": args.kills, "epochs": args.epochs, "limit": args.limit, "commands": {}}
+    try:
+        spec = SPEC
+        common = ["--epochs", args.epochs, "--limit", args.limit, "--no-progress"]
+        commands = args.commands.split(",")
+        bundle = work / "bundles" / "b"
+        seconds, built = run(ffcompile("build", spec, "-o", bundle, "--verify-steps", "0", "--no-progress"))
+        assert built.returncode == 0, built.stderr
+        trained = {"train": lambda out, resume: ffcompile("train", spec, "--out", out, *common, *resume),
+                   "finetune": lambda out, resume: ffcompile("finetune", bundle, "--out", out, *common, *resume)}
+        for name, command in trained.items():
+            if name not in commands:
+                continue
+            run_seconds, ref = run(command(work / f"{name}-ref", []))
+            assert ref.returncode == 0, ref.stderr
+            results["commands"][name] = {"uninterrupted_seconds": round(run_seconds, 2), **kill_runs(
+                name, command, work / f"{name}-ref", run_seconds, args.kills, work, rng)}
+            print(name, results["commands"][name], flush=True)
+        if "build" in commands:
+            results["commands"]["build"] = {"uninterrupted_seconds": round(seconds, 2), **kill_builds(
+                spec, bundle, seconds, args.kills, rng)}
+            print("build", results["commands"]["build"], flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
