@@ -1,19 +1,13 @@
-"""Fuzzing in CI, bounded: hypothesis draws case seeds for tools/fuzz.py's four case makers
+"""Fuzzing in CI, bounded: hypothesis draws case seeds for tests/fuzzing.py's four case makers
 (model specs, bundle manifests, CLI arguments, .npy inputs); every case must end in success or a
 clean one-line error, never a traceback or a hang, and write nothing outside its output folder.
-Longer runs: ``python tools/fuzz.py --cases 500 --out fuzz.json``."""
-
-import importlib.util
-from pathlib import Path
+Longer runs: ``python tests/fuzzing.py --cases 500 --out fuzz.json``."""
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-REPO = Path(__file__).parents[1]
-_spec = importlib.util.spec_from_file_location("fuzz", REPO / "tools" / "fuzz.py")
-fuzz = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fuzz)
+import fuzzing as fuzz  # tests/fuzzing.py (tests/ is on sys.path via its conftest)
 
 # "cli" cases may train or build the tiny model for a second or two: fewer of them.
 EXAMPLES = {"spec": 25, "manifest": 15, "npy": 15, "cli": 8}

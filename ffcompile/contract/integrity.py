@@ -38,13 +38,14 @@ class IntegrityError(FFCompileError):
     pass
 
 
+MANIFEST = "manifest.json"
+
+
 def digest_of(manifest_bytes: bytes) -> str:
     return "sha256:" + hashlib.sha256(_DIGEST_DOMAIN + manifest_bytes).hexdigest()
 
 
 def write_digest(root: Path, manifest_bytes: bytes | None = None) -> str:
-    from .manifest import MANIFEST
-
     root = Path(root)
     digest = digest_of((root / MANIFEST).read_bytes() if manifest_bytes is None else manifest_bytes)
     (root / DIGEST_FILE).write_text(digest + "\n")

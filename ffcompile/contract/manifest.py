@@ -24,13 +24,12 @@ from pathlib import Path
 
 from ..core.errors import FFCompileError
 from .confine import open_plain, plain_files, read_plain
-from .integrity import UNLISTED, check_integrity
+from .integrity import MANIFEST, UNLISTED, check_integrity
 from .manifest_structure import check_structure
 
 FORMAT = "ffcompile-bundle"
 FORMAT_VERSION = 2  # 2: bundle.digest beside the manifest (version 1 bundles had none)
 MAX_MANIFEST_BYTES = 8 << 20
-MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 OPTIMIZER = "optimizer.safetensors"
 PARITY = "parity.json"

@@ -45,8 +45,6 @@ def check_finite(value, where: str, fail) -> None:
 
 def check_limits(model, fail) -> None:
     """``fail(where, message)`` raises; called after the fields' own checks."""
-    from .spec import LocalLayer
-
     check_finite(model, "", fail)
 
     def at_most(where: str, value: int, cap: int, why: str) -> None:
@@ -62,7 +60,7 @@ def check_limits(model, fail) -> None:
     for i, layer in enumerate(model.layers):
         where = f"layers[{i}] ({layer.name})"
         at_most(f"{where}.size", layer.size, MAX_UNITS, "the layer's weights would not fit in memory")
-        if isinstance(layer, LocalLayer):
+        if layer.kind == "local":
             at_most(f"{where}.grid", layer.grid, MAX_GRID, "each location is its own block of the compiled program")
             at_most(f"{where}.field", layer.field, MAX_FIELD, "wider windows are dense layers")
     params = _parameter_count(model)
@@ -96,11 +94,9 @@ def check_limits(model, fail) -> None:
 
 def _parameter_count(model) -> int:
     """Weights and biases, counted from the sizes alone (before any shape is built)."""
-    from .spec import LocalLayer
-
     total = 0
     for i, layer in enumerate(model.layers):
-        if isinstance(layer, LocalLayer):
+        if layer.kind == "local":
             in_channels = model.input.channels if i == 0 else getattr(model.layers[i - 1], "channels", 1)
             total += layer.size * layer.field * layer.field * in_channels
         else:

@@ -144,7 +144,7 @@ def test_nan_and_bad_labels(tiny_bundle):
 
 @pytest.mark.parametrize("providers", [[1], [["CPUExecutionProvider"]], [], "CPUExecutionProvider"])
 def test_malformed_target_providers_refused(bundle_copy, providers):
-    """Found by tools/fuzz.py: a non-string provider crashed the "runs here?" check."""
+    """Found by tests/fuzzing.py: a non-string provider crashed the "runs here?" check."""
     rewrite_manifest(bundle_copy, lambda m: m["target"].__setitem__("providers", providers))
     with pytest.raises(FFCompileError) as e:
         load_bundle(bundle_copy)

@@ -2,7 +2,7 @@
 count how each case ends: a clean error (one ``error:`` line, exit 1 or 2), success, a traceback,
 a hang, or a file written outside the case's output folder (goals for the last three: 0).
 
-    python tools/fuzz.py --cases 500 --out fuzz.json        # 500 cases per target
+    python tests/fuzzing.py --cases 500 --out fuzz.json        # 500 cases per target
 
 Every case runs in-process (click's test runner) in a scratch folder of its own, with its inputs
 under in/ (a fresh copy of a tiny bundle among them), its outputs under out/, and the current
