@@ -125,7 +125,11 @@ class Dataset:
 
 
 def train(model: Model, data: Dataset, run_dir: Path, epochs: int, resume: bool = False, device: str = "cpu",
-          seed: int | None = None, progress: bool = True, eval_every: int = 1, log=print) -> Checkpoint:
+          seed: int | None = None, progress: bool = True, eval_every: int = 1, log=print, step_fn=None,
+          writer: bool = True) -> Checkpoint:
+    """Trains ``epochs`` epochs in total into ``run_dir``. ``step_fn``: the step function
+    (default: ``train_step`` in this process); ``writer``: whether this process validates and
+    writes the run (false on all but one process of a data-parallel job)."""
     run_dir = Path(run_dir)
     ckpt_path = run_dir / CHECKPOINT
     history: list[dict] = []
@@ -138,10 +142,11 @@ def train(model: Model, data: Dataset, run_dir: Path, epochs: int, resume: bool 
         params, state = init_state(model, seed)
         ckpt = Checkpoint(model, params, state, 0, 0)
     seed = model.training.seed if seed is None else seed
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "model.json").write_text(model.dumps() + "\n")
+    if writer:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "model.json").write_text(model.dumps() + "\n")
 
-    step_fn = ReferenceStep(model, device, log=log)
+    step_fn = step_fn or ReferenceStep(model, device, log=log)
     # On a GPU, per-epoch evaluation in batches of 100 is launch-bound; larger batches give the
     # same predictions.
     eval_batch = 1000 if step_fn.device.type == "cuda" else 100
@@ -153,6 +158,9 @@ def train(model: Model, data: Dataset, run_dir: Path, epochs: int, resume: bool 
         params, state, step, metrics = epoch_fn(params, state, data.x_train, data.y_train, epoch, epochs, step)
         record = {"epoch": epoch + 1, "step": step, "seconds": round(time.perf_counter() - started, 3), **metrics}
         np_params = numpy_dict(params)
+        if not writer:
+            ckpt = Checkpoint(model, np_params, numpy_dict(state), epoch + 1, step)
+            continue
         if (epoch + 1) % eval_every == 0 or epoch + 1 == epochs:
             sets = {"val": (data.x_val, data.y_val), **data.monitor} if data.x_val is not None else data.monitor
             if model.family.predicts_characters:
