@@ -52,7 +52,8 @@ def layer_program(model, i: int, batch: int):
     lr, step = b.input("lr", ()), b.input("step", ())
     z, y = forward(b, x, params, model, i)
     rule = local_gradient(b, x, z, y, model, i, batch)
-    _, pw, pb, _ = peer_normalization(b, b.slice(x, 0, 0, batch), b.slice(y, 0, 0, batch), peer_mean, model, i)
+    x_sum = b.reduce_sum(b.slice(x, 0, 0, batch), [0], keepdims=True)
+    _, pw, pb, _ = peer_normalization(b, x_sum, b.reduce_sum(b.slice(y, 0, 0, batch), [0]), peer_mean, model, i, batch)
     grads = {f"{layer.name}.weight": b.add(rule.weight, pw), f"{layer.name}.bias": b.add(rule.bias, pb)}
     for name, param in params.items():
         new, slots = apply_update(b, model, name, param, grads[name], state, lr, step)

@@ -78,21 +78,37 @@ def load_split(model, data_dir, split: str):
 @click.option("--limit", type=int, default=None, help="Use only the first N training examples (quick runs).")
 @click.option("--eval-every", type=int, default=1, show_default=True, help="Validate every N epochs (and at the end).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar.")
-def train(model_path, data_dir, epochs, run_dir, resume, device, split, limit, eval_every, progress):
+@click.option("--nproc", type=click.IntRange(min=1), default=None,
+              help="Train data-parallel in N processes on this machine (launches torchrun; gloo on CPU, NCCL on "
+                   "GPUs): each takes 1/N of every batch and all compute the one-process step. Under torchrun "
+                   "(several machines: see docs/distributed.md) every process joins the job by itself.")
+@click.pass_context
+def train(ctx, model_path, data_dir, epochs, run_dir, resume, device, split, limit, eval_every, progress, nproc):
     """Train MODEL.toml with the PyTorch reference backend (every layer learns every minibatch
     from its own local objective)."""
     from ..reference.plots import first_layer_images, hybrid_examples, learning_curves, receptive_fields
     from ..core.spec import load_model
     from ..reference.train import Dataset, train as run_training
 
+    if nproc is not None:
+        sys.exit(_launch_torchrun(ctx, nproc))
     model = load_model(model_path)
+    make_step, writer, say = None, True, _echo
+    if _distributed_job():
+        from ..reference import distributed
+
+        rank, world = distributed.start(device)
+        make_step, writer = (lambda _ckpt: distributed.DataParallelStep(model, device, rank, world)), rank == 0
+        if not writer:
+            say, progress = (lambda _msg: None), False
+        say(f"data-parallel: {world} processes, {model.training.batch_size // world}+ rows of every batch each")
     if not resume and (run_dir / CHECKPOINT).exists():
         raise FFCompileError(f"{run_dir / CHECKPOINT} exists: pass --resume to continue it, or choose another --out")
     epochs = model.training.epochs if epochs is None else epochs
     if epochs < 0:
         raise FFCompileError(f"--epochs must be >= 0, got {epochs}")
     if epochs == 0 and not resume:
-        _echo("--epochs 0: nothing to train; nothing written")
+        say("--epochs 0: nothing to train; nothing written")
         return
     if eval_every < 1:
         raise FFCompileError(f"--eval-every must be >= 1, got {eval_every}")
@@ -105,11 +121,13 @@ def train(model_path, data_dir, epochs, run_dir, resume, device, split, limit, e
     x_val = y_val = None
     if split == "train":
         _, x_val, y_val = load_split(model, source, "val")
-    _echo(f"data: {source.describe()}; training on {len(x)} examples ({split})"
+    say(f"data: {source.describe()}; training on {len(x)} examples ({split})"
           + (f", validating on {len(x_val)}" if x_val is not None else ""))
     data = Dataset(x, y, x_val, y_val, source.describe())
     ckpt = run_training(model, data, run_dir, epochs, resume=resume, device=device, progress=progress,
-                        eval_every=eval_every, log=_echo)
+                        eval_every=eval_every, log=say, make_step=make_step, writer=writer)
+    if not writer:
+        return
     history = json.loads((run_dir / METRICS).read_text())["epochs"] if (run_dir / METRICS).exists() else []
     if history:
         learning_curves(history, run_dir / "curves.png", f"{model.name} ({source.describe()})")
@@ -150,6 +168,33 @@ def check_one_batch(model, examples: int) -> None:
     if examples < model.training.batch_size:
         raise FFCompileError(f"{examples} training examples is less than one batch of {model.training.batch_size} "
                              "(training.batch_size)")
+
+
+def _distributed_job() -> bool:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _launch_torchrun(ctx, nproc: int) -> int:
+    """Runs this same ``train`` command in ``nproc`` processes under torchrun; returns its exit code."""
+    import subprocess
+
+    args = [str(ctx.params["model_path"])]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if isinstance(param, click.Argument) or param.name == "nproc" or value is None:
+            continue
+        if param.is_flag:
+            flag = param.opts[0] if value else (param.secondary_opts or [None])[0]
+            args += [flag] if flag else []
+        else:
+            args += [param.opts[0], str(value)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "ffcompile", "train", *args]
+    _echo(f"launching {nproc} processes: torchrun --standalone --nproc-per-node={nproc} -m ffcompile train "
+          + " ".join(args))
+    return subprocess.run(command).returncode
 
 
 def _check_limit(model, limit: int) -> None:

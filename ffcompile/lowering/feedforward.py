@@ -33,7 +33,7 @@ from .state import param_inputs, state_inputs
 
 def build(b: Builder, model: Model, name: str, batch: int) -> None:
     builders = {"train_step": _train_step, "infer_goodness": _infer_goodness, "infer_softmax": _infer_softmax,
-                "hybrid_negatives": _hybrid_negatives}
+                "hybrid_negatives": _hybrid_negatives, "train_gradients": _train_gradients, "train_apply": _train_apply}
     if name not in builders:
         raise FFCompileError(f"unknown program {name!r} (known: {', '.join(builders)})")
     hybrid = model.negatives.kind == "hybrid_image"
@@ -86,21 +86,69 @@ def _hybrid_inputs(b: Builder, model: Model, batch: int) -> tuple[Value, Value]:
     return b.input("x_other", (batch, model.input.size)), b.input("mask_bits", (batch, model.input.size))
 
 
-def _train_step(b: Builder, model: Model, batch: int) -> None:
-    params = param_inputs(b, model)
-    state = state_inputs(b, model)
+def _batch_inputs(b: Builder, model: Model, batch: int):
     x = b.input("x", (batch, model.input.size))
     labels = b.input("y", (batch,), "int64")
     u = b.input("u", (batch,)) if supervised(model) else None
-    lr = b.input("lr", ())
-    step = b.input("step", ()) if model.optimizer.kind == "adam" else None
+    return x, labels, u
+
+
+def _schedule_inputs(b: Builder, model: Model):
+    return b.input("lr", ()), b.input("step", ()) if model.optimizer.kind == "adam" else None
+
+
+def _train_step(b: Builder, model: Model, batch: int) -> None:
+    params = param_inputs(b, model)
+    state = state_inputs(b, model)
+    x, labels, u = _batch_inputs(b, model, batch)
+    lr, step = _schedule_inputs(b, model)
+    grads, sums, metrics = _gradients(b, model, params, x, labels, u, batch, norm=batch)
+    _apply(b, model, params, state, grads, sums, metrics, lr, step, batch)
+
+
+def _train_gradients(b: Builder, model: Model, batch: int) -> None:
+    """One shard of ``batch`` rows of a train step whose batch is ``training.batch_size``: every
+    gradient scaled by 1 / training.batch_size, and the sums peer normalization needs. Summed over
+    the shards (an all-reduce), they are exactly the whole batch's; ``train_apply`` then finishes
+    the step. Outputs ``grad.<param>``, ``peer.x_sum.<layer>``, ``peer.y_sum.<layer>`` and the
+    metrics, each a shard's share of the whole batch's value."""
+    params = param_inputs(b, model)
+    x, labels, u = _batch_inputs(b, model, batch)
+    grads, sums, metrics = _gradients(b, model, params, x, labels, u, batch, norm=model.training.batch_size)
+    for name, value in {**{f"grad.{k}": v for k, v in grads.items()}, **sums, **metrics}.items():
+        b.output(name, value)
+
+
+def _train_apply(b: Builder, model: Model, batch: int) -> None:
+    """The rest of a train step from the whole batch's gradients and sums (``train_gradients``,
+    summed over shards): peer normalization and the optimizer. ``batch`` is not used: the batch
+    is ``training.batch_size``."""
+    params = param_inputs(b, model)
+    state = state_inputs(b, model)
+    grads = {name: b.input(f"grad.{name}", value.shape) for name, value in params.items()}
+    sums = {}
+    if model.regularizers.peer_norm is not None:
+        for i, layer in enumerate(model.layers):
+            sums[f"peer.x_sum.{layer.name}"] = b.input(f"peer.x_sum.{layer.name}", (1, model.fan_in(i)))
+            sums[f"peer.y_sum.{layer.name}"] = b.input(f"peer.y_sum.{layer.name}", (layer.size,))
+    lr, step = _schedule_inputs(b, model)
+    _apply(b, model, params, state, grads, sums, {}, lr, step, model.training.batch_size)
+
+
+def _gradients(b: Builder, model: Model, params: dict[str, Value], x: Value, labels: Value, u: Value | None,
+               batch: int, norm: int) -> tuple[dict[str, Value], dict[str, Value], dict[str, Value]]:
+    """Everything of a train step that reads the batch's rows: (gradients of the local rules and
+    the softmax readout, the positive rows' sums for peer normalization, metrics), with means over
+    the batch taken as sums / ``norm``."""
     grads: dict[str, Value] = {}
+    sums: dict[str, Value] = {}
     metrics: dict[str, Value] = {}
 
     def learn_softmax(features: Value) -> Value:
         with b.scope("softmax"):
             probs = softmax(b, softmax_logits(b, features, params))
-            grads["softmax.weight"], grads["softmax.bias"], metrics["loss.softmax"] = softmax_gradient(b, features, probs, labels)
+            grads["softmax.weight"], grads["softmax.bias"], metrics["loss.softmax"] = softmax_gradient(
+                b, features, probs, labels, norm)
         return probs
 
     if supervised(model):
@@ -113,25 +161,19 @@ def _train_step(b: Builder, model: Model, batch: int) -> None:
         positives, negatives = x, hybrid_images(b, x, x_other, bits, model)[0]
 
     rows = b.concat([positives, negatives], axis=0)
-    new_state: dict[str, Value] = {}
     positive_activities: dict[int, Value] = {}
     readout_layers = set() if supervised(model) else {model.layer_index(n) for n in model.readout.softmax_layers}
     for i, xin, z, y in run_layers(b, rows, params, model, "posneg"):
         name = model.layers[i].name
         with b.scope(f"posneg/{name}"):
-            rule = local_gradient(b, xin, z, y, model, i, batch)
-            dw, db = rule.weight, rule.bias
+            rule = local_gradient(b, xin, z, y, model, i, batch, norm=norm)
+            if model.regularizers.peer_norm is not None or i in readout_layers:
+                positive_activities[i] = b.slice(y, 0, 0, batch)
             if model.regularizers.peer_norm is not None:
-                x_pos = b.slice(xin, 0, 0, batch)
-                positive_activities[i] = b.slice(y, 0, 0, batch)
-                new_mean, pw, pb, ploss = peer_normalization(
-                    b, x_pos, positive_activities[i], state[f"{name}.peer_mean"], model, i)
-                dw, db = b.add(dw, pw), b.add(db, pb)
-                new_state[f"{name}.peer_mean"] = new_mean
-                metrics[f"loss_peer.{name}"] = ploss
-            elif i in readout_layers:
-                positive_activities[i] = b.slice(y, 0, 0, batch)
-        grads[f"{name}.weight"], grads[f"{name}.bias"] = dw, db
+                with b.scope("peer_norm"):
+                    sums[f"peer.x_sum.{name}"] = b.reduce_sum(b.slice(xin, 0, 0, batch), [0], keepdims=True)
+                    sums[f"peer.y_sum.{name}"] = b.reduce_sum(positive_activities[i], [0])
+        grads[f"{name}.weight"], grads[f"{name}.bias"] = rule.weight, rule.bias
         metrics[f"loss.{name}"] = rule.loss
         metrics[f"goodness_pos.{name}"] = rule.goodness_pos
         metrics[f"goodness_neg.{name}"] = rule.goodness_neg
@@ -140,9 +182,23 @@ def _train_step(b: Builder, model: Model, batch: int) -> None:
         # the positive rows are the plain images: their pass already holds the readout's features
         features = [layer_feature(b, positive_activities[i], model, i, "posneg") for i in sorted(readout_layers)]
         learn_softmax(features[0] if len(features) == 1 else b.concat(features, axis=1))
+    return grads, sums, metrics
 
+
+def _apply(b: Builder, model: Model, params: dict[str, Value], state: dict[str, Value], grads: dict[str, Value],
+           sums: dict[str, Value], metrics: dict[str, Value], lr: Value, step: Value | None, batch: int) -> None:
+    """Peer normalization from the batch's sums, then the optimizer update and the outputs."""
+    new_state: dict[str, Value] = {}
+    for i, layer in enumerate(model.layers if model.regularizers.peer_norm is not None else ()):
+        name = layer.name
+        with b.scope(f"posneg/{name}"):
+            new_mean, pw, pb, ploss = peer_normalization(
+                b, sums[f"peer.x_sum.{name}"], sums[f"peer.y_sum.{name}"], state[f"{name}.peer_mean"], model, i, batch)
+        grads[f"{name}.weight"] = b.add(grads[f"{name}.weight"], pw)
+        grads[f"{name}.bias"] = b.add(grads[f"{name}.bias"], pb)
+        new_state[f"{name}.peer_mean"] = new_mean
+        metrics[f"loss_peer.{name}"] = ploss
     emit_updates(b, model, params, grads, state, new_state, metrics, lr, step)
-
 
 
 def _infer_goodness(b: Builder, model: Model, batch: int) -> None:

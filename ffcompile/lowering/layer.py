@@ -98,7 +98,7 @@ class LocalGradient:
 
 
 def local_gradient(b: Builder, x: Value, z: Value, y: Value, model: Model, i: int, batch: int,
-                   phase: str = "both") -> LocalGradient:
+                   phase: str = "both", norm: int | None = None) -> LocalGradient:
     """Analytic gradient of the layer's own loss for rows [positives; negatives] (B each).
 
     loss = mean over the 2B rows of softplus(-logit) for positives and softplus(logit) for
@@ -106,9 +106,12 @@ def local_gradient(b: Builder, x: Value, z: Value, y: Value, model: Model, i: in
     weights: dlogit/dmeasure = sign, dmeasure/dy = 2y (or 1), dy/dz = step(z), dz/dW = x (eq. 3).
     ``phase`` "positive" / "negative": the rows are only the B positives / negatives and the
     result is that half of the sum (same 1/2B scale), so the two halves add up to "both".
+    ``norm``: the B of the scale when the rows are one shard of a larger batch (default: ``batch``),
+    so that the shards' results add up to the whole batch's.
     """
     targets = {"both": [1.0] * batch + [0.0] * batch, "positive": [1.0] * batch, "negative": [0.0] * batch}[phase]
     rows = len(targets)
+    n = norm or batch
     with b.scope("local_rule"):
         m = measure(b, y, model)
         lg = logit(b, m, model, i)
@@ -116,44 +119,45 @@ def local_gradient(b: Builder, x: Value, z: Value, y: Value, model: Model, i: in
         # sigmoid(logit) - target = s * sigmoid(s * logit): the latter never subtracts from 1.
         s = b.constant([1.0 - 2.0 * t for t in targets])
         signed = b.mul(lg, s)
-        dlogit = b.mul(b.mul(b.sigmoid(signed), s), goodness_sign(model) / (2 * batch))
+        dlogit = b.mul(b.mul(b.sigmoid(signed), s), goodness_sign(model) / (2 * n))
         dmeasure_dy = b.constant(1.0) if model.goodness.kind == "sum" else b.mul(y, 2.0)
         dz = b.mul(b.mul(b.reshape(dlogit, [rows, 1]), dmeasure_dy), b.step(z))
         per_row = softplus(b, signed)
-        loss = b.mul(b.reduce_sum(per_row, [0]), 1.0 / (2 * batch))
+        loss = b.mul(b.reduce_sum(per_row, [0]), 1.0 / (2 * n))
         dw = local.weight_gradient(b, dz, x, model, i) if local.is_local(model, i) else b.matmul(dz, x, trans_a=True)
         db = b.reduce_sum(dz, [0])
         sign = goodness_sign(model)
         g = b.mul(m, sign) if sign < 0 else m
         g_pos = g_neg = None
         if phase == "both":
-            g_pos = b.reduce_mean(b.slice(g, 0, 0, batch), [0])
-            g_neg = b.reduce_mean(b.slice(g, 0, batch, 2 * batch), [0])
+            g_pos = b.mul(b.reduce_sum(b.slice(g, 0, 0, batch), [0]), 1.0 / n)
+            g_neg = b.mul(b.reduce_sum(b.slice(g, 0, batch, 2 * batch), [0]), 1.0 / n)
         elif phase == "positive":
-            g_pos = b.reduce_mean(g, [0])
+            g_pos = b.mul(b.reduce_sum(g, [0]), 1.0 / n)
         else:
-            g_neg = b.reduce_mean(g, [0])
+            g_neg = b.mul(b.reduce_sum(g, [0]), 1.0 / n)
     return LocalGradient(dw, db, loss, g_pos, g_neg, dz)
 
 
-def peer_normalization(b: Builder, x_pos: Value, y_pos: Value, old_mean: Value, model: Model, i: int | None = None):
-    """Footnote 9. m = momentum * m_old + (1 - momentum) * mean_batch(y_pos); loss = weight *
+def peer_normalization(b: Builder, x_sum: Value, y_sum: Value, old_mean: Value, model: Model, i: int, batch: int):
+    """Footnote 9, from the positive rows' sums: ``x_sum`` [1, fan in] of the layer's inputs,
+    ``y_sum`` [units] of its activities, over a batch of ``batch`` rows.
+    m = momentum * m_old + (1 - momentum) * mean_batch(y_pos); loss = weight *
     mean_j (m_j - mean(m))^2. Its derivative reaches z as if the ReLU passed it everywhere (the
     "pretend" derivative), so dead units (m_j below the layer mean) get their weights increased.
-    Returns (new running mean, dW, db, loss). ``i``: the layer, needed for local layers (their
-    dW covers only the receptive fields)."""
+    Every positive row gets the same dloss/dz, so dW needs only the sum of the rows' inputs.
+    Returns (new running mean, dW, db, loss)."""
     peer = model.regularizers.peer_norm
-    batch, units = y_pos.shape
+    units = y_sum.shape[0]
     with b.scope("peer_norm"):
-        new_mean = b.add(b.mul(old_mean, peer.momentum), b.mul(b.reduce_mean(y_pos, [0]), 1.0 - peer.momentum))
+        new_mean = b.add(b.mul(old_mean, peer.momentum), b.mul(y_sum, (1.0 - peer.momentum) / batch))
         deviation = b.sub(new_mean, b.reduce_mean(new_mean, [0], keepdims=True))
         loss = b.mul(b.reduce_mean(b.mul(deviation, deviation), [0]), peer.weight)
         # dloss/dz for every positive row: "loss" differentiates the loss through the running mean,
         # weight * 2 (m_j - mean m) / units * (1 - momentum) / batch; "direct" pulls by weight * (m_j - mean m) / batch
         scale = peer.weight / batch if peer.form == "direct" else peer.weight * 2.0 / units * (1.0 - peer.momentum) / batch
         dz_row = b.mul(deviation, scale)
-        x_sum = b.reduce_sum(x_pos, [0], keepdims=True)
-        if i is not None and local.is_local(model, i):
+        if local.is_local(model, i):
             dw = local.weight_gradient(b, b.reshape(dz_row, [1, units]), x_sum, model, i)
         else:
             dw = b.matmul(b.reshape(dz_row, [units, 1]), x_sum)

@@ -38,16 +38,18 @@ def softmax_logits(b: Builder, features: Value, params: dict[str, Value]) -> Val
     return b.add(b.matmul(features, params["softmax.weight"], trans_b=True), params["softmax.bias"])
 
 
-def softmax_gradient(b: Builder, features: Value, probs: Value, labels: Value):
-    """Cross-entropy over the batch: dlogits = (p - onehot) / B. Returns (dW, db, loss).
+def softmax_gradient(b: Builder, features: Value, probs: Value, labels: Value, norm: int | None = None):
+    """Cross-entropy over the batch: dlogits = (p - onehot) / B. Returns (dW, db, loss). ``norm``:
+    B when these rows are one shard of a larger batch (default: the rows).
 
     The true class's entry p - 1 is computed as minus the other classes' probabilities: near
     p = 1, p - 1 in fp32 is rounding noise, which Adam would turn into steps of size lr."""
     batch, classes = probs.shape
+    n = norm or batch
     with b.scope("softmax_rule"):
         onehot = b.one_hot(labels, classes)
         others = b.mul(probs, b.sub(1.0, onehot))
-        dlogits = b.mul(b.sub(others, b.mul(onehot, b.reduce_sum(others, [1], keepdims=True))), 1.0 / batch)
+        dlogits = b.mul(b.sub(others, b.mul(onehot, b.reduce_sum(others, [1], keepdims=True))), 1.0 / n)
         picked = b.reduce_sum(b.mul(probs, onehot), [1])
-        loss = b.neg(b.reduce_mean(b.log(b.maximum(picked, 1e-30)), [0]))
+        loss = b.mul(b.reduce_sum(b.log(b.maximum(picked, 1e-30)), [0]), -1.0 / n)
         return b.matmul(dlogits, features, trans_a=True), b.reduce_sum(dlogits, [0]), loss

@@ -3,6 +3,7 @@ CUDA, through the shared training loop; checkpoints, metrics and plots go to a r
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,16 +143,21 @@ class Dataset:
 
 
 def train(model: Model, data: Dataset, run_dir: Path, epochs: int, resume: bool = False, device: str = "cpu",
-          seed: int | None = None, progress: bool = True, eval_every: int = 1, log=print) -> Checkpoint:
-    """Train until ``epochs`` epochs are done, holding the run folder's lock (one writer)."""
-    with exclusive(run_dir, "ffcompile train"):
-        if Path(run_dir).is_dir():
+          seed: int | None = None, progress: bool = True, eval_every: int = 1, log=print, make_step=None,
+          writer: bool = True) -> Checkpoint:
+    """Train until ``epochs`` epochs are done. ``make_step``: checkpoint -> the loop's step
+    function (default: the torch reference's ``train_step`` in this process; the CLI passes a
+    data-parallel or a compiled one). ``writer``: whether this process validates and writes the
+    run, holding the run folder's lock (false on all but one process of a data-parallel job)."""
+    with exclusive(run_dir, "ffcompile train") if writer else contextlib.nullcontext():
+        if writer and Path(run_dir).is_dir():
             remove_stale(run_dir, TEMP_FILES, log)
-        return _train(model, data, Path(run_dir), epochs, resume, device, seed, progress, eval_every, log)
+        return _train(model, data, Path(run_dir), epochs, resume, device, seed, progress, eval_every, log,
+                      make_step, writer)
 
 
 def _train(model: Model, data: Dataset, run_dir: Path, epochs: int, resume: bool, device: str, seed: int | None,
-           progress: bool, eval_every: int, log) -> Checkpoint:
+           progress: bool, eval_every: int, log, make_step, writer: bool) -> Checkpoint:
     ckpt_path = run_dir / CHECKPOINT
     history: list[dict] = []
     if resume:
@@ -163,10 +169,11 @@ def _train(model: Model, data: Dataset, run_dir: Path, epochs: int, resume: bool
         params, state = init_state(model, seed)
         ckpt = Checkpoint(model, params, state, 0, 0)
     seed = model.training.seed if seed is None else seed
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "model.json").write_text(model.dumps() + "\n")
+    if writer:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "model.json").write_text(model.dumps() + "\n")
 
-    step_fn = ReferenceStep(model, device, log=log)
+    step_fn = make_step(ckpt) if make_step else ReferenceStep(model, device, log=log)
     # On a GPU, per-epoch evaluation in batches of 100 is launch-bound; larger batches give the
     # same predictions.
     eval_batch = 1000 if step_fn.device.type == "cuda" else 100
@@ -182,6 +189,9 @@ def _train(model: Model, data: Dataset, run_dir: Path, epochs: int, resume: bool
             np_params, np_state = numpy_dict(params), numpy_dict(state)
             check_tensors(np_params, "parameter", step, epoch)
             check_tensors(np_state, "optimizer state", step, epoch)
+            if not writer:
+                ckpt = Checkpoint(model, np_params, np_state, epoch + 1, step)
+                continue
             if (epoch + 1) % eval_every == 0 or epoch + 1 == epochs:
                 _evaluate(model, data, np_params, record, eval_batch, device)
             history.append(record)

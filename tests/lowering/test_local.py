@@ -157,7 +157,8 @@ def test_peer_norm_gradient_on_local_layer_matches_its_definition(i):
     params = {f"{name}.weight": b.input(f"{name}.weight", compact.shape), f"{name}.bias": b.input(f"{name}.bias", (units,))}
     xv = b.input("x", x.shape)
     _, y = forward(b, xv, params, model, i)
-    _, dw, db, _ = peer_normalization(b, xv, y, b.input("old_mean", (units,)), model, i)
+    _, dw, db, _ = peer_normalization(b, b.reduce_sum(xv, [0], keepdims=True), b.reduce_sum(y, [0]),
+                                      b.input("old_mean", (units,)), model, i, x.shape[0])
     b.output("dw", dw)
     b.output("db", db)
     got = run(b.build(), {"x": x, f"{name}.weight": compact, f"{name}.bias": np.zeros(units), "old_mean": old_mean})
