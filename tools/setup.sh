@@ -5,12 +5,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-# torch 2.13.0 CPU: pinned because this version's wheel is cached locally here; others download GBs.
-"$PYTHON" -m pip install -q torch==2.13.0
+# torch first, at the tested version; see docs/install.md for CPU-only wheels on other machines.
+"$PYTHON" -m pip install -q "${FFCOMPILE_TORCH:-torch==2.13.0}"
 if [[ "${1:-}" == "--tests" ]]; then
-  "$PYTHON" -m pip install -q -e ".[dev]"
+  "$PYTHON" -m pip install -q -e ".[full,dev]"
   bash .ci/install_emulation.sh
 else
-  "$PYTHON" -m pip install -q -e .
+  "$PYTHON" -m pip install -q -e ".[full]"
 fi
 echo "ffcompile installed: $("$PYTHON" -m ffcompile --version)"

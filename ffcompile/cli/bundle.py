@@ -256,3 +256,32 @@ def finetune(bundle_dir, data_dir, epochs, out_dir, resume, split, limit, progre
         click.echo(f"{bundle.model.name} after {ckpt.epoch} epoch(s) ({readout} readout): {', '.join(parts)}")
     click.echo(f"wrote {out_dir / CHECKPOINT} and {METRICS}; "
                f"use it with `ffcompile run {bundle_dir} --weights {out_dir / CHECKPOINT}`")
+
+
+@main.command()
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["onnx"]), default="onnx", show_default=True,
+              help="Output format.")
+@click.option("-o", "--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The file to write (model.onnx).")
+@click.option("--readout", type=click.Choice(["goodness", "softmax"]), default=None,
+              help="Which inference program (default: goodness where the model has it, else softmax).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def export(source, fmt, out_path, readout, as_json):
+    """Write a trained run's (or a bundle's) inference program as one self-contained ONNX file:
+    weights inside, any batch size, metadata that says how to feed it (opset 18). Any ONNX
+    client can run it without ffcompile: see docs/export.md."""
+    from ..compiler.export import export_onnx, load_source
+    from ..contract.checkpoint import atomic_write
+    from ..lowering import readouts_of
+
+    model, params, digest = load_source(source)
+    readout = readout or readouts_of(model)[0]
+    proto = export_onnx(model, params, readout, digest)
+    atomic_write(out_path, lambda tmp: tmp.write_bytes(proto.SerializeToString()))
+    report = {"out": str(out_path), "format": fmt, "model": model.name, "readout": readout,
+              "bytes": out_path.stat().st_size, "source_sha256": digest}
+    if as_json:
+        click.echo(json.dumps(report))
+    else:
+        _echo(f"wrote {out_path}: {model.name}, {readout} readout, {report['bytes']} bytes, any batch size")

@@ -59,9 +59,9 @@ def _echo(msg: str) -> None:
 
 def load_split(model, data_dir, split: str):
     """(source, x, y) of the model's ``input.dataset``; pass the source back as data_dir for more splits."""
-    from ..data.datasets import load_split as load
+    from ..data.datasets import load_model_split
 
-    return load(model.input.dataset, data_dir, split)
+    return load_model_split(model, data_dir, split)
 
 
 @main.command()

@@ -253,10 +253,10 @@ def _parity(model, target: dict, root: Path, entries: dict, src: Source, infer_b
         log(f"parity check skipped: {reason}; run `ffcompile verify` on a machine of the target")
         return {"format": "ffcompile-parity-1", "passed": None, "model": model.name, "target": target["name"],
                 "backend": target["backend"], "device": target["device"], "skipped": reason}
-    from ..data.datasets import load_split
+    from ..data.datasets import load_model_split
     from ..reference.parity import summary_lines, verify
 
-    source, x, y = load_split(model.input.dataset, data_dir, "train")
+    source, x, y = load_model_split(model, data_dir, "train")
     if proxy is None:
         runners = {name: load_program(root / e["file"], target, e["file"], e) for name, e in entries.items()}
     else:

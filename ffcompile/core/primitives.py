@@ -219,10 +219,15 @@ def _reduce_max(b, x: Value, axes: Sequence[int], keepdims=False) -> Emit:
            onnx=lambda g, ins, out, new_shape: g.node(
                "Reshape", [ins[0], g.const(f"{out}/shape", np.array(new_shape, np.int64))], out))
 def _reshape(b, x: Value, shape: Sequence[int]) -> Emit:
-    """the same values in row-major order, in ``shape``"""
-    if int(np.prod(shape)) != int(np.prod(x.shape)):
-        raise ValueError(f"reshape: {x.shape} cannot become {tuple(shape)}")
-    return emit([x], shape, x.dtype, new_shape=tuple(shape))
+    """the same values in row-major order, in ``shape``; one entry may be -1 (whatever is left),
+    and stays -1 in the emitted graph, so a leading -1 keeps the batch free there"""
+    shape = tuple(shape)
+    known = int(np.prod([d for d in shape if d != -1]))
+    size = int(np.prod(x.shape))
+    if shape.count(-1) > 1 or known <= 0 or size % known or (-1 not in shape and known != size):
+        raise ValueError(f"reshape: {x.shape} cannot become {shape}")
+    static = tuple(size // known if d == -1 else d for d in shape)
+    return emit([x], static, x.dtype, new_shape=shape)
 
 
 @primitive("transpose", reference=lambda torch, x, perm: x.permute(*perm),

@@ -44,7 +44,8 @@ class LabelEmbedding:
 class InputSpec:
     """``dataset``: what ``ffcompile train``/``eval``/``build`` read (``ffcompile.data.datasets``):
     ``mnist`` (28x28 digits), ``cifar10`` (the binary distribution) or ``text`` (next character,
-    sec. 4.1: rows are one-of-30 codes of 10-character contexts, labels the next character)."""
+    sec. 4.1: rows are one-of-30 codes of 10-character contexts, labels the next character) or
+    ``images`` (your own data: a .npz file, IDX files or a folder of images per class; ``data.images``)."""
 
     dataset: str = "mnist"
     size: int = 784
@@ -281,7 +282,7 @@ def _selects(pattern: str, param: str) -> bool:
 
 _LAYER_KINDS = {"dense": DenseLayer, "local": LocalLayer}
 _CHOICES = {
-    "input.dataset": ("mnist", "cifar10", "text"),
+    "input.dataset": ("mnist", "cifar10", "text", "images"),
     "input.label.kind": ("first_pixels", "top_layer", "none"),
     "normalization.kind": ("rms", "l2", "l1"),
     "goodness.kind": ("ssq", "neg_ssq", "sum"),

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ffcompile.data.idx import DataError
+from ffcompile.data.images import ImageSource, check_fits, open_images
 from ffcompile.data.mnist import DataSource
 
 SPLITS = ("train", "val", "trainval", "test")
@@ -48,7 +49,7 @@ class TextSource:
 def resolve_source(dataset: str, data_dir):
     """The data source for ``dataset`` from ``data_dir`` (or its environment variable / built-in
     default). A source returned before is passed through, so callers can reuse it per split."""
-    if isinstance(data_dir, (CifarSource, TextSource, DataSource)):
+    if isinstance(data_dir, (CifarSource, TextSource, DataSource, ImageSource)):
         return data_dir
     if dataset == "mnist":
         from ffcompile.data.mnist import resolve_data_dir
@@ -63,7 +64,9 @@ def resolve_source(dataset: str, data_dir):
 
         origin, text = load_corpus(data_dir)
         return TextSource(origin, text)
-    raise DataError(f"unknown dataset {dataset!r} (known: mnist, cifar10, text)")
+    if dataset == "images":
+        return open_images(data_dir)
+    raise DataError(f"unknown dataset {dataset!r} (known: mnist, cifar10, text, images)")
 
 
 def load_split(dataset: str, data_dir, split: str):
@@ -75,6 +78,8 @@ def load_split(dataset: str, data_dir, split: str):
         from ffcompile.data.mnist import load_mnist
 
         x, y = load_mnist(source, split)
+    elif dataset == "images":
+        x, y = source.split(split)
     elif dataset == "cifar10":
         data = source.arrays()
         cut = len(data.x_train) - len(data.x_train) // 10
@@ -92,9 +97,18 @@ def load_split(dataset: str, data_dir, split: str):
     return source, np.ascontiguousarray(x, dtype=np.float32), np.asarray(y, dtype=np.int64)
 
 
+def load_model_split(model, data_dir, split: str):
+    """``load_split`` of the model's ``input.dataset``, checked against the spec's input size,
+    image shape and label count."""
+    source, x, y = load_split(model.input.dataset, data_dir, split)
+    check_fits(model, x, y, source)
+    return source, x, y
+
+
 def data_dir_help() -> str:
     return ("Data for the model's input.dataset. mnist: folder with the IDX files (default "
             "$FFCOMPILE_DATA_DIR, else the built-in subset); cifar10: folder with cifar-10-batches-bin "
             "(default $FFCOMPILE_CIFAR_DIR); text: a plain-text corpus file (default "
-            "$FFCOMPILE_TEXT_CORPUS, else the built-in corpus).")
+            "$FFCOMPILE_TEXT_CORPUS, else the built-in corpus); images: your own data, a .npz file, a folder "
+            "of IDX files or a folder of train/ and test/ image folders per class (docs/data.md).")
 

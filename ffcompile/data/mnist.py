@@ -95,8 +95,10 @@ class DataSource:
             expectations.append((OFFICIAL_SHA256[path.name], "the official MNIST sum"))
         for expected, origin in expectations:
             if actual != expected:
+                hint = ("; for your own IDX data set (Fashion-MNIST, EMNIST, ...) use input.dataset = \"images\""
+                        if origin == "the official MNIST sum" else "")
                 raise DataError(
-                    f"checksum mismatch for {path}: expected sha256 {expected} (from {origin}), got {actual}"
+                    f"checksum mismatch for {path}: expected sha256 {expected} (from {origin}), got {actual}{hint}"
                 )
 
 

@@ -67,7 +67,7 @@ def verify_emulated(bundle_dir, data_dir=None, steps: int = DEFAULT_STEPS, cache
     ``emulated`` section (device, sysroot, timings). ``keep_dir``: keep the exchanged npz files there.
     ``trust``/``digest``: as ``load_bundle``."""
     from . import qemu as emulation
-    from ..data.datasets import load_split
+    from ..data.datasets import load_model_split
     from ..reference.parity import plan_checks, run_checks
 
     started = time.perf_counter()
@@ -82,7 +82,7 @@ def verify_emulated(bundle_dir, data_dir=None, steps: int = DEFAULT_STEPS, cache
     emulation.check_host_tools("aarch64")  # qemu-user + gcc-aarch64-linux-gnu, named in the error
     sysroot = emulation.ensure_sysroot("aarch64", cache_dir=cache_dir, progress=progress)
 
-    source, x, y = load_split(model.input.dataset, data_dir, "train")
+    source, x, y = load_model_split(model, data_dir, "train")
     names = list(manifest["programs"])
     plan = plan_checks(model, names, params, state, step, x, y, manifest["batch"]["infer"])
     trajectory = plan.take_trajectory(steps) if steps > 0 and "train_step" in names else []

@@ -62,7 +62,7 @@ def supervised(model: Model) -> bool:
 
 def readout_rows(b: Builder, x: Value, model: Model) -> Value:
     """What the softmax readout runs on: the image with the neutral label, or just the image."""
-    return lbl.with_label(b, x, lbl.neutral_rows(b, x.shape[0], model), model) if supervised(model) else x
+    return lbl.with_neutral_label(b, x, model) if supervised(model) else x
 
 
 def _label_negatives(b: Builder, x: Value, labels: Value, u: Value, probs: Value | None, model: Model, batch: int,
@@ -207,8 +207,7 @@ def _infer_goodness(b: Builder, model: Model, batch: int) -> None:
     params = param_inputs(b, model)
     x = b.input("x", (batch, model.input.size))
     classes = model.input.label.classes
-    copies = [lbl.with_label(b, x, b.constant([[float(j == c) for j in range(classes)]] * batch), model)
-              for c in range(classes)]
+    copies = [lbl.with_constant_label(b, x, [float(j == c) for j in range(classes)], model) for c in range(classes)]
     rows = b.concat(copies, axis=0)
     chosen = {model.layer_index(n) for n in model.readout.goodness_layers}
     total = None
@@ -218,7 +217,7 @@ def _infer_goodness(b: Builder, model: Model, batch: int) -> None:
             total = g if total is None else b.add(total, g)
         if i == max(chosen):
             break
-    scores = b.transpose(b.reshape(total, [classes, batch]), [1, 0])
+    scores = b.transpose(b.reshape(total, [classes, -1]), [1, 0])
     b.output("scores", scores)
     b.output("prediction", b.argmax(scores, 1))
 

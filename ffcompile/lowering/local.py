@@ -233,9 +233,9 @@ def patches(b: Builder, x: Value, geo: Geometry) -> list[Value]:
     rows, side, chans, pad = x.shape[0], geo.side, geo.below_channels, geo.padding
     with b.scope("gather"):
         if geo.planar:
-            grid = b.transpose(b.reshape(x, [rows, chans, side, side]), [0, 2, 3, 1])
+            grid = b.transpose(b.reshape(x, [-1, chans, side, side]), [0, 2, 3, 1])
         else:
-            grid = b.reshape(x, [rows, side, side, chans])
+            grid = b.reshape(x, [-1, side, side, chans])
         if pad:
             rim = b.constant(np.zeros((rows, pad, side, chans), np.float32))
             grid = b.concat([rim, grid, rim], axis=1)
@@ -244,7 +244,7 @@ def patches(b: Builder, x: Value, geo: Geometry) -> list[Value]:
         out = []
         for oy, ox in geo.origins():
             win = b.slice(b.slice(grid, 1, oy, oy + geo.field), 2, ox, ox + geo.field)
-            out.append(b.reshape(win, [rows, geo.window]))
+            out.append(b.reshape(win, [-1, geo.window]))
         return out
 
 

@@ -30,12 +30,13 @@ def test_label_embedding_replaces_first_pixels():
     def build(b):
         xv, yv = b.input("x", (3, 16)), b.input("y", (3,), "int64")
         b.output("pos", lbl.with_label(b, xv, b.one_hot(yv, 10), model))
-        b.output("neutral", lbl.with_label(b, xv, lbl.neutral_rows(b, 3, model), model))
+        b.output("neutral", lbl.with_neutral_label(b, xv, model))
 
     out = run(build, {"x": x, "y": y})
     assert np.array_equal(out["pos"][:, :10], np.eye(10, dtype=np.float32)[y])
     assert np.array_equal(out["pos"][:, 10:], x[:, 10:])
     assert np.array_equal(out["neutral"][:, :10], np.full((3, 10), 0.1, np.float32))
+    assert np.array_equal(out["neutral"][:, 10:], x[:, 10:])
 
 
 @pytest.mark.parametrize("kind,check", [
