@@ -60,14 +60,20 @@ def load_split(model, data_dir, split: str):
                    "(and hybrid_negatives.png for hybrid-negative models).")
 @click.option("--resume", is_flag=True, help="Continue from RUN_DIR/checkpoint.safetensors (bit-identical continuation).")
 @click.option("--device", default="cpu", show_default=True, help="torch device for the reference backend (cpu, cuda).")
+@click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tvm"]), default=None,
+              help="What runs the train step: torch (the PyTorch reference; GPUs, next-character models), "
+                   "onnxruntime or tvm (the step compiled for this CPU, parity-checked against torch before "
+                   "training). Default: the fastest available here: tvm on x86-64 CPUs, else onnxruntime, "
+                   "torch with --device cuda. Resume continues bit-identically on the same backend.")
 @click.option("--split", type=click.Choice(["train", "trainval"]), default="train", show_default=True,
               help="train = the training part (MNIST: 50k as in the paper; CIFAR-10: 45k; text: the paper's 248 strings), validating on the held-out part each epoch; trainval = both.")
 @click.option("--limit", type=int, default=None, help="Use only the first N training examples (quick runs).")
 @click.option("--eval-every", type=int, default=1, show_default=True, help="Validate every N epochs (and at the end).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar.")
-def train(model_path, data_dir, epochs, run_dir, resume, device, split, limit, eval_every, progress):
-    """Train MODEL.toml with the PyTorch reference backend (every layer learns every minibatch
-    from its own local objective)."""
+def train(model_path, data_dir, epochs, run_dir, resume, device, backend, split, limit, eval_every, progress):
+    """Train MODEL.toml (every layer learns every minibatch from its own local objective) on the
+    fastest verified backend, or the one --backend names."""
+    from .compiled_train import check_backend, default_backend
     from .plots import first_layer_images, hybrid_examples, learning_curves, receptive_fields
     from .spec import load_model
     from .train import Dataset, train as run_training
@@ -78,6 +84,8 @@ def train(model_path, data_dir, epochs, run_dir, resume, device, split, limit, e
     epochs = model.training.epochs if epochs is None else epochs
     if epochs < 0:
         raise FFCompileError(f"--epochs must be >= 0, got {epochs}")
+    backend = backend or default_backend(model, device)
+    check_backend(model, backend, device)
     if device.startswith("cuda"):
         import torch
 
@@ -93,8 +101,9 @@ def train(model_path, data_dir, epochs, run_dir, resume, device, split, limit, e
     _echo(f"data: {source.describe()}; training on {len(x)} examples ({split})"
           + (f", validating on {len(x_val)}" if x_val is not None else ""))
     data = Dataset(x, y, x_val, y_val, source.describe())
+    _echo(f"backend: {backend}")
     ckpt = run_training(model, data, run_dir, epochs, resume=resume, device=device, progress=progress,
-                        eval_every=eval_every, log=_echo)
+                        eval_every=eval_every, log=_echo, backend=backend)
     history = json.loads((run_dir / "metrics.json").read_text())["epochs"] if (run_dir / "metrics.json").exists() else []
     if history:
         learning_curves(history, run_dir / "curves.png", f"{model.name} ({source.describe()})")

@@ -1,5 +1,6 @@
-"""The PyTorch reference trainer: runs the lowered ``train_step`` with the torch backend, on CPU or
-CUDA, through the shared training loop; checkpoints, metrics and plots go to a run directory."""
+"""The trainer: runs the lowered ``train_step`` through the shared training loop with the torch
+reference backend (CPU or CUDA) or, on a CPU, compiled by onnxruntime or TVM (``compiled_train``);
+checkpoints, metrics and plots go to a run directory. Evaluation runs in the torch reference."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 
 from .backends.torch_backend import TorchProgram
 from .checkpoint import CHECKPOINT, METRICS, Checkpoint, resume_run, save_checkpoint, write_json
+from .compiled_train import check_backend, compiled_train_step
 from .errors import FFCompileError
 from .evaluate import error_rate
 from .lowering import READOUT_PROGRAMS, build_program, init_state, readouts_of, train_programs
@@ -80,8 +82,9 @@ class ReferenceStep:
         return new_params, new_state, dict(zip(scalars, map(float, values)))
 
 
-def numpy_dict(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    return {k: v.detach().cpu().numpy() for k, v in tensors.items()}
+def numpy_dict(tensors: dict) -> dict[str, np.ndarray]:
+    """torch tensors (the reference backend) or numpy arrays (compiled backends) as numpy arrays."""
+    return {k: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v) for k, v in tensors.items()}
 
 
 def reference_runner(model: Model, program: str, batch: int, params: dict[str, np.ndarray], device: str = "cpu"):
@@ -125,7 +128,10 @@ class Dataset:
 
 
 def train(model: Model, data: Dataset, run_dir: Path, epochs: int, resume: bool = False, device: str = "cpu",
-          seed: int | None = None, progress: bool = True, eval_every: int = 1, log=print) -> Checkpoint:
+          seed: int | None = None, progress: bool = True, eval_every: int = 1, log=print,
+          backend: str = "torch") -> Checkpoint:
+    """``backend``: "torch" (the reference), "onnxruntime" or "tvm" (``compiled_train``)."""
+    check_backend(model, backend, device)
     run_dir = Path(run_dir)
     ckpt_path = run_dir / CHECKPOINT
     history: list[dict] = []
@@ -141,12 +147,17 @@ def train(model: Model, data: Dataset, run_dir: Path, epochs: int, resume: bool 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "model.json").write_text(model.dumps() + "\n")
 
-    step_fn = ReferenceStep(model, device, log=log)
     # On a GPU, per-epoch evaluation in batches of 100 is launch-bound (it took longer than the
     # epoch's training in the H200 runs); larger batches give the same predictions.
-    eval_batch = 1000 if step_fn.device.type == "cuda" else 100
-    params, state = step_fn.to_device(ckpt.params), step_fn.to_device(ckpt.state)
-    epoch_fn = _epoch_runner(model, step_fn, device, eval_batch, seed, progress, log)
+    eval_batch = 1000 if torch.device(device).type == "cuda" else 100
+    if backend == "torch":
+        step_fn = ReferenceStep(model, device, log=log)
+        params, state = step_fn.to_device(ckpt.params), step_fn.to_device(ckpt.state)
+        epoch_fn = _epoch_runner(model, step_fn, device, eval_batch, seed, progress, log)
+    else:
+        params, state = dict(ckpt.params), dict(ckpt.state)
+        step_fn = compiled_train_step(model, backend, params, state, ckpt.step, data.x_train, data.y_train, seed, log)
+        epoch_fn = epoch_runner(model, {"train_step": step_fn}, seed, progress, desc=f"train ({backend})")
     step = ckpt.step
     for epoch in range(ckpt.epoch, epochs):
         started = time.perf_counter()
@@ -168,7 +179,8 @@ def train(model: Model, data: Dataset, run_dir: Path, epochs: int, resume: bool 
         history.append(record)
         ckpt = Checkpoint(model, np_params, numpy_dict(state), epoch + 1, step)
         save_checkpoint(ckpt_path, ckpt)
-        write_json(run_dir / METRICS, {"model": model.name, "data": data.description, "epochs": history})
+        write_json(run_dir / METRICS, {"model": model.name, "data": data.description, "backend": backend,
+                                       "epochs": history})
         log(epoch_line(record))
     return ckpt
 
