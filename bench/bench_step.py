@@ -194,8 +194,10 @@ def bench_size(size: str, args, peak: dict, work: Path) -> dict:
     fns["interpreter"] = runners.torch_eager
 
     repeats = args.repeats_large if batch >= 1000 else args.repeats
+    before = os.getloadavg()[0]
     with B.LoadMonitor() as monitor:
         res = B.interleaved(fns, repeats, args.sample_ms)
+    row["loadavg_during"] = [before, os.getloadavg()[0]]  # 1-minute load average as the timing began and ended
     row["load_during"] = monitor.summary()
     row["variants"] = {}
     for key, r in res.items():

@@ -1,0 +1,150 @@
+#!/usr/bin/env python
+"""Markdown speed tables from bench_step.py's JSON (and optionally bench_train_epoch.py's).
+
+    python bench/report_step.py step.json [train_epoch.json] > docs/performance.md
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+COLUMNS = [("tvm", "TVM"), ("tvm_native", "TVM native"), ("ort", "ORT"), ("torch_hand_compiled", "torch.compile (hand)"),
+           ("torch_hand", "hand-written torch"), ("torch_oracle", "autograd torch (oracle)"),
+           ("torch_oracle_compiled", "torch.compile (oracle)"), ("interpreter", "interpreter")]
+COMPILED = ("tvm", "tvm_native", "ort")
+TORCH = ("torch_hand_compiled", "torch_hand", "torch_oracle", "torch_oracle_compiled")
+
+
+def load_line(load: dict) -> str:
+    return ", ".join(f"{x:.2f}" for x in load["loadavg_1_5_15"])
+
+
+def fastest(row: dict, keys) -> tuple[str, float]:
+    found = [(k, row["variants"][k]["median_ms"]) for k in keys if k in row["variants"]]
+    return min(found, key=lambda kv: kv[1])
+
+
+def step_tables(d: dict) -> list[str]:
+    peak = d["peak"]
+    out = [f"Command: `{d['command']}`  ",
+           f"Machine: {d['machine'].get('model', '?')}, {d['machine']['cpus']} CPUs, {d['threads']} threads, "
+           f"torch {d['torch']}.  ",
+           f"Load average (1, 5, 15 min) before: {load_line(d['load_before'])}; after: "
+           f"{load_line(d['load_after']) if 'load_after' in d else 'n/a (run interrupted)'}; during each size: "
+           "see the last column. The machine's 2 cores were shared with other processes during the run: "
+           "absolute times are inflated and noisy; compare variants within a row (they were timed interleaved).  ",
+           f"Measured in the same run: fp32 SGEMM peak **{peak['sgemm_peak_gflops']:.0f} GFLOP/s**, copy bandwidth "
+           f"**{peak['copy_bandwidth_gbs']:.1f} GB/s** ({peak['how']}).", "",
+           "### Median ms per train step", "",
+           "| size | GFLOP | " + " | ".join(name for _, name in COLUMNS) + " | load avg during |",
+           "|---|---|" + "---|" * len(COLUMNS) + "---|"]
+    for row in d["sizes"]:
+        cells = []
+        best = fastest(row, COMPILED + TORCH)[0]
+        for key, _ in COLUMNS:
+            v = row["variants"].get(key)
+            if v is None:
+                cells.append("n/a" if "failed" not in row["notes"].get(key, "") else "failed")
+            else:
+                text = f"{v['median_ms']:.1f}" if v["median_ms"] >= 10 else f"{v['median_ms']:.2f}"
+                cells.append(f"**{text}**" if key == best else text)
+        load = row.get("loadavg_during")
+        load_text = f"{load[0]:.1f} → {load[1]:.1f}" if load else "n/a"
+        out.append(f"| {row['layers']}, batch {row['batch']} | {row['matmul_flops'] / 1e9:.2f} | " + " | ".join(cells)
+                   + f" | {load_text} |")
+    out += ["", "Bold: the fastest of all variants in the row. n/a: not run at that size (torch.compile of the oracle "
+            "is timed only where `--oracle-compile` names the size; see the JSON's `notes`).", "",
+            "### Against PyTorch and the machine's limits", "",
+            "| size | best compiled | fastest PyTorch | compiled vs fastest PyTorch | compiled vs hand-written eager | "
+            "% of SGEMM peak (best compiled) | bandwidth bound | best compiled ÷ bound |",
+            "|---|---|---|---|---|---|---|---|"]
+    for row in d["sizes"]:
+        ck, cms = fastest(row, COMPILED)
+        tk, tms = fastest(row, TORCH)
+        hand = row["variants"]["torch_hand"]["median_ms"]
+        v = row["variants"][ck]
+        out.append(f"| {row['layers']}, batch {row['batch']} | {ck} {cms:.2f} ms | {tk} {tms:.2f} ms | "
+                   f"{tms / cms:.2f}x {'faster' if cms <= tms else '**slower**'} | {hand / cms:.2f}x | "
+                   f"{v['percent_of_sgemm_peak']:.0f} % | {row['bandwidth_bound_ms']:.2f} ms | "
+                   f"{v['x_bandwidth_bound']:.1f}x |")
+    out += ["", "Bandwidth bound: " + d["sizes"][0]["bandwidth_bound_how"] + ". % of peak: the program's matmul "
+            "FLOPs over its median time, against the SGEMM peak above.", "",
+            "Compile times (s, first call for torch.compile): " + "; ".join(
+                f"{r['size']}: " + ", ".join(f"{k} {v}" for k, v in r["compile_s"].items()) for r in d["sizes"]) + ".", "",
+            "The hand-written step was checked against the compiled `train_step` once per size: largest relative "
+            "difference " + ", ".join(f"{r['size']} {r['hand_step_check']['max_relative_difference']:.1e}"
+                                      for r in d["sizes"]) + "."]
+    out += ["", "### Goals of issue 21, checked on these numbers", ""] + goal_lines(d)
+    if "memory" in d:
+        m = d["memory"]
+        out += ["", f"### Working memory of one step, {m['model']}", "",
+                "| batch | FF train_step | backprop (autograd) | FF ÷ backprop |", "|---|---|---|---|"]
+        for r in m["rows"]:
+            out.append(f"| {r['batch']} | {r['ff_working_bytes'] / 2**20:.1f} MiB | {r['backprop_working_bytes'] / 2**20:.1f} MiB "
+                       f"| {r['ff_over_backprop']:.2f} |")
+        out += ["", f"FF: {m['how']['ff']}. Backprop: {m['how']['backprop']}."]
+    return out
+
+
+def goal_lines(d: dict) -> list[str]:
+    out = []
+    for row in d["sizes"]:
+        ck, cms = fastest(row, COMPILED)
+        tk, tms = fastest(row, TORCH)
+        hand = row["variants"]["torch_hand"]["median_ms"]
+        where = f"{row['layers']}, batch {row['batch']}"
+        verdict = []
+        verdict.append(f"never slower than the fastest PyTorch: {'yes' if cms <= tms else f'**no** ({tk} is {cms / tms:.2f}x faster)'}")
+        verdict.append(f">= 2x hand-written eager: {'yes' if hand / cms >= 2 else f'**no** ({hand / cms:.2f}x)'}")
+        if row["layers"] == "4x2000" and row["batch"] == 100:
+            pct = row["variants"][ck]["percent_of_sgemm_peak"]
+            verdict.append(f">= 85 % of SGEMM peak: {'yes' if pct >= 85 else f'**no** ({pct:.0f} %)'}")
+        if row["layers"] == "2x500" and row["batch"] <= 16:
+            ratio = row["variants"][ck]["x_bandwidth_bound"]
+            verdict.append(f"within 1.3x of the bandwidth bound: {'yes' if ratio <= 1.3 else f'**no** ({ratio:.1f}x)'}")
+        out.append(f"- {where}: " + "; ".join(verdict) + ".")
+    if "memory" in d:
+        worst = max(r["ff_over_backprop"] for r in d["memory"]["rows"])
+        out.append(f"- FF working memory <= 0.5x backprop's at batch 100 and 1000: {'yes' if worst <= 0.5 else '**no**'} "
+                   f"(largest ratio {worst:.2f}).")
+    return out
+
+
+def epoch_table(e: dict) -> list[str]:
+    out = ["", "## One epoch of mnist-supervised with `ffcompile train`", "",
+           f"Command: `{e['command']}`; {e['threads']} threads; load average before {load_line(e['load_before'])}, "
+           f"after {load_line(e['load_after'])}.", "",
+           "| backend | training loop (s) | s per step | start-up, compile, parity, validation, plots (s) |",
+           "|---|---|---|---|"]
+    for backend, s in e["summary"].items():
+        loop = f"{s['median_train_loop_s']:.0f}"
+        if "extrapolated_full_epoch_train_loop_s" in s:
+            loop += f" ({e['limit']} images); **{s['extrapolated_full_epoch_train_loop_s']:.0f} extrapolated to 50k**"
+        out.append(f"| {backend} | {loop} | {s['median_s_per_step']:.3f} | {s['median_other_s']:.0f} |")
+    notes = {s["extrapolated_note"] for s in e["summary"].values() if "extrapolated_note" in s}
+    out += [""] + [f"{n}." for n in notes]
+    return out
+
+
+def main() -> int:
+    d = json.load(open(sys.argv[1]))
+    lines = ["# Performance", "",
+             "Generated by `python bench/report_step.py " + " ".join(sys.argv[1:]) + "` from the JSON the commands "
+             "below wrote; do not edit by hand.", "",
+             "## One FF train step against PyTorch as users write it", "",
+             "Variants: **TVM** / **TVM native**: the compiled `train_step` for targets x86-cpu-tvm (portable "
+             "x86-64-v3) and x86-cpu-tvm-native (this host's CPU); **ORT**: the same program in onnxruntime; "
+             "**hand-written torch**: bench/hand_step.py (addmm, closed-form local gradients, `torch._foreach` "
+             "Adam, in place); **autograd torch**: ffcompile/oracle.py (detach between layers, one backward per "
+             "layer, torch.optim); **torch.compile** of those; **interpreter**: ffcompile's TorchProgram, a "
+             "reference line, not PyTorch as a user writes it.", ""]
+    lines += step_tables(d)
+    if len(sys.argv) > 2:
+        lines += epoch_table(json.load(open(sys.argv[2])))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
