@@ -35,6 +35,7 @@ import sys
 _THREADS = next((sys.argv[i + 1] for i, a in enumerate(sys.argv[:-1]) if a == "--threads"), "2")
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TVM_NUM_THREADS"):
     os.environ.setdefault(_var, _THREADS)  # thread pools read these once, at import
+os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")  # compile times without inductor's on-disk cache
 
 import json  # noqa: E402
 import shlex  # noqa: E402
