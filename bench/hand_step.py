@@ -25,6 +25,11 @@ def supported(model) -> str | None:
     bad = [f"{k} = {got!r} (needs {want!r})" for k, (got, want) in checks.items() if got != want]
     if model.recurrent is not None or any(layer.kind != "dense" for layer in model.layers):
         bad.append("dense feed-forward layers only")
+    peer = model.regularizers.peer_norm
+    if getattr(model.regularizers, "decoupled_weight_decay", False) or getattr(model.optimizer, "groups", ()):
+        bad.append("coupled weight decay, one optimizer group")
+    if peer is not None and getattr(peer, "form", "loss") != "loss":
+        bad.append("peer normalization as a loss")
     return "; ".join(bad) or None
 
 
