@@ -9,8 +9,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 from .errors import FFCompileError
 from .lowering import build_program
 from .lowering.sequence import is_sequence
@@ -85,7 +83,3 @@ def compiled_train_step(model: Model, backend: str, params: dict, state: dict, s
                              f"reference ({failed[0] if failed else 'see ffcompile verify'}); train with --backend torch")
     carried = [*params, *state]
     return CompiledTrainStep(runner, program.signature(), carried)
-
-
-def as_numpy(tensors: dict) -> dict[str, np.ndarray]:
-    return {k: np.ascontiguousarray(v) for k, v in tensors.items()}
