@@ -73,6 +73,11 @@ def load_split(model, data_dir, split: str):
                    "(and hybrid_negatives.png for hybrid-negative models).")
 @click.option("--resume", is_flag=True, help=f"Continue from RUN_DIR/{CHECKPOINT} (bit-identical continuation).")
 @click.option("--device", default="cpu", show_default=True, help="torch device for the reference backend (cpu, cuda).")
+@click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tvm"]), default=None,
+              help="What runs the train step: torch (the PyTorch reference; GPUs, next-character models), "
+                   "onnxruntime or tvm (the step compiled for this CPU, parity-checked against torch before "
+                   "training). Default: the fastest available here: tvm on x86-64 CPUs, else onnxruntime, "
+                   "torch with --device cuda. Resume continues bit-identically on the same backend.")
 @click.option("--split", type=click.Choice(["train", "trainval"]), default="train", show_default=True,
               help="train = the training part (MNIST: 50k as in the paper; CIFAR-10: 45k; text: the paper's 248 strings), validating on the held-out part each epoch; trainval = both.")
 @click.option("--limit", type=int, default=None, help="Use only the first N training examples (quick runs).")
@@ -83,9 +88,11 @@ def load_split(model, data_dir, split: str):
                    "GPUs): each takes 1/N of every batch and all compute the one-process step. Under torchrun "
                    "(several machines: see docs/distributed.md) every process joins the job by itself.")
 @click.pass_context
-def train(ctx, model_path, data_dir, epochs, run_dir, resume, device, split, limit, eval_every, progress, nproc):
-    """Train MODEL.toml with the PyTorch reference backend (every layer learns every minibatch
-    from its own local objective)."""
+def train(ctx, model_path, data_dir, epochs, run_dir, resume, device, backend, split, limit, eval_every, progress,
+          nproc):
+    """Train MODEL.toml (every layer learns every minibatch from its own local objective) on the
+    fastest verified backend, or the one --backend names."""
+    from ..compiler.compiled_train import check_backend, compiled_steps, default_backend
     from ..reference.plots import first_layer_images, hybrid_examples, learning_curves, receptive_fields
     from ..core.spec import load_model
     from ..reference.train import Dataset, train as run_training
@@ -112,6 +119,10 @@ def train(ctx, model_path, data_dir, epochs, run_dir, resume, device, split, lim
         return
     if eval_every < 1:
         raise FFCompileError(f"--eval-every must be >= 1, got {eval_every}")
+    backend = backend or ("torch" if make_step else default_backend(model, device))
+    if make_step and backend != "torch":
+        raise FFCompileError(f"--backend {backend}: data-parallel training runs the torch reference; use --backend torch")
+    check_backend(model, backend, device)
     _check_device(device)
     source, x, y = load_split(model, data_dir, split)
     if limit is not None:
@@ -124,8 +135,11 @@ def train(ctx, model_path, data_dir, epochs, run_dir, resume, device, split, lim
     say(f"data: {source.describe()}; training on {len(x)} examples ({split})"
           + (f", validating on {len(x_val)}" if x_val is not None else ""))
     data = Dataset(x, y, x_val, y_val, source.describe())
+    if backend != "torch":
+        make_step = compiled_steps(model, backend, data, say)
+    say(f"backend: {backend}")
     ckpt = run_training(model, data, run_dir, epochs, resume=resume, device=device, progress=progress,
-                        eval_every=eval_every, log=say, make_step=make_step, writer=writer)
+                        eval_every=eval_every, log=say, make_step=make_step, writer=writer, backend=backend)
     if not writer:
         return
     history = json.loads((run_dir / METRICS).read_text())["epochs"] if (run_dir / METRICS).exists() else []

@@ -117,6 +117,8 @@ def target_from_dict(raw: dict, name: str, source: str) -> Target:
     tvm = raw.get("tvm")
     if backend == "tvm":
         _check_tvm_target(tvm, device, arch, fail)
+        if tvm.get("mcpu") == "native":
+            tvm, description = _native_cpu(tvm, arch, description)
     elif tvm is not None:
         fail("tvm", f"only for backend \"tvm\", not {backend!r}")
     cc = raw.get("cc")
@@ -153,6 +155,26 @@ def _check_tvm_target(tvm, device: str, arch: str, fail) -> None:
     mattr = tvm.get("mattr", [])
     if not isinstance(mattr, list) or not all(isinstance(a, str) for a in mattr):
         fail("tvm.mattr", f"must be a list of LLVM feature strings (e.g. [\"+neon\"]), got {mattr!r}")
+
+
+def _native_cpu(tvm: dict, arch: str, description: str) -> tuple[dict, str]:
+    """``mcpu = "native"``: the build host's CPU as LLVM names it, and its widest vector ISA in the
+    description (which a bundle's manifest carries). Left as "native" where this host cannot build
+    for it (another architecture, no TVM): listing targets still works there; building fails."""
+    import platform
+
+    host = platform.machine().lower().replace("amd64", "x86_64").replace("arm64", "aarch64")
+    try:
+        from tvm.target import Target as TVMTarget, codegen
+    except ImportError:
+        return tvm, f"{description} [needs TVM to name the build host's CPU]"
+    if host != arch:
+        return tvm, f"{description} [buildable only on an {arch} host; this one is {host}]"
+    cpu = codegen.llvm_get_system_cpu()
+    probe = TVMTarget({"kind": "llvm", "mcpu": cpu})
+    isa = next((name for name, feature in (("AVX-512", "avx512f"), ("AVX2+FMA", "avx2"), ("SSE4.2", "sse4.2"))
+                if codegen.llvm_cpu_has_features([feature], probe)), "baseline x86-64")
+    return {**tvm, "mcpu": cpu}, f"{description} [built for {cpu}: {isa}]"
 
 
 def target_files() -> dict[str, Path]:

@@ -1,5 +1,6 @@
-"""The PyTorch reference trainer: runs the lowered ``train_step`` with the torch backend, on CPU or
-CUDA, through the shared training loop; checkpoints, metrics and plots go to a run directory."""
+"""The trainer: runs the lowered ``train_step`` through the shared training loop with the torch
+reference backend (CPU or CUDA) or, on a CPU, compiled by onnxruntime or TVM (``compiled_train``);
+checkpoints, metrics and plots go to a run directory. Evaluation runs in the torch reference."""
 
 from __future__ import annotations
 
@@ -83,8 +84,9 @@ class ReferenceStep:
         return new_params, new_state, dict(zip(scalars, map(float, values)))
 
 
-def numpy_dict(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    return {k: v.detach().cpu().numpy() for k, v in tensors.items()}
+def numpy_dict(tensors: dict) -> dict[str, np.ndarray]:
+    """torch tensors (the reference backend) or numpy arrays (compiled backends) as numpy arrays."""
+    return {k: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v) for k, v in tensors.items()}
 
 
 def reference_runner(model: Model, program: str, batch: int, params: dict[str, np.ndarray], device: str = "cpu"):
@@ -144,20 +146,25 @@ class Dataset:
 
 def train(model: Model, data: Dataset, run_dir: Path, epochs: int, resume: bool = False, device: str = "cpu",
           seed: int | None = None, progress: bool = True, eval_every: int = 1, log=print, make_step=None,
-          writer: bool = True) -> Checkpoint:
+          writer: bool = True, backend: str = "torch") -> Checkpoint:
     """Train until ``epochs`` epochs are done. ``make_step``: checkpoint -> the loop's step
     function (default: the torch reference's ``train_step`` in this process; the CLI passes a
     data-parallel or a compiled one). ``writer``: whether this process validates and writes the
-    run, holding the run folder's lock (false on all but one process of a data-parallel job)."""
+    run, holding the run folder's lock (false on all but one process of a data-parallel job).
+    ``backend``: the name of the step's backend, recorded in metrics.json (a compiled one comes
+    with ``make_step=ffcompile.compiler.compiled_train.compiled_steps(...)``)."""
+    if backend != "torch" and make_step is None:
+        raise FFCompileError(f"backend {backend!r}: pass make_step=compiled_steps(model, {backend!r}, data) "
+                             "(ffcompile.compiler.compiled_train)")
     with exclusive(run_dir, "ffcompile train") if writer else contextlib.nullcontext():
         if writer and Path(run_dir).is_dir():
             remove_stale(run_dir, TEMP_FILES, log)
         return _train(model, data, Path(run_dir), epochs, resume, device, seed, progress, eval_every, log,
-                      make_step, writer)
+                      make_step, writer, backend)
 
 
 def _train(model: Model, data: Dataset, run_dir: Path, epochs: int, resume: bool, device: str, seed: int | None,
-           progress: bool, eval_every: int, log, make_step, writer: bool) -> Checkpoint:
+           progress: bool, eval_every: int, log, make_step, writer: bool, backend: str) -> Checkpoint:
     ckpt_path = run_dir / CHECKPOINT
     history: list[dict] = []
     if resume:
@@ -176,8 +183,9 @@ def _train(model: Model, data: Dataset, run_dir: Path, epochs: int, resume: bool
     step_fn = make_step(ckpt) if make_step else ReferenceStep(model, device, log=log)
     # On a GPU, per-epoch evaluation in batches of 100 is launch-bound; larger batches give the
     # same predictions.
-    eval_batch = 1000 if step_fn.device.type == "cuda" else 100
-    params, state = step_fn.to_device(ckpt.params), step_fn.to_device(ckpt.state)
+    eval_batch = 1000 if torch.device(device).type == "cuda" else 100
+    to_device = getattr(step_fn, "to_device", dict)  # a compiled step keeps numpy arrays
+    params, state = to_device(ckpt.params), to_device(ckpt.state)
     epoch_fn = _epoch_runner(model, step_fn, device, eval_batch, seed, progress, log)
     step = ckpt.step
     saved = ckpt.epoch if resume else None  # the epoch of the checkpoint on disk
@@ -196,7 +204,8 @@ def _train(model: Model, data: Dataset, run_dir: Path, epochs: int, resume: bool
                 _evaluate(model, data, np_params, record, eval_batch, device)
             history.append(record)
             ckpt = Checkpoint(model, np_params, np_state, epoch + 1, step)
-            commit_epoch(run_dir, ckpt, {"model": model.name, "data": data.description, "epochs": history})
+            commit_epoch(run_dir, ckpt, {"model": model.name, "data": data.description, "backend": backend,
+                                         "epochs": history})
             saved = epoch + 1
             log(epoch_line(record))
     except (DivergenceError, KeyboardInterrupt) as e:
