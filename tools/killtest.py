@@ -156,6 +156,7 @@ def main() -> None:
             results["commands"][name] = {"uninterrupted_seconds": round(run_seconds, 2), **kill_runs(
                 name, command, work / f"{name}-ref", run_seconds, args.kills, work, rng)}
             print(name, results["commands"][name], flush=True)
+            args.out.write_text(json.dumps(results, indent=1) + "\n")  # each command's result as it is done
         if "build" in commands:
             results["commands"]["build"] = {"uninterrupted_seconds": round(seconds, 2), **kill_builds(
                 spec, bundle, seconds, args.kills, rng)}

@@ -214,14 +214,14 @@ def _launch_torchrun(ctx, nproc: int) -> int:
 def _check_limit(model, limit: int) -> None:
     if limit <= 0:
         raise FFCompileError(f"--limit must be positive, got {limit}")
-    if limit < model.training.batch_size:
-        raise FFCompileError(f"--limit {limit} is less than one batch of {model.training.batch_size} "
-                             "(training.batch_size)")
     if model.family.predicts_characters:
         from ..data.text import PREDICTIONS
         from ..loop.nextchar import check_whole_strings
 
         check_whole_strings(limit, PREDICTIONS)
+    if limit < model.training.batch_size:
+        raise FFCompileError(f"--limit {limit} is less than one batch of {model.training.batch_size} "
+                             "(training.batch_size)")
 
 
 @main.command("eval")

@@ -22,28 +22,14 @@ _NUMPY = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(bool)"
 def check_self_contained(model_bytes: bytes, name: str) -> None:
     """Refuse an ONNX model whose tensors live in external files: onnxruntime would read them
     from paths relative to the current directory, outside the bundle and its checksums."""
+    from .onnx_scan import OnnxScanError, uses_external_data
+
     try:
-        import onnx
-    except ImportError:
-        raise FFCompileError(f"{name}: checking the program needs the onnx package (pip install onnx)") from None
-    model = onnx.ModelProto()
-    try:
-        model.ParseFromString(model_bytes)
-    except Exception as e:  # protobuf's DecodeError
-        raise FFCompileError(f"{name}: not a readable ONNX model ({str(e)[:200]})") from None
-    graphs = [model.graph, *(onnx.GraphProto(node=fn.node) for fn in model.functions)]
-    while graphs:
-        graph = graphs.pop()
-        tensors = [*graph.initializer, *(s.values for s in graph.sparse_initializer),
-                   *(s.indices for s in graph.sparse_initializer)]
-        for node in graph.node:
-            for attr in node.attribute:
-                tensors += [attr.t, *attr.tensors, *(s.values for s in [attr.sparse_tensor, *attr.sparse_tensors])]
-                graphs += [attr.g, *attr.graphs]
-        for tensor in tensors:
-            if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.external_data:
-                raise FFCompileError(f"{name}: tensor {tensor.name[:80]!r} uses external data; bundles hold "
-                                     "self-contained programs only")
+        external = uses_external_data(model_bytes)
+    except OnnxScanError as e:
+        raise FFCompileError(f"{name}: not a readable ONNX model ({e})") from None
+    if external:
+        raise FFCompileError(f"{name}: a tensor uses external data; bundles hold self-contained programs only")
 
 
 def available_providers() -> list[str]:

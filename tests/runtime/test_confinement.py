@@ -148,3 +148,24 @@ def test_outside_tvm_library_never_loaded(bundle_copy, tmp_path):
     with pytest.raises(FFCompileError) as e:
         load_bundle(bundle_copy)
     assert not marker.exists(), "the outside library's constructor ran"
+
+
+def test_external_data_scan_agrees_with_onnx(tiny_bundle):
+    """The runtime's onnx-free scan against the onnx package, on every program of a bundle with
+    each initializer in turn moved to external data, and inside a subgraph attribute."""
+    from ffcompile.runtime.onnx_scan import uses_external_data
+
+    for path in sorted((tiny_bundle / "programs").glob("*.onnx")):
+        proto = onnx.load_from_string(path.read_bytes())
+        assert not uses_external_data(proto.SerializeToString())
+        for i in range(min(len(proto.graph.initializer), 5)):
+            changed = onnx.ModelProto()
+            changed.CopyFrom(proto)
+            changed.graph.initializer[i].data_location = onnx.TensorProto.EXTERNAL
+            assert uses_external_data(changed.SerializeToString()), (path.name, i)
+    inner = onnx.helper.make_graph([], "inner", [], [], initializer=[
+        onnx.helper.make_tensor("w", onnx.TensorProto.FLOAT, [1], [0.0])])
+    inner.initializer[0].external_data.add(key="location", value="x.bin")
+    node = onnx.helper.make_node("If", ["c"], ["y"], then_branch=inner, else_branch=inner)
+    model = onnx.helper.make_model(onnx.helper.make_graph([node], "g", [], []))
+    assert uses_external_data(model.SerializeToString())
