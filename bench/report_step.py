@@ -181,7 +181,7 @@ def main() -> int:
              "Variants: **TVM** / **TVM native**: the compiled `train_step` for targets x86-cpu-tvm (portable "
              "x86-64-v3) and x86-cpu-tvm-native (this host's CPU); **ORT**: the same program in onnxruntime; "
              "**hand-written torch**: ffcompile/reference/hand_step.py (addmm, closed-form local gradients, `torch._foreach` "
-             "Adam, in place); **autograd torch**: ffcompile/oracle.py (detach between layers, one backward per "
+             "Adam, in place); **autograd torch**: ffcompile/reference/oracle.py (detach between layers, one backward per "
              "layer, torch.optim); **torch.compile** of those; **interpreter**: ffcompile's TorchProgram, a "
              "reference line, not PyTorch as a user writes it. Every torch variant is timed with the run's "
              "thread count and with 1 thread, interleaved with the rest, and keeps the faster (on an "
