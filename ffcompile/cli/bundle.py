@@ -15,15 +15,20 @@ import numpy as np
 
 from ..contract.checkpoint import CHECKPOINT, METRICS
 from ..core.errors import FFCompileError
-from .main import DATA_DIR, _check_limit, _echo, load_split, main
+from .main import DATA_DIR, JSON, PROGRESS, _check_limit, _echo, load_split, main, report, show_progress
 
 
 @main.command()
-def targets():
+@JSON
+def targets(as_json):
     """List the compilation targets (targets/*.toml, plus $FFCOMPILE_TARGETS folders)."""
     from ..compiler.targets import known_targets
 
     rows = [(t.name, t.backend, t.device, t.arch, t.description) for t in known_targets()]
+    if as_json:
+        keys = ("name", "backend", "device", "arch", "description")
+        click.echo(json.dumps({"targets": [dict(zip(keys, r)) for r in rows]}))
+        return
     header = ("name", "backend", "device", "arch", "description")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(4)]
     for row in [header, *rows]:
@@ -39,14 +44,39 @@ def trust_options(command):
 
 
 @main.command()
+@JSON
+def models(as_json):
+    """List the shipped model specs (usable by name wherever a MODEL.toml is asked for)."""
+    from ..core.shipped import spec_dir
+    from ..core.spec import load_model
+
+    rows = []
+    for path in sorted(spec_dir("models").glob("*.toml")):
+        model = load_model(path)
+        comment = [line[1:].strip() for line in path.read_text().splitlines()[:6] if line.startswith("#")]
+        size = " x ".join(str(layer.size) for layer in model.layers)
+        rows.append({"name": model.name, "path": str(path), "family": model.family.value, "layers": size,
+                     "epochs": model.training.epochs, "about": " ".join(comment)})
+    if as_json:
+        click.echo(json.dumps({"models": rows}))
+        return
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        about = r["about"] if len(r["about"]) <= 90 else r["about"][:87] + "..."
+        click.echo(f"{r['name'].ljust(width)}  {r['family']:<14}  {r['layers']:<26}  {about}")
+
+
+@main.command()
 @click.argument("key_path", metavar="KEY", type=click.Path(dir_okay=False, path_type=Path))
-def keygen(key_path):
+@JSON
+def keygen(key_path, as_json):
     """Create an ed25519 signing key pair: KEY (private, owner-only) and KEY.pub (public; give it to
     devices as --trust). Sign bundles with `ffcompile build ... --sign KEY`."""
     from ..contract.integrity import keygen as make_keys
 
     private, public, fingerprint = make_keys(key_path)
-    click.echo(f"wrote {private} (private: keep it secret) and {public} (public); key {fingerprint}")
+    report(as_json, {"private": str(private), "public": str(public), "key": fingerprint},
+           f"wrote {private} (private: keep it secret) and {public} (public); key {fingerprint}")
 
 
 @main.command()
@@ -60,10 +90,11 @@ def keygen(key_path):
               help="Training-trajectory steps checked against the reference at build time (0: programs only).")
 @DATA_DIR
 @click.option("--seed", type=int, default=None, help="Seed of the initial weights when SOURCE is a model spec.")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@PROGRESS
 @click.option("--sign", "sign_key", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="KEY",
               help="Sign the bundle digest with this private key (`ffcompile keygen`).")
-def build(source, target_name, out_dir, batch, infer_batch, verify_steps, data_dir, seed, progress, sign_key):
+@JSON
+def build(source, target_name, out_dir, batch, infer_batch, verify_steps, data_dir, seed, progress, sign_key, as_json):
     """Compile a trained run (or a model spec, with fresh weights) into a self-contained bundle:
     train_step + inference programs, weights, optimizer state, manifest with checksums, and the
     parity report of the compiled programs against the PyTorch reference."""
@@ -72,11 +103,13 @@ def build(source, target_name, out_dir, batch, infer_batch, verify_steps, data_d
     if verify_steps < 0:
         raise FFCompileError(f"--verify-steps must be >= 0, got {verify_steps}")
     manifest = build_bundle(source, target_name, out_dir, batch=batch, infer_batch=infer_batch,
-                            verify_steps=verify_steps, data_dir=data_dir, seed=seed, progress=progress, log=_echo,
-                            sign_key=sign_key)
-    click.echo(f"wrote bundle {out_dir}: {', '.join(manifest['programs'])} for {manifest['target']['name']}"
-               f" (parity {'passed' if manifest['parity_passed'] else 'not run here' if manifest['parity_passed'] is None else 'FAILED'})")
-    click.echo(f"bundle digest {manifest['digest']}")
+                            verify_steps=verify_steps, data_dir=data_dir, seed=seed,
+                            progress=show_progress(progress, as_json), log=_echo, sign_key=sign_key)
+    parity = {True: "passed", None: "not run here", False: "FAILED"}[manifest["parity_passed"]]
+    report(as_json, {"bundle": str(out_dir), "target": manifest["target"]["name"], "programs": list(manifest["programs"]),
+                     "parity": parity, "digest": manifest["digest"]},
+           f"wrote bundle {out_dir}: {', '.join(manifest['programs'])} for {manifest['target']['name']} (parity {parity})\n"
+           f"bundle digest {manifest['digest']}")
 
 
 def _load_data(model, data_dir, split: str, input_path: Path | None, labels_path: Path | None,
@@ -97,13 +130,15 @@ def _load_data(model, data_dir, split: str, input_path: Path | None, labels_path
 @main.command()
 @click.argument("bundle_dir", metavar="BUNDLE", type=click.Path(path_type=Path))
 @DATA_DIR
-@click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True)
+@click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True,
+              help="Which part of the data set (val: held out from the training file, never tested on).")
 @click.option("--input", "input_path", type=click.Path(path_type=Path), default=None,
               help="Images as a .npy array [N, 784] instead of MNIST (predictions only, unless --labels).")
 @click.option("--labels", "labels_path", type=click.Path(path_type=Path), default=None, help="Labels .npy [N] for --input.")
 @click.option("--input-scale", type=float, default=None,
               help="Divide --input by this first (255 for 0..255 images); pixels must end up in [0, 1].")
-@click.option("--readout", type=click.Choice(["goodness", "softmax", "all"]), default="all", show_default=True)
+@click.option("--readout", type=click.Choice(["goodness", "softmax", "all"]), default="all", show_default=True,
+              help="Which readout to run (all: every readout the bundle has).")
 @click.option("--weights", "weights", type=click.Path(path_type=Path), default=None,
               help=f"Use a checkpoint's weights (e.g. BUNDLE.finetune/{CHECKPOINT}) instead of the bundle's.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
@@ -157,7 +192,7 @@ def run(bundle_dir, data_dir, split, input_path, labels_path, input_scale, reado
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the full JSON report here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full JSON report on stdout.")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@PROGRESS
 @trust_options
 def verify(bundle_dir, data_dir, steps, emulate, sysroot_cache, report_path, as_json, progress, trust, digest):
     """Check every compiled program against the PyTorch reference (random inputs and real data)
@@ -167,6 +202,7 @@ def verify(bundle_dir, data_dir, steps, emulate, sysroot_cache, report_path, as_
 
     if steps is not None and steps < 0:
         raise FFCompileError(f"--steps must be >= 0, got {steps}")
+    progress = show_progress(progress, as_json)
     if emulate:
         from ..emulation.verify import DEFAULT_STEPS, verify_emulated
 
@@ -205,8 +241,9 @@ def verify(bundle_dir, data_dir, steps, emulate, sysroot_cache, report_path, as_
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the draws (the same seed, the same text).")
 @click.option("--greedy", is_flag=True, help="Always take the most probable character instead of drawing one.")
 @click.option("--weights", type=click.Path(path_type=Path), default=None, help="Use a checkpoint's weights instead of the bundle's.")
+@JSON
 @trust_options
-def generate(bundle_dir, prompt, length, seed, greedy, weights, trust, digest):
+def generate(bundle_dir, prompt, length, seed, greedy, weights, as_json, trust, digest):
     """Next-character bundles: continue PROMPT with characters drawn from the model, with only the
     bundle's infer_softmax and the torch-free runtime (the way self-generated negatives are made)."""
     from ..runtime.bundle import load_bundle
@@ -214,22 +251,24 @@ def generate(bundle_dir, prompt, length, seed, greedy, weights, trust, digest):
     bundle = load_bundle(bundle_dir, trust, digest)
     if weights is not None:
         bundle = bundle.with_weights(weights)
-    click.echo(bundle.generate(prompt, length, seed, greedy))
+    text = bundle.generate(prompt, length, seed, greedy)
+    report(as_json, {"prompt": prompt, "text": text, "seed": seed, "greedy": greedy}, text)
 
 
 @main.command()
 @click.argument("bundle_dir", metavar="BUNDLE", type=click.Path(path_type=Path))
 @DATA_DIR
 @click.option("--epochs", type=int, required=True, help="Epochs of fine-tuning in total (with --resume: including those done).")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help=f"Output folder for {CHECKPOINT} and {METRICS} (default: BUNDLE.finetune beside the bundle).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted fine-tuning run in --out.")
 @click.option("--split", type=click.Choice(["train", "trainval"]), default="train", show_default=True,
               help="train: validate on the held-out part each epoch (see train --help); trainval: train on both.")
 @click.option("--limit", type=int, default=None, help="Use only the first N training examples.")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@PROGRESS
+@JSON
 @trust_options
-def finetune(bundle_dir, data_dir, epochs, out_dir, resume, split, limit, progress, trust, digest):
+def finetune(bundle_dir, data_dir, epochs, out_dir, resume, split, limit, progress, as_json, trust, digest):
     """Forward-Forward training on this machine with the bundle's compiled train_step (no torch):
     starts from the bundle's weights, never writes into the bundle."""
     from ..runtime.bundle import load_bundle
@@ -245,17 +284,21 @@ def finetune(bundle_dir, data_dir, epochs, out_dir, resume, split, limit, progre
     val = load_split(bundle.model, source, "val")[1:] if split == "train" else None
     _echo(f"fine-tuning {bundle.model.name} on {bundle.target['name']} with {len(x)} examples ({source.describe()}); "
           f"writing {out_dir}")
-    ckpt = bundle.finetune(x, y, epochs, out_dir, resume=resume, progress=progress, val=val, log=_echo)
+    ckpt = bundle.finetune(x, y, epochs, out_dir, resume=resume, progress=show_progress(progress, as_json), val=val,
+                           log=_echo)
     tuned = bundle.with_weights(out_dir / CHECKPOINT)
     _, x_test, y_test = load_split(bundle.model, source, "test")
+    errors, lines = {}, []
     for readout in tuned.readouts:
-        parts = []
+        errors[readout] = {"test": tuned.evaluate(x_test, y_test, readout).error_percent}
         if val is not None:
-            parts.append(f"val error {tuned.evaluate(val[0], val[1], readout).error_percent:.2f}%")
-        parts.append(f"test error {tuned.evaluate(x_test, y_test, readout).error_percent:.2f}%")
-        click.echo(f"{bundle.model.name} after {ckpt.epoch} epoch(s) ({readout} readout): {', '.join(parts)}")
-    click.echo(f"wrote {out_dir / CHECKPOINT} and {METRICS}; "
-               f"use it with `ffcompile run {bundle_dir} --weights {out_dir / CHECKPOINT}`")
+            errors[readout]["val"] = tuned.evaluate(val[0], val[1], readout).error_percent
+        parts = [f"{split_name} error {err:.2f}%" for split_name, err in sorted(errors[readout].items(), reverse=True)]
+        lines.append(f"{bundle.model.name} after {ckpt.epoch} epoch(s) ({readout} readout): {', '.join(parts)}")
+    lines.append(f"wrote {out_dir / CHECKPOINT} and {METRICS}; use it with `ffcompile run {bundle_dir} --weights "
+                 f"{out_dir / CHECKPOINT}`")
+    report(as_json, {"out": str(out_dir), "model": bundle.model.name, "epochs": ckpt.epoch, "step": ckpt.step,
+                     "error_percent": errors}, "\n".join(lines))
 
 
 @main.command()

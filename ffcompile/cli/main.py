@@ -51,6 +51,18 @@ def main():
 
 
 DATA_DIR = click.option("--data-dir", type=click.Path(path_type=Path), default=None, help=data_dir_help())
+JSON = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout (messages stay on stderr).")
+PROGRESS = click.option("--progress/--no-progress", default=None,
+                        help="Progress bars on stderr (default: on when stderr is a terminal).")
+
+
+def show_progress(progress: bool | None, as_json: bool = False) -> bool:
+    return (sys.stderr.isatty() if progress is None else progress) and not as_json
+
+
+def report(as_json: bool, result: dict, text: str) -> None:
+    """A command's result: one JSON object on stdout with --json, else ``text``."""
+    click.echo(json.dumps(result) if as_json else text)
 
 
 def _echo(msg: str) -> None:
@@ -68,7 +80,7 @@ def load_split(model, data_dir, split: str):
 @click.argument("model_path", metavar="MODEL.toml", type=click.Path(path_type=Path))
 @DATA_DIR
 @click.option("--epochs", type=int, default=None, help="Epochs to train in total (default: the spec's training.epochs).")
-@click.option("--out", "run_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+@click.option("-o", "--out", "run_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help=f"Run directory: {CHECKPOINT}, {METRICS}, curves.png, receptive_fields.png "
                    "(and hybrid_negatives.png for hybrid-negative models).")
 @click.option("--resume", is_flag=True, help=f"Continue from RUN_DIR/{CHECKPOINT} (bit-identical continuation).")
@@ -82,14 +94,15 @@ def load_split(model, data_dir, split: str):
               help="train = the training part (MNIST: 50k as in the paper; CIFAR-10: 45k; text: the paper's 248 strings), validating on the held-out part each epoch; trainval = both.")
 @click.option("--limit", type=int, default=None, help="Use only the first N training examples (quick runs).")
 @click.option("--eval-every", type=int, default=1, show_default=True, help="Validate every N epochs (and at the end).")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar.")
+@PROGRESS
+@JSON
 @click.option("--nproc", type=click.IntRange(min=1), default=None,
               help="Train data-parallel in N processes on this machine (launches torchrun; gloo on CPU, NCCL on "
                    "GPUs): each takes 1/N of every batch and all compute the one-process step. Under torchrun "
                    "(several machines: see docs/distributed.md) every process joins the job by itself.")
 @click.pass_context
 def train(ctx, model_path, data_dir, epochs, run_dir, resume, device, backend, split, limit, eval_every, progress,
-          nproc):
+          as_json, nproc):
     """Train MODEL.toml (every layer learns every minibatch from its own local objective) on the
     fastest verified backend, or the one --backend names."""
     from ..compiler.compiled_train import check_backend, compiled_steps, default_backend
@@ -99,6 +112,7 @@ def train(ctx, model_path, data_dir, epochs, run_dir, resume, device, backend, s
 
     if nproc is not None:
         sys.exit(_launch_torchrun(ctx, nproc))
+    progress = show_progress(progress, as_json)
     model = load_model(model_path)
     make_step, writer, say = None, True, _echo
     if _distributed_job():
@@ -155,7 +169,11 @@ def train(ctx, model_path, data_dir, epochs, run_dir, resume, device, backend, s
     if model.negatives.kind == "hybrid_image":
         hybrid_examples(model, x, y, run_dir / "hybrid_negatives.png", seed=model.training.seed)
         wrote += ", hybrid_negatives.png"
-    _echo(f"wrote {run_dir}/{wrote}")
+    last = history[-1] if history else {}
+    report(as_json, {"run": str(run_dir), "model": model.name, "backend": backend, "epochs": ckpt.epoch,
+                     "step": ckpt.step, "val_error_percent": {k.split(".", 1)[1]: v for k, v in last.items()
+                                                              if k.startswith("val_error.")},
+                     "files": wrote.split(", ")}, f"wrote {run_dir}/{wrote}")
 
 
 def _check_device(device: str) -> None:
@@ -227,12 +245,15 @@ def _check_limit(model, limit: int) -> None:
 @main.command("eval")
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @DATA_DIR
-@click.option("--readout", type=click.Choice(["goodness", "softmax", "all"]), default="all", show_default=True)
-@click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True)
-@click.option("--device", default="cpu", show_default=True)
-@click.option("--batch", type=int, default=100, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def eval_cmd(run_dir, data_dir, readout, split, device, batch, as_json):
+@click.option("--readout", type=click.Choice(["goodness", "softmax", "all"]), default="all", show_default=True,
+              help="Which readout to score (all: every readout the model has).")
+@click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True,
+              help="Which part of the data set (val: held out from the training file, never tested on).")
+@click.option("--device", default="cpu", show_default=True, help="torch device of the reference backend (cpu, cuda).")
+@click.option("--batch", type=int, default=100, show_default=True, help="Rows per evaluation batch.")
+@PROGRESS
+@JSON
+def eval_cmd(run_dir, data_dir, readout, split, device, batch, progress, as_json):
     """Test error of a trained run with the goodness readout (every label scored in one batched
     pass) and/or the one-pass softmax readout."""
     from ..contract.checkpoint import load_checkpoint
@@ -250,7 +271,8 @@ def eval_cmd(run_dir, data_dir, readout, split, device, batch, as_json):
     for r in readouts:
         if r not in readouts_of(ckpt.model):
             raise FFCompileError(f"model {ckpt.model.name!r} has no {r} readout")
-        result["error_percent"][r] = round(evaluate_params(ckpt.model, ckpt.params, x, y, r, batch, device, progress=not as_json), 4)
+        result["error_percent"][r] = round(evaluate_params(ckpt.model, ckpt.params, x, y, r, batch, device,
+                                                             progress=show_progress(progress, as_json)), 4)
     if ckpt.model.family.predicts_characters:
         from ..reference.train import sequence_perplexity
 
@@ -271,47 +293,78 @@ def data():
 
 @data.command("download")
 @click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--dataset", type=click.Choice(["mnist", "cifar10"]), default="mnist", show_default=True)
-def data_download(dest, dataset):
+@click.option("--dataset", type=click.Choice(["mnist", "cifar10"]), default="mnist", show_default=True,
+              help="Which data set to download.")
+@JSON
+def data_download(dest, dataset, as_json):
     """Download a data set into DEST. mnist: from the public mirrors, verifying every SHA256.
     cifar10: the official binary archive, verifying its MD5 and size, keeping only the six batch
     files (pass DEST as --data-dir or $FFCOMPILE_CIFAR_DIR)."""
     if dataset == "cifar10":
         from ..data.cifar import download_cifar10
 
-        _echo(f"ok: CIFAR-10 binary files in {download_cifar10(dest, log=_echo)}")
+        folder = download_cifar10(dest, log=_echo)
+        report(as_json, {"dataset": dataset, "path": str(folder)}, f"ok: CIFAR-10 binary files in {folder}")
         return
     from ..data import download_mnist
 
-    source = download_mnist(dest, progress=True, log=_echo)
-    _echo(f"ok: {source.describe()}")
+    source = download_mnist(dest, progress=show_progress(None, as_json), log=_echo)
+    report(as_json, {"dataset": dataset, "path": str(dest), "data": source.describe()}, f"ok: {source.describe()}")
 
 
 @data.command("verify")
 @DATA_DIR
-def data_verify(data_dir):
+@JSON
+def data_verify(data_dir, as_json):
     """Check every MNIST file's checksum."""
     from ..data import resolve_data_dir
 
     source = resolve_data_dir(data_dir)
     source.verify()
-    click.echo(f"ok: {source.describe()}")
+    report(as_json, {"ok": True, "data": source.describe()}, f"ok: {source.describe()}")
 
 
 @main.command()
-@click.argument("model_path", metavar="MODEL.toml", type=click.Path(path_type=Path))
+@click.argument("source", metavar="MODEL.toml|NAME|RUN|BUNDLE", type=click.Path(path_type=Path))
 @click.option("--batch", type=int, default=None, help="Static batch of the programs (default: training.batch_size).")
-def inspect(model_path, batch):
-    """Validate MODEL.toml and print its IR (JSON) and a summary of each program a bundle of it
-    carries."""
+@JSON
+def inspect(source, batch, as_json):
+    """Validate a model spec (a file or a shipped model's name) and print its IR (JSON) and a
+    summary of each program a bundle of it carries. For a trained run or a bundle: the model it
+    holds and where training stands."""
     from ..lowering import build_program, bundle_programs
-    from ..core.spec import load_model
 
-    model = load_model(model_path)
+    model, about = _inspected(source)
     batch = batch or model.training.batch_size
     check_batch(batch, "--batch")
-    click.echo(model.dumps())
+    programs = {}
     for name in bundle_programs(model):
         program = build_program(model, name, batch)
         sig = program.signature()
-        click.echo(f"{name}: {len(program.nodes)} ops, {len(sig['inputs'])} inputs, {len(sig['outputs'])} outputs")
+        programs[name] = {"ops": len(program.nodes), "inputs": len(sig["inputs"]), "outputs": len(sig["outputs"])}
+    if as_json:
+        click.echo(json.dumps({**about, "model": model.to_json(), "batch": batch, "programs": programs}))
+        return
+    click.echo(model.dumps())
+    for key, value in about.items():
+        click.echo(f"{key}: {value}")
+    for name, p in programs.items():
+        click.echo(f"{name}: {p['ops']} ops, {p['inputs']} inputs, {p['outputs']} outputs")
+
+
+def _inspected(source: Path):
+    """(model, facts) of a spec, a run folder or checkpoint, or a bundle."""
+    from ..contract.checkpoint import load_checkpoint
+    from ..contract.manifest import is_bundle_dir, read_manifest, verify_files
+    from ..core.spec import load_model, model_from_dict
+
+    if source.is_dir() and is_bundle_dir(source):
+        manifest = read_manifest(source)
+        verify_files(source, manifest)
+        model = model_from_dict(manifest["model"], source=f"{source / 'manifest.json'} (model)")
+        return model, {"kind": "bundle", "target": manifest["target"]["name"], "programs_in_bundle": list(manifest["programs"])}
+    checkpoint = source / CHECKPOINT if source.is_dir() else source
+    if checkpoint.suffix == ".safetensors" or source.is_dir():
+        ckpt = load_checkpoint(checkpoint)
+        return ckpt.model, {"kind": "run", "epochs_trained": ckpt.epoch, "steps": ckpt.step}
+    return load_model(source), {"kind": "spec"}

@@ -18,6 +18,8 @@ Pipeline (``compile_onnx``):
 
 from __future__ import annotations
 
+import warnings
+
 import json
 from pathlib import Path
 
@@ -53,7 +55,9 @@ def _import_onnx(model):
             raise ValueError(f"input {vi.name!r} has a non-static shape {info['shape']}")
         shape_dict[vi.name] = info["shape"]
         dtype_dict[vi.name] = info["dtype"]
-    mod = from_onnx(model, shape_dict=shape_dict, dtype_dict=dtype_dict, keep_params_in_input=False)
+    with warnings.catch_warnings():  # the importer announces every dotted name it sanitizes
+        warnings.filterwarnings("ignore", message="Renaming name", category=UserWarning)
+        mod = from_onnx(model, shape_dict=shape_dict, dtype_dict=dtype_dict, keep_params_in_input=False)
     return mod, inputs
 
 
