@@ -104,6 +104,18 @@ def commit_epoch(run_dir: Path, ckpt: Checkpoint, metrics: dict) -> None:
     write_json(Path(run_dir) / METRICS, metrics)
 
 
+def start_or_resume(run_dir: Path, model: Model, resume: bool, fresh, log,
+                    elsewhere: str = "choose another --out") -> tuple[Checkpoint, list[dict]]:
+    """(checkpoint, per-epoch metrics) a run in ``run_dir`` continues from: resumed, or ``fresh()``
+    for a new run, which refuses to overwrite a checkpoint already there."""
+    if resume:
+        return resume_run(run_dir, model, log)
+    path = Path(run_dir) / CHECKPOINT
+    if path.exists():
+        raise FFCompileError(f"{path} exists: pass --resume to continue it, or {elsewhere}")
+    return fresh(), []
+
+
 def resume_run(run_dir: Path, model: Model, log) -> tuple[Checkpoint, list[dict]]:
     """The checkpoint and the per-epoch metrics up to it, to continue a run in ``run_dir``
     (a reference training run or an on-device fine-tuning run); refuses another model's run."""

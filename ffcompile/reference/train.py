@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..contract.checkpoint import CHECKPOINT, TEMP_FILES, Checkpoint, commit_epoch, resume_run
+from ..contract.checkpoint import CHECKPOINT, TEMP_FILES, Checkpoint, commit_epoch, start_or_resume
 from ..contract.locking import exclusive, remove_stale
 from ..core.errors import FFCompileError
 from ..core.spec import Model
@@ -166,16 +166,8 @@ def train(model: Model, data: Dataset, run_dir: Path, epochs: int, resume: bool 
 def _train(model: Model, data: Dataset, run_dir: Path, epochs: int, resume: bool, device: str, seed: int | None,
            progress: bool, eval_every: int, log, make_step, writer: bool, backend: str) -> Checkpoint:
     ckpt_path = run_dir / CHECKPOINT
-    history: list[dict] = []
-    if resume:
-        ckpt, history = resume_run(run_dir, model, log)
-    else:
-        if ckpt_path.exists():
-            raise FFCompileError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out")
-        seed = model.training.seed if seed is None else seed
-        params, state = init_state(model, seed)
-        ckpt = Checkpoint(model, params, state, 0, 0)
     seed = model.training.seed if seed is None else seed
+    ckpt, history = start_or_resume(run_dir, model, resume, lambda: Checkpoint(model, *init_state(model, seed), 0, 0), log)
     if writer:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "model.json").write_text(model.dumps() + "\n")

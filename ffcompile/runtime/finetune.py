@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..contract.checkpoint import CHECKPOINT, TEMP_FILES, Checkpoint, commit_epoch, resume_run
+from ..contract.checkpoint import CHECKPOINT, TEMP_FILES, Checkpoint, commit_epoch, start_or_resume
 from ..contract.locking import exclusive, remove_stale
 from ..core.errors import FFCompileError
 from ..loop.divergence import DivergenceError, check_tensors, stopped
@@ -76,13 +76,9 @@ def _finetune(bundle, x, y, epochs: int, out_dir: Path, resume: bool, progress: 
     model = bundle.model
     ckpt_path = out_dir / CHECKPOINT
     seed = model.training.seed if seed is None else seed
-    history: list[dict] = []
-    if resume:
-        ckpt, history = resume_run(out_dir, model, log)
-    else:
-        if ckpt_path.exists():
-            raise FFCompileError(f"{ckpt_path} exists: pass --resume to continue it, or choose another output folder")
-        ckpt = Checkpoint(model, bundle.params, bundle.state, 0, bundle.step)
+    ckpt, history = start_or_resume(out_dir, model, resume,
+                                    lambda: Checkpoint(model, bundle.params, bundle.state, 0, bundle.step), log,
+                                    "choose another output folder")
     out_dir.mkdir(parents=True, exist_ok=True)
 
     epoch_fn = _epoch_runner(bundle, [*ckpt.params, *ckpt.state], seed, progress)

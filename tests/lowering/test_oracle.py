@@ -45,6 +45,15 @@ def random_step_inputs(model, rng):
     return t64(params), t64(state), torch.tensor(x), torch.tensor(y), torch.tensor(u)
 
 
+def lowered_step(model, params, state, x, y, u, lr, step):
+    """(outputs, feeds) of the lowered train_step run by the torch interpreter in float64."""
+    program = TorchProgram(build_program(model, "train_step", model.training.batch_size))
+    feeds = {**params, **state, "x": x, "y": y, "u": u, "lr": torch.tensor(lr, dtype=torch.float64),
+             "step": torch.tensor(float(step), dtype=torch.float64)}
+    with torch.no_grad():
+        return program.run({v.name: feeds[v.name] for v in program.program.inputs}), feeds
+
+
 @pytest.mark.parametrize("goodness,norm", GOODNESS)
 @pytest.mark.parametrize("reg", range(len(REGULARIZERS)))
 @pytest.mark.parametrize("opt", range(len(OPTIMIZERS)))
@@ -54,11 +63,7 @@ def test_analytic_update_matches_autograd(goodness, norm, reg, opt, negatives):
     rng = np.random.default_rng(7)
     params, state, x, y, u = random_step_inputs(model, rng)
     step, lr = 4, OPTIMIZERS[opt].lr
-    program = TorchProgram(build_program(model, "train_step", model.training.batch_size))
-    feeds = {**params, **state, "x": x, "y": y, "u": u, "lr": torch.tensor(lr, dtype=torch.float64),
-             "step": torch.tensor(float(step), dtype=torch.float64)}
-    with torch.no_grad():
-        out = program.run({v.name: feeds[v.name] for v in program.program.inputs})
+    out, feeds = lowered_step(model, params, state, x, y, u, lr, step)
     want_params, want_state, want_negatives = oracle_train_step(model, params, state, x, y, u, lr, step)
     assert torch.equal(out["negative_labels"], want_negatives)
     for name, want in {**want_params, **want_state}.items():
@@ -100,11 +105,7 @@ def test_recipe_update_matches_torch_optim(recipe, zero_state):
     if zero_state:
         state = {k: torch.zeros_like(v) if not k.endswith("peer_mean") else v for k, v in state.items()}
     step, lr = 1 if zero_state else 4, optimizer.lr
-    program = TorchProgram(build_program(model, "train_step", model.training.batch_size))
-    feeds = {**params, **state, "x": x, "y": y, "u": u, "lr": torch.tensor(lr, dtype=torch.float64),
-             "step": torch.tensor(float(step), dtype=torch.float64)}
-    with torch.no_grad():
-        out = program.run({v.name: feeds[v.name] for v in program.program.inputs})
+    out, feeds = lowered_step(model, params, state, x, y, u, lr, step)
     want_params, want_state, _ = oracle_train_step(model, params, state, x, y, u, lr, step)
     for name, want in {**want_params, **want_state}.items():
         if name.endswith(".velocity") and optimizer.momentum == 0:
