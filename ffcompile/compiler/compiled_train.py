@@ -79,7 +79,8 @@ def compiled_train_step(model: Model, backend: str, params: dict, state: dict, s
     if not report["passed"]:
         failed = [line.strip() for line in summary_lines(report)[1:] if "FAIL" in line]
         raise FFCompileError(f"--backend {backend}: the compiled train_step failed its parity check against the torch "
-                             f"reference ({failed[0] if failed else 'see ffcompile verify'}); train with --backend torch")
+                             f"reference ({failed[0] if failed else 'see ffcompile verify'}); train with --backend torch (which "
+                             "also says where a run diverges, if the reference itself does)")
     carried = [*params, *state]
     return CompiledTrainStep(runner, program.signature(), carried)
 
