@@ -134,6 +134,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=200, help="training examples")
     parser.add_argument("--commands", default="train,finetune,build")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--backend", default="torch", help="train's --backend (default torch: no compile per launch)")
     parser.add_argument("--out", type=Path, default=Path("killtest.json"))
     args = parser.parse_args()
     rng = random.Random(args.seed)
@@ -146,7 +147,8 @@ def main() -> None:
         bundle = work / "bundles" / "b"
         seconds, built = run(ffcompile("build", spec, "-o", bundle, "--verify-steps", "0", "--no-progress"))
         assert built.returncode == 0, built.stderr
-        trained = {"train": lambda out, resume: ffcompile("train", spec, "--out", out, *common, *resume),
+        trained = {"train": lambda out, resume: ffcompile("train", spec, "--out", out, "--backend", args.backend, *common,
+                                                          *resume),
                    "finetune": lambda out, resume: ffcompile("finetune", bundle, "--out", out, *common, *resume)}
         for name, command in trained.items():
             if name not in commands:
