@@ -169,7 +169,7 @@ def same_network(a: Model, b: Model) -> bool:
 def _check_batches(root: Path, manifest: dict, model: Model) -> None:
     """The manifest's batch sizes, the model's and each program's static batch agree (the loops
     cut batches by the manifest; a program of another batch would fail in the middle of a run)."""
-    from ..lowering import is_train_program
+    from ..core.family import is_train_program
 
     batch = manifest["batch"]
     if batch["train"] != model.training.batch_size:
