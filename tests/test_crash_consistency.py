@@ -42,7 +42,8 @@ def test_finetune_metrics_recovered_from_the_checkpoint(tiny_bundle, tmp_path):
 def test_stale_temporary_files_cleaned_on_the_next_run(tiny_spec, tmp_path):
     run = tmp_path / "run"
     succeeded(invoke("train", tiny_spec, "--out", run, "--epochs", "1", "--limit", "100", "--no-progress"))
-    stale = [run / ".checkpoint.safetensors.abc123.tmp", run / ".metrics.json.def456.tmp"]
+    # ours (atomic_write) and safetensors' own (.tmpXXXXXX, renamed into ours when complete)
+    stale = [run / ".checkpoint.safetensors.abc123.tmp", run / ".metrics.json.def456.tmp", run / ".tmpy80puA"]
     for path in stale:
         path.write_bytes(b"half written")
     succeeded(invoke("train", tiny_spec, "--out", run, "--epochs", "2", "--limit", "100", "--no-progress", "--resume"))

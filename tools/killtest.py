@@ -4,6 +4,11 @@ with complete metrics; after every killed rebuild the output folder holds a whol
 bundle, and the next build leaves no leftovers.
 
     python tools/killtest.py --kills 50 --out killtest.json
+    python tools/killtest.py --at-renames --out killtest-renames.json     # needs strace
+
+``--at-renames`` kills each command at every one of its renames in turn instead of at random
+times: an uninterrupted run is traced to count its rename calls, then for each N the command runs
+under ``strace``, which delivers SIGKILL at the N-th rename.
 
 Uses tests/bundle/tiny.toml (2 small layers) on the built-in MNIST subset, so each command takes
 seconds.
@@ -79,6 +84,64 @@ def leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") or p.name.endswith(".tmp"))
 
 
+RENAMES = "rename,renameat,renameat2"
+
+
+def traced(cmd, kill_at: int | None = None, log: str = os.devnull) -> list[str]:
+    """``cmd`` under strace, tracing the rename calls (into ``log``); SIGKILL at the ``kill_at``-th."""
+    inject = ["-e", f"inject={RENAMES}:signal=SIGKILL:when={kill_at}"] if kill_at else []
+    return ["strace", "-f", "-qq", "-o", log, "-e", f"trace={RENAMES}", *inject, *cmd]
+
+
+def count_renames(cmd) -> int:
+    with tempfile.NamedTemporaryFile("r") as log:
+        subprocess.run(traced(cmd, log=log.name), capture_output=True, env=env(), check=True)
+        return sum("rename" in line for line in log)
+
+
+def killed_at_rename(cmd, n: int) -> bool:
+    return subprocess.run(traced(cmd, n), capture_output=True, env=env()).returncode in (-signal.SIGKILL, 128 + 9)
+
+
+def kill_runs_at_renames(name: str, command, reference: Path, work: Path) -> dict:
+    """Train-like commands killed at each rename in turn, then resumed to the end."""
+    renames = count_renames(command(work / f"{name}-count", []))
+    report = {"renames": renames, "kills": 0, "bit_identical": 0, "metrics_complete": 0, "failures": []}
+    for n in range(1, renames + 1):
+        out = work / f"{name}-rename-{n}"
+        report["kills"] += killed_at_rename(command(out, []), n)
+        resume = ["--resume"] if (out / "checkpoint.safetensors").exists() else []
+        _, final = run(command(out, resume))
+        if final.returncode != 0:
+            report["failures"].append(f"rename {n}: {final.stderr.strip().splitlines()[-1:]}")
+            continue
+        report["bit_identical"] += same_checkpoint(out / "checkpoint.safetensors", reference / "checkpoint.safetensors")
+        report["metrics_complete"] += metrics_rows(out) == metrics_rows(reference)
+        if leftovers(out):
+            report["failures"].append(f"rename {n}: leftovers {leftovers(out)}")
+        shutil.rmtree(out)
+    return report
+
+
+def kill_builds_at_renames(spec: Path, bundle: Path) -> dict:
+    """Rebuilds killed at each rename in turn: a whole bundle must be at -o after every one."""
+    cmd = ffcompile("build", spec, "-o", bundle, "--verify-steps", "0", "--no-progress")
+    renames = count_renames(cmd)
+    report = {"renames": renames, "kills": 0, "bundle_missing_or_broken": 0, "failures": []}
+    for n in range(1, renames + 1):
+        report["kills"] += killed_at_rename(cmd, n)
+        try:
+            load_bundle(bundle)
+        except FFCompileError as e:
+            report["bundle_missing_or_broken"] += 1
+            report["failures"].append(f"rename {n}: {e}")
+    _, final = run(cmd)
+    if final.returncode != 0:
+        report["failures"].append(f"final build: {final.stderr.strip().splitlines()[-1:]}")
+    report["leftovers_after_final_build"] = leftovers(bundle.parent)
+    return report
+
+
 def kill_runs(name: str, command, reference: Path, seconds: float, kills: int, work: Path, rng) -> dict:
     """Train-like commands: each trial kills a run 1 to 3 times at random points (resuming after
     each kill), then lets it finish; the result is compared with the uninterrupted ``reference``."""
@@ -135,11 +198,12 @@ def main() -> None:
     parser.add_argument("--commands", default="train,finetune,build")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backend", default="torch", help="train's --backend (default torch: no compile per launch)")
+    parser.add_argument("--at-renames", action="store_true", help="kill at every rename in turn (strace)")
     parser.add_argument("--out", type=Path, default=Path("killtest.json"))
     args = parser.parse_args()
     rng = random.Random(args.seed)
     work = Path(tempfile.mkdtemp(prefix="ffcompile-killtest-"))
-    results = {"kills_per_command": args.kills, "epochs": args.epochs, "limit": args.limit, "commands": {}}
+    results = {"mode": "at every rename" if args.at_renames else "random points", "kills_per_command": args.kills, "epochs": args.epochs, "limit": args.limit, "commands": {}}
     try:
         spec = SPEC
         common = ["--epochs", args.epochs, "--limit", args.limit, "--no-progress"]
@@ -155,13 +219,15 @@ def main() -> None:
                 continue
             run_seconds, ref = run(command(work / f"{name}-ref", []))
             assert ref.returncode == 0, ref.stderr
-            results["commands"][name] = {"uninterrupted_seconds": round(run_seconds, 2), **kill_runs(
-                name, command, work / f"{name}-ref", run_seconds, args.kills, work, rng)}
+            killed = (kill_runs_at_renames(name, command, work / f"{name}-ref", work) if args.at_renames else
+                      kill_runs(name, command, work / f"{name}-ref", run_seconds, args.kills, work, rng))
+            results["commands"][name] = {"uninterrupted_seconds": round(run_seconds, 2), **killed}
             print(name, results["commands"][name], flush=True)
             args.out.write_text(json.dumps(results, indent=1) + "\n")  # each command's result as it is done
         if "build" in commands:
-            results["commands"]["build"] = {"uninterrupted_seconds": round(seconds, 2), **kill_builds(
-                spec, bundle, seconds, args.kills, rng)}
+            killed = (kill_builds_at_renames(spec, bundle) if args.at_renames else
+                      kill_builds(spec, bundle, seconds, args.kills, rng))
+            results["commands"]["build"] = {"uninterrupted_seconds": round(seconds, 2), **killed}
             print("build", results["commands"]["build"], flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)

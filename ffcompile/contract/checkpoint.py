@@ -50,7 +50,7 @@ def atomic_write(path: Path, write) -> None:
             os.unlink(tmp)
 
 
-TEMP_FILES = (".*.tmp",)  # what atomic_write leaves when killed
+TEMP_FILES = (".*.tmp", ".tmp??????")  # what atomic_write, and safetensors inside it, leave when killed
 
 
 def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
