@@ -84,41 +84,44 @@ def leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") or p.name.endswith(".tmp"))
 
 
-RENAMES = "rename,renameat,renameat2"
+RENAMES = ("rename", "renameat", "renameat2")
 
 
-def traced(cmd, kill_at: int | None = None, log: str = os.devnull) -> list[str]:
-    """``cmd`` under strace, tracing the rename calls (into ``log``); SIGKILL at the ``kill_at``-th."""
-    inject = ["-e", f"inject={RENAMES}:signal=SIGKILL:when={kill_at}"] if kill_at else []
-    return ["strace", "-f", "-qq", "-o", log, "-e", f"trace={RENAMES}", *inject, *cmd]
+def traced(cmd, kill_at: tuple[str, int] | None = None, log: str = os.devnull) -> list[str]:
+    """``cmd`` under strace, tracing the rename calls (into ``log``); with ``kill_at`` = (call, n),
+    SIGKILL at that call's n-th invocation (strace counts each call separately)."""
+    inject = ["-e", f"inject={kill_at[0]}:signal=SIGKILL:when={kill_at[1]}"] if kill_at else []
+    return ["strace", "-f", "-qq", "-o", log, "-e", f"trace={','.join(RENAMES)}", *inject, *cmd]
 
 
-def count_renames(cmd) -> int:
+def rename_points(cmd) -> list[tuple[str, int]]:
+    """Every rename an uninterrupted run of ``cmd`` makes, as (call, n-th of that call)."""
     with tempfile.NamedTemporaryFile("r") as log:
         subprocess.run(traced(cmd, log=log.name), capture_output=True, env=env(), check=True)
-        return sum("rename" in line for line in log)
+        calls = [line.split()[1].split("(")[0] for line in log if "rename" in line and "(" in line]
+    return [(call, n) for call in RENAMES for n in range(1, calls.count(call) + 1)]
 
 
-def killed_at_rename(cmd, n: int) -> bool:
-    return subprocess.run(traced(cmd, n), capture_output=True, env=env()).returncode in (-signal.SIGKILL, 128 + 9)
+def killed_at(cmd, point: tuple[str, int]) -> bool:
+    return subprocess.run(traced(cmd, point), capture_output=True, env=env()).returncode in (-signal.SIGKILL, 128 + 9)
 
 
 def kill_runs_at_renames(name: str, command, reference: Path, work: Path) -> dict:
     """Train-like commands killed at each rename in turn, then resumed to the end."""
-    renames = count_renames(command(work / f"{name}-count", []))
-    report = {"renames": renames, "kills": 0, "bit_identical": 0, "metrics_complete": 0, "failures": []}
-    for n in range(1, renames + 1):
-        out = work / f"{name}-rename-{n}"
-        report["kills"] += killed_at_rename(command(out, []), n)
+    points = rename_points(command(work / f"{name}-count", []))
+    report = {"renames": len(points), "kills": 0, "bit_identical": 0, "metrics_complete": 0, "failures": []}
+    for i, point in enumerate(points):
+        out = work / f"{name}-rename-{i}"
+        report["kills"] += killed_at(command(out, []), point)
         resume = ["--resume"] if (out / "checkpoint.safetensors").exists() else []
         _, final = run(command(out, resume))
         if final.returncode != 0:
-            report["failures"].append(f"rename {n}: {final.stderr.strip().splitlines()[-1:]}")
+            report["failures"].append(f"{point}: {final.stderr.strip().splitlines()[-1:]}")
             continue
         report["bit_identical"] += same_checkpoint(out / "checkpoint.safetensors", reference / "checkpoint.safetensors")
         report["metrics_complete"] += metrics_rows(out) == metrics_rows(reference)
         if leftovers(out):
-            report["failures"].append(f"rename {n}: leftovers {leftovers(out)}")
+            report["failures"].append(f"{point}: leftovers {leftovers(out)}")
         shutil.rmtree(out)
     return report
 
@@ -126,15 +129,15 @@ def kill_runs_at_renames(name: str, command, reference: Path, work: Path) -> dic
 def kill_builds_at_renames(spec: Path, bundle: Path) -> dict:
     """Rebuilds killed at each rename in turn: a whole bundle must be at -o after every one."""
     cmd = ffcompile("build", spec, "-o", bundle, "--verify-steps", "0", "--no-progress")
-    renames = count_renames(cmd)
-    report = {"renames": renames, "kills": 0, "bundle_missing_or_broken": 0, "failures": []}
-    for n in range(1, renames + 1):
-        report["kills"] += killed_at_rename(cmd, n)
+    points = rename_points(cmd)
+    report = {"renames": len(points), "kills": 0, "bundle_missing_or_broken": 0, "failures": []}
+    for point in points:
+        report["kills"] += killed_at(cmd, point)
         try:
             load_bundle(bundle)
         except FFCompileError as e:
             report["bundle_missing_or_broken"] += 1
-            report["failures"].append(f"rename {n}: {e}")
+            report["failures"].append(f"{point}: {e}")
     _, final = run(cmd)
     if final.returncode != 0:
         report["failures"].append(f"final build: {final.stderr.strip().splitlines()[-1:]}")
