@@ -106,6 +106,21 @@ def killed_at(cmd, point: tuple[str, int]) -> bool:
     return subprocess.run(traced(cmd, point), capture_output=True, env=env()).returncode in (-signal.SIGKILL, 128 + 9)
 
 
+def finish_and_compare(command, out: Path, reference: Path, report: dict, label: str) -> None:
+    """Run an interrupted run in ``out`` to its end and count, into ``report``, whether it matches
+    the uninterrupted ``reference`` bit for bit, with complete metrics and no leftovers."""
+    resume = ["--resume"] if (out / "checkpoint.safetensors").exists() else []
+    _, final = run(command(out, resume))
+    if final.returncode != 0:
+        report["failures"].append(f"{label}: {final.stderr.strip().splitlines()[-1:]}")
+        return
+    report["bit_identical"] += same_checkpoint(out / "checkpoint.safetensors", reference / "checkpoint.safetensors")
+    report["metrics_complete"] += metrics_rows(out) == metrics_rows(reference)
+    if leftovers(out):
+        report["failures"].append(f"{label}: leftovers {leftovers(out)}")
+    shutil.rmtree(out)
+
+
 def kill_runs_at_renames(name: str, command, reference: Path, work: Path) -> dict:
     """Train-like commands killed at each rename in turn, then resumed to the end."""
     points = rename_points(command(work / f"{name}-count", []))
@@ -113,16 +128,7 @@ def kill_runs_at_renames(name: str, command, reference: Path, work: Path) -> dic
     for i, point in enumerate(points):
         out = work / f"{name}-rename-{i}"
         report["kills"] += killed_at(command(out, []), point)
-        resume = ["--resume"] if (out / "checkpoint.safetensors").exists() else []
-        _, final = run(command(out, resume))
-        if final.returncode != 0:
-            report["failures"].append(f"{point}: {final.stderr.strip().splitlines()[-1:]}")
-            continue
-        report["bit_identical"] += same_checkpoint(out / "checkpoint.safetensors", reference / "checkpoint.safetensors")
-        report["metrics_complete"] += metrics_rows(out) == metrics_rows(reference)
-        if leftovers(out):
-            report["failures"].append(f"{point}: leftovers {leftovers(out)}")
-        shutil.rmtree(out)
+        finish_and_compare(command, out, reference, report, str(point))
     return report
 
 
@@ -155,17 +161,7 @@ def kill_runs(name: str, command, reference: Path, seconds: float, kills: int, w
         for _ in range(rng.randint(1, 3)):
             resume = ["--resume"] if (out / "checkpoint.safetensors").exists() else []
             report["kills"] += run_killed(command(out, resume), rng.uniform(0.0, seconds))
-        resume = ["--resume"] if (out / "checkpoint.safetensors").exists() else []
-        _, final = run(command(out, resume))
-        if final.returncode != 0:
-            report["failures"].append(f"trial {report['trials']}: {final.stderr.strip().splitlines()[-1:]}")
-            continue
-        report["bit_identical"] += same_checkpoint(out / "checkpoint.safetensors", reference / "checkpoint.safetensors")
-        report["metrics_complete"] += metrics_rows(out) == metrics_rows(reference)
-        stray = leftovers(out)
-        if stray:
-            report["failures"].append(f"trial {report['trials']}: leftovers {stray}")
-        shutil.rmtree(out)
+        finish_and_compare(command, out, reference, report, f"trial {report['trials']}")
     return report
 
 
