@@ -15,7 +15,7 @@ import numpy as np
 
 from ..contract.checkpoint import CHECKPOINT, METRICS
 from ..core.errors import FFCompileError
-from .main import DATA_DIR, JSON, PROGRESS, _check_limit, _echo, load_split, main, report, show_progress
+from .main import DATA_DIR, DTYPE, JSON, PROGRESS, _check_limit, _echo, load_split, main, report, show_progress
 
 
 @main.command()
@@ -93,21 +93,31 @@ def keygen(key_path, as_json):
 @PROGRESS
 @click.option("--sign", "sign_key", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="KEY",
               help="Sign the bundle digest with this private key (`ffcompile keygen`).")
+@DTYPE
+@click.option("--accuracy-budget", type=float, default=0.5, show_default=True, metavar="POINTS",
+              help="With --dtype: the most validation error (percentage points) the reduced programs may add "
+                   "over float32; a bundle over it is refused.")
+@click.option("--force", is_flag=True, help="With --dtype: write the bundle even when it is over --accuracy-budget.")
 @JSON
-def build(source, target_name, out_dir, batch, infer_batch, verify_steps, data_dir, seed, progress, sign_key, as_json):
+def build(source, target_name, out_dir, batch, infer_batch, verify_steps, data_dir, seed, progress, sign_key, dtype,
+          accuracy_budget, force, as_json):
     """Compile a trained run (or a model spec, with fresh weights) into a self-contained bundle:
     train_step + inference programs, weights, optimizer state, manifest with checksums, and the
-    parity report of the compiled programs against the PyTorch reference."""
+    parity report of the compiled programs against the PyTorch reference. With --dtype int8 or
+    float16 the bundle also holds the inference programs in that dtype (weights inside, int8
+    calibrated on training rows), checked against the reference and the accuracy budget on
+    validation rows; they are what `run` uses by default, while fine-tuning stays float32."""
     from ..compiler.build import build_bundle
 
     if verify_steps < 0:
         raise FFCompileError(f"--verify-steps must be >= 0, got {verify_steps}")
     manifest = build_bundle(source, target_name, out_dir, batch=batch, infer_batch=infer_batch,
                             verify_steps=verify_steps, data_dir=data_dir, seed=seed,
-                            progress=show_progress(progress, as_json), log=_echo, sign_key=sign_key)
+                            progress=show_progress(progress, as_json), log=_echo, sign_key=sign_key, dtype=dtype,
+                            accuracy_budget=accuracy_budget, force=force)
     parity = {True: "passed", None: "not run here", False: "FAILED"}[manifest["parity_passed"]]
     report(as_json, {"bundle": str(out_dir), "target": manifest["target"]["name"], "programs": list(manifest["programs"]),
-                     "parity": parity, "digest": manifest["digest"]},
+                     "dtype": dtype, "parity": parity, "digest": manifest["digest"]},
            f"wrote bundle {out_dir}: {', '.join(manifest['programs'])} for {manifest['target']['name']} (parity {parity})\n"
            f"bundle digest {manifest['digest']}")
 
@@ -141,9 +151,12 @@ def _load_data(model, data_dir, split: str, input_path: Path | None, labels_path
               help="Which readout to run (all: every readout the bundle has).")
 @click.option("--weights", "weights", type=click.Path(path_type=Path), default=None,
               help=f"Use a checkpoint's weights (e.g. BUNDLE.finetune/{CHECKPOINT}) instead of the bundle's.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "int8"]), default=None,
+              help="Run the inference programs in this dtype (default: the bundle's, see `build --dtype`).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @trust_options
-def run(bundle_dir, data_dir, split, input_path, labels_path, input_scale, readout, weights, as_json, trust, digest):
+def run(bundle_dir, data_dir, split, input_path, labels_path, input_scale, readout, weights, dtype, as_json, trust,
+        digest):
     """Run a bundle's inference programs: error rate and latency (median ms per batch, throughput)."""
     from ..runtime.bundle import load_bundle
 
@@ -152,14 +165,15 @@ def run(bundle_dir, data_dir, split, input_path, labels_path, input_scale, reado
         bundle = bundle.with_weights(weights)
     x, y, described = _load_data(bundle.model, data_dir, split, input_path, labels_path, input_scale)
     readouts = bundle.readouts if readout == "all" else [readout]
-    result = {"bundle": str(bundle_dir), "model": bundle.model.name, "target": bundle.target["name"],
+    dtype = dtype or bundle.dtype
+    result = {"bundle": str(bundle_dir), "model": bundle.model.name, "target": bundle.target["name"], "dtype": dtype,
               "weights": bundle.weights_from, "data": described, "examples": int(len(x)), "readouts": {}}
     for r in readouts:
         if y is None:
-            predictions = bundle.predict(x, r)
+            predictions = bundle.predict(x, r, dtype)
             result["readouts"][r] = {"predictions": predictions.tolist()}
             continue
-        ev = bundle.evaluate(x, y, r)
+        ev = bundle.evaluate(x, y, r, dtype)
         result["readouts"][r] = {"error_percent": round(ev.error_percent, 4), "accuracy_percent": round(ev.accuracy_percent, 4),
                                  "batch": ev.batch, "median_batch_ms": round(ev.median_batch_ms, 3),
                                  "examples_per_second": round(ev.examples_per_second, 1)}
@@ -175,7 +189,7 @@ def run(bundle_dir, data_dir, split, input_path, labels_path, input_scale, reado
             counts = np.bincount(np.asarray(res["predictions"], np.int64), minlength=bundle.model.input.label.classes)
             click.echo(f"{bundle.model.name} ({r} readout): {len(x)} predictions; per class {counts.tolist()}")
         else:
-            click.echo(f"{bundle.model.name} on {bundle.target['name']} ({r} readout): error {res['error_percent']:.2f}% "
+            click.echo(f"{bundle.model.name} on {bundle.target['name']} ({r} readout, {dtype}): error {res['error_percent']:.2f}% "
                        f"of {len(x)}; {res['median_batch_ms']:.2f} ms per batch of {res['batch']} (median), "
                        f"{res['examples_per_second']:.0f} examples/s")
 
@@ -309,22 +323,27 @@ def finetune(bundle_dir, data_dir, epochs, out_dir, resume, split, limit, progre
               help="The file to write (model.onnx).")
 @click.option("--readout", type=click.Choice(["goodness", "softmax"]), default=None,
               help="Which inference program (default: goodness where the model has it, else softmax).")
+@DTYPE
+@DATA_DIR
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def export(source, fmt, out_path, readout, as_json):
+def export(source, fmt, out_path, readout, dtype, data_dir, as_json):
     """Write a trained run's (or a bundle's) inference program as one self-contained ONNX file:
     weights inside, any batch size, metadata that says how to feed it (opset 18). Any ONNX
-    client can run it without ffcompile: see docs/export.md."""
+    client can run it without ffcompile: see docs/export.md. int8 is calibrated on training
+    rows of the model's data (--data-dir)."""
     from ..compiler.export import export_onnx, load_source
+    from ..compiler.quantize import calibration_rows, quantize
     from ..contract.checkpoint import atomic_write
     from ..lowering import readouts_of
 
     model, params, digest = load_source(source)
     readout = readout or readouts_of(model)[0]
-    proto = export_onnx(model, params, readout, digest)
+    proto = quantize(export_onnx(model, params, readout, digest), dtype,
+                     calibration_rows(model, data_dir) if dtype == "int8" else None)
     atomic_write(out_path, lambda tmp: tmp.write_bytes(proto.SerializeToString()))
-    report = {"out": str(out_path), "format": fmt, "model": model.name, "readout": readout,
+    report = {"out": str(out_path), "format": fmt, "model": model.name, "readout": readout, "dtype": dtype,
               "bytes": out_path.stat().st_size, "source_sha256": digest}
     if as_json:
         click.echo(json.dumps(report))
     else:
-        _echo(f"wrote {out_path}: {model.name}, {readout} readout, {report['bytes']} bytes, any batch size")
+        _echo(f"wrote {out_path}: {model.name}, {readout} readout in {dtype}, {report['bytes']} bytes, any batch size")

@@ -51,6 +51,8 @@ def main():
 
 
 DATA_DIR = click.option("--data-dir", type=click.Path(path_type=Path), default=None, help=data_dir_help())
+DTYPE = click.option("--dtype", type=click.Choice(["float32", "float16", "int8"]), default="float32", show_default=True,
+                     help="Precision of the inference programs (int8: calibrated on training rows).")
 JSON = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout (messages stay on stderr).")
 PROGRESS = click.option("--progress/--no-progress", default=None,
                         help="Progress bars on stderr (default: on when stderr is a terminal).")

@@ -23,7 +23,7 @@ from ..contract.checkpoint import CHECKPOINT, load_checkpoint
 from ..contract.integrity import load_private_key, sign_bundle, write_digest
 from ..contract.locking import exclusive, remove_stale
 from ..contract.manifest import (FORMAT, FORMAT_VERSION, MANIFEST, OPTIMIZER, PARITY, PROGRAMS_DIR, WEIGHTS,
-                                 checksums, is_bundle_dir)
+                                 checksums, is_bundle_dir, sha256_file)
 from ..contract.rename import exchange
 from ..contract.weights import save_tensors
 from ..core.errors import FFCompileError
@@ -33,7 +33,8 @@ from ..core.spec_limits import MAX_BATCH
 from ..lowering import build_program, bundle_programs, init_state, is_train_program
 from ..runtime.loaders import load_program
 from ..runtime.machine import why_not_here
-from .targets import Target, find_target
+from .quantize import DEFAULT_BUDGET, DTYPES, budget_error, check_reduced_programs, write_reduced
+from .targets import Target, find_target, known_targets
 
 DEFAULT_INFER_BATCH = 100
 
@@ -144,16 +145,21 @@ def _replace_dir(tmp: Path, out_dir: Path) -> None:
 
 def build_bundle(source, target, out_dir, batch: int | None = None, infer_batch: int = DEFAULT_INFER_BATCH,
                  verify_steps: int = 100, data_dir=None, seed: int | None = None, progress: bool = True,
-                 log=print, sign_key=None) -> dict:
+                 log=print, sign_key=None, dtype: str = "float32", accuracy_budget: float = DEFAULT_BUDGET,
+                 force: bool = False) -> dict:
     """Compile, write and verify a bundle; returns its manifest, with the bundle digest under
     ``manifest["digest"]`` (not stored in the file). The parity report is written as parity.json;
     a failed parity check aborts the build (its report is kept at OUT.parity-failed.json).
-    ``sign_key``: a private key file (``ffcompile keygen``) to sign the bundle digest with."""
+    ``sign_key``: a private key file (``ffcompile keygen``) to sign the bundle digest with.
+    ``dtype`` other than float32: the inference programs also in that dtype (weights inside;
+    see ``quantize``), checked against their reference and refused when they lose more than
+    ``accuracy_budget`` points of validation accuracy, unless ``force``."""
     key = load_private_key(sign_key) if sign_key is not None else None
     out_dir = Path(out_dir)
     with exclusive(out_dir, "ffcompile build"):
         _recover(out_dir, log)
-        return _build(source, target, out_dir, batch, infer_batch, verify_steps, data_dir, seed, progress, log, key)
+        return _build(source, target, out_dir, batch, infer_batch, verify_steps, data_dir, seed, progress, log, key,
+                      Reduced(dtype, accuracy_budget, force))
 
 
 def _recover(out_dir: Path, log) -> None:
@@ -167,9 +173,28 @@ def _recover(out_dir: Path, log) -> None:
     remove_stale(out_dir.parent, (f".{name}.building-*", f".{name}.old-*"), log)
 
 
+@dataclasses.dataclass(frozen=True)
+class Reduced:
+    """What ``build --dtype`` asked for."""
+    dtype: str
+    budget: float
+    force: bool
+
+    def check(self, target: Target) -> None:
+        if self.dtype not in DTYPES:
+            raise FFCompileError(f"--dtype: unknown dtype {self.dtype!r} (known: {', '.join(DTYPES)})")
+        if self.dtype not in target.inference_dtypes:
+            able = ", ".join(t.name for t in known_targets() if self.dtype in t.inference_dtypes) or "none"
+            raise FFCompileError(f"target {target.name!r} builds inference programs in {', '.join(target.inference_dtypes)} "
+                                 f"only, not {self.dtype} (targets with {self.dtype}: {able})")
+        if not self.budget >= 0:
+            raise FFCompileError(f"--accuracy-budget must be >= 0 percentage points, got {self.budget}")
+
+
 def _build(source, target, out_dir: Path, batch, infer_batch, verify_steps, data_dir, seed, progress, log,
-           key) -> dict:
+           key, reduced: Reduced) -> dict:
     target = find_target(target)
+    reduced.check(target)
     if target.backend not in COMPILERS:
         raise FFCompileError(f"target {target.name!r}: this ffcompile cannot compile for backend {target.backend!r} "
                              f"(available: {', '.join(COMPILERS)})")
@@ -210,8 +235,12 @@ def _build(source, target, out_dir: Path, batch, infer_batch, verify_steps, data
                      optimizer=model.optimizer.kind)
         report = _parity(model, target.to_json(), tmp, entries, src, infer_batch, verify_steps, data_dir, seed,
                          progress, log)
+        section = None
+        if reduced.dtype != "float32":
+            section, report["reduced_precision"] = _reduced_programs(model, target, tmp, src.params, data_dir,
+                                                                     infer_batch, reduced, log)
         (tmp / PARITY).write_text(json.dumps(report, indent=1) + "\n")
-        if report.get("passed") is False:
+        if report.get("passed") is False or not report.get("reduced_precision", {}).get("passed", True):
             failed = out_dir.parent / f"{out_dir.name}.parity-failed.json"
             shutil.copyfile(tmp / PARITY, failed)
             from ..reference.parity import summary_lines
@@ -230,6 +259,8 @@ def _build(source, target, out_dir: Path, batch, infer_batch, verify_steps, data
             "versions": versions(),
             "parity_passed": report.get("passed"),
         }
+        if section is not None:
+            manifest["reduced_precision"] = section
         manifest["files"] = checksums(tmp)
         manifest_bytes = (json.dumps(manifest, indent=1) + "\n").encode()
         (tmp / MANIFEST).write_bytes(manifest_bytes)
@@ -242,6 +273,26 @@ def _build(source, target, out_dir: Path, batch, infer_batch, verify_steps, data
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {**manifest, "digest": digest}
+
+
+def _reduced_programs(model: Model, target: Target, root: Path, params: dict, data_dir, infer_batch: int,
+                      reduced: Reduced, log) -> tuple[dict, dict]:
+    """The inference programs in ``reduced.dtype``: written, checked against their reference, and
+    held to the accuracy budget (an error, unless forced)."""
+    section = write_reduced(model, params, reduced.dtype, root, data_dir, infer_batch, sha256_file(root / WEIGHTS), log)
+    report = check_reduced_programs(model, section, root, params, data_dir, infer_batch, reduced.budget,
+                                    run_here=why_not_here(target.to_json()) is None)
+    for name, c in report["programs"].items():
+        log(f"  {name}.{reduced.dtype:<8} {'ok' if c['passed'] else 'FAIL'}   predictions agree with the "
+            f"{c['reference']} on {100 * c['prediction_agreement']:.2f}% of {c['rows']} rows, max rel diff "
+            f"{c['max_rel_diff']:.1e}; validation error {c['error_percent']:.2f}% "
+            f"(float32 {c['error_percent_float32']:.2f}%)")
+    if not report["within_budget"]:
+        if not reduced.force:
+            raise FFCompileError(budget_error(report))
+        log(f"warning: over the accuracy budget, written because of --force: {budget_error(report)}")
+    report["forced"] = reduced.force and not report["within_budget"]
+    return section, report
 
 
 def _parity(model, target: dict, root: Path, entries: dict, src: Source, infer_batch: int, steps: int, data_dir,

@@ -59,7 +59,7 @@ def export_onnx(model: Model, params: dict[str, np.ndarray], readout: str, sourc
     if _batch_sized_constants(model, name):
         raise FFCompileError(f"model {model.name!r}: its {name} program holds constants sized by the batch "
                              "(local layers with padding), so it cannot be exported with a free batch yet")
-    proto = to_onnx(program, doc=f"ffcompile {model.name}: {name}", fuse=False)
+    proto = to_onnx(program, doc=f"ffcompile {model.name}: {name}", fuse=False, weights_first=False)
     weights = {v.name for v in program.inputs if v.name != "x"}
     graph = proto.graph
     kept = [v for v in graph.input if v.name not in weights]

@@ -131,8 +131,9 @@ def _drop_output_copies(program: Program, nodes: list[Node]) -> list[Node]:
     return nodes
 
 
-def _peephole(nodes: list[Node], inputs: list[Value], outputs: set[str]) -> list[Node]:
-    """matmul + bias -> Gemm with C; inner-dimension-1 matmuls -> broadcast Mul."""
+def _peephole(nodes: list[Node], inputs: list[Value], outputs: set[str], weights_first: bool) -> list[Node]:
+    """matmul + bias -> Gemm with C; inner-dimension-1 matmuls -> broadcast Mul; with
+    ``weights_first``, skinny matmuls as (W @ x^T)^T."""
     values = {v.name: v for v in inputs} | {n.output.name: n.output for n in nodes}
     producers = {n.output.name: n for n in nodes}
     users = _consumers(nodes)
@@ -162,7 +163,7 @@ def _peephole(nodes: list[Node], inputs: list[Value], outputs: set[str]) -> list
         if n.op == "matmul" and _inner_dim(n, values) == 1:
             out.extend(_outer_product(n))
             continue
-        if n.op in ("matmul", "gemm") and WEIGHTS_FIRST and _skinny(n, values):
+        if n.op in ("matmul", "gemm") and weights_first and _skinny(n, values):
             n = dataclasses.replace(n, attrs={**n.attrs, "weights_first": True})
         out.append(n)
     return out
@@ -171,7 +172,6 @@ def _peephole(nodes: list[Node], inputs: list[Value], outputs: set[str]) -> list
 SKINNY_MIN_ROWS = 2       # (one row: onnxruntime's matrix-vector path is faster as is)
 SKINNY_ROWS = 32          # x @ W^T with at most this many rows of x ...
 SKINNY_MIN_WEIGHTS = 1 << 16  # ... and at least this many weights runs as (W @ x^T)^T
-WEIGHTS_FIRST = True
 
 
 def _skinny(n: Node, values: dict[str, Value]) -> bool:
@@ -447,8 +447,11 @@ def _emit_tiled(g: _Graph, group: _Tiled, direct: set[str] = frozenset()) -> dic
 TILED_SHAPES_KEY = "ffcompile.tiled_output_shapes"
 
 
-def to_onnx(program: Program, doc: str = "", *, fuse: bool = True, tiled_outputs: bool = False) -> onnx.ModelProto:
-    """``fuse``: tile large elementwise chains (see the module doc). ``tiled_outputs``: program
+def to_onnx(program: Program, doc: str = "", *, fuse: bool = True, tiled_outputs: bool = False,
+            weights_first: bool = True) -> onnx.ModelProto:
+    """``fuse``: tile large elementwise chains (see the module doc). ``weights_first``: run
+    matmuls of few rows as (W @ x^T)^T (off for graphs whose batch is not fixed, and for
+    quantization, which expects weights as the second operand). ``tiled_outputs``: program
     outputs computed by such a chain leave the graph in the Scan's layout, [tiles, rows/tiles,
     ...] - the same bytes in the same order as the program's [rows, ...] - instead of being
     copied into that shape: saves one read and write of each updated parameter/state tensor
@@ -457,7 +460,7 @@ def to_onnx(program: Program, doc: str = "", *, fuse: bool = True, tiled_outputs
     ``OrtProgram`` binds and returns them in the program's shapes."""
     output_names = {v.name for v in program.outputs}
     nodes = _drop_output_copies(program, list(program.nodes))
-    nodes = _peephole(nodes, program.inputs, output_names)
+    nodes = _peephole(nodes, program.inputs, output_names, weights_first)
     g = _Graph()
     for n in nodes:
         if n.op == "constant":

@@ -24,7 +24,8 @@ BACKENDS = ("onnxruntime", "tvm")
 DEVICES = ("cpu", "cuda")
 ARCHES = ("x86_64", "aarch64", "armv7l", "riscv64")
 DTYPES = ("float32",)
-_FIELDS = ("description", "backend", "device", "arch", "dtype", "providers", "tvm", "cc")
+INFERENCE_DTYPES = ("float32", "float16", "int8")
+_FIELDS = ("description", "backend", "device", "arch", "dtype", "inference_dtypes", "providers", "tvm", "cc")
 
 
 class TargetError(FFCompileError):
@@ -37,7 +38,8 @@ class Target:
     backend: str
     device: str
     arch: str
-    dtype: str = "float32"
+    dtype: str = "float32"  # of the train step and the default inference programs
+    inference_dtypes: tuple[str, ...] = ("float32",)  # what `build --dtype` may choose for inference
     providers: tuple[str, ...] = ()  # onnxruntime execution providers, in priority order
     tvm: dict | None = field(default=None, hash=False)  # TVM target dict (backend "tvm")
     cc: str | None = None  # cross compiler for TVM's shared library
@@ -45,7 +47,7 @@ class Target:
 
     def to_json(self) -> dict:
         out = {"name": self.name, "backend": self.backend, "device": self.device, "arch": self.arch,
-               "dtype": self.dtype, "description": self.description}
+               "dtype": self.dtype, "inference_dtypes": list(self.inference_dtypes), "description": self.description}
         if self.providers:
             out["providers"] = list(self.providers)
         if self.tvm is not None:
@@ -97,6 +99,13 @@ def target_from_dict(raw: dict, name: str, source: str) -> Target:
     device = choice("device", DEVICES)
     arch = choice("arch", ARCHES)
     dtype = choice("dtype", DTYPES, "float32")
+    inference_dtypes = raw.get("inference_dtypes", ["float32"])
+    if (not isinstance(inference_dtypes, list) or "float32" not in inference_dtypes
+            or not all(d in INFERENCE_DTYPES for d in inference_dtypes)):
+        fail("inference_dtypes", f"must be a list of dtypes among {', '.join(INFERENCE_DTYPES)} that includes "
+                                 f"float32, got {inference_dtypes!r}")
+    if backend != "onnxruntime" and inference_dtypes != ["float32"]:
+        fail("inference_dtypes", "reduced-precision inference programs are built for backend \"onnxruntime\" only")
     description = raw.get("description", "")
     if not isinstance(description, str):
         fail("description", f"must be a string, got {description!r}")
@@ -129,7 +138,8 @@ def target_from_dict(raw: dict, name: str, source: str) -> Target:
     if backend == "tvm" and device == "cpu" and arch != "x86_64" and cc is None:
         fail("cc", f"arch {arch!r} needs a cross compiler to link TVM's shared libraries "
                    f"(e.g. cc = \"{_TRIPLE_ARCH[arch]}-linux-gnu-gcc\")")
-    return Target(name=name, backend=backend, device=device, arch=arch, dtype=dtype, providers=tuple(providers),
+    return Target(name=name, backend=backend, device=device, arch=arch, dtype=dtype,
+                  inference_dtypes=tuple(inference_dtypes), providers=tuple(providers),
                   tvm=tvm, cc=cc, description=description)
 
 

@@ -12,6 +12,7 @@ REQUIRED_KEYS = ("format", "format_version", "model", "target", "programs", "bat
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,127}")
 _DTYPES = ("float32", "int64", "bool")
+REDUCED_DTYPES = ("float16", "int8")
 MAX_BATCH = 1 << 20
 MAX_DIM = 1 << 31
 
@@ -68,10 +69,26 @@ def check_structure(manifest: dict, where: str) -> None:
     for key in ("train", "infer"):
         _need(_is_int(batch.get(key)) and 0 < batch[key] <= MAX_BATCH, where, f"batch.{key}",
               f"must be an integer in 1..{MAX_BATCH}")
-    programs = manifest["programs"]
-    _need(isinstance(programs, dict) and programs, where, "programs", "must be a non-empty object")
+    _check_programs(manifest["programs"], files, where, "programs")
+    reduced = manifest.get("reduced_precision")
+    if reduced is not None:
+        _need(isinstance(reduced, dict), where, "reduced_precision", "must be an object")
+        _need(target["backend"] == "onnxruntime", where, "reduced_precision",
+              f"reduced-precision programs run on onnxruntime, not on backend {target['backend'][:40]!r}")
+        _need(reduced.get("dtype") in REDUCED_DTYPES, where, "reduced_precision.dtype",
+              f"must be one of {', '.join(REDUCED_DTYPES)}")
+        _need(isinstance(reduced.get("weights_sha256"), str) and _SHA256.fullmatch(reduced["weights_sha256"]) is not None,
+              where, "reduced_precision.weights_sha256", "must be a sha256 digest")
+        _check_programs(reduced.get("programs"), files, where, "reduced_precision.programs")
+        for name in reduced["programs"]:
+            _need(name in manifest["programs"], where, f"reduced_precision.programs.{name[:80]}",
+                  "names no program of the bundle")
+
+
+def _check_programs(programs, files: dict, where: str, key: str) -> None:
+    _need(isinstance(programs, dict) and programs, where, key, "must be a non-empty object")
     for name, entry in programs.items():
-        field = f"programs.{name[:80]}"
+        field = f"{key}.{name[:80]}"
         _need(_IDENT.fullmatch(name) is not None, where, field, "is not a program name")
         _need(isinstance(entry, dict), where, field, "must be an object")
         rel = entry.get("file")

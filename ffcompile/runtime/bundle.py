@@ -58,6 +58,17 @@ class Bundle:
     epoch: int  # epochs behind the weights in use
     step: int  # optimizer steps behind them
     weights_from: str  # the file the weights in use came from
+    # the inference programs in the bundle's reduced dtype (weights inside), by program name
+    reduced: dict[str, Runnable] = dataclasses.field(default_factory=dict)
+
+    @property
+    def dtype(self) -> str:
+        """The dtype inference runs in by default: the reduced one where the bundle has it."""
+        return self.manifest.get("reduced_precision", {}).get("dtype", "float32")
+
+    @property
+    def dtypes(self) -> list[str]:
+        return ["float32"] + ([self.dtype] if self.reduced else [])
 
     @property
     def readouts(self) -> list[str]:
@@ -70,21 +81,33 @@ class Bundle:
         names = {v["name"] for v in self.signature(program)["inputs"]}
         return {k: v for k, v in self.params.items() if k in names}
 
-    def _readout_program(self, readout: str) -> str:
+    def _readout_program(self, readout: str, dtype: str) -> tuple[Runnable, dict]:
+        """The program that runs ``readout`` in ``dtype`` and the weights to feed it."""
         if readout not in READOUT_PROGRAMS:
             raise FFCompileError(f"unknown readout {readout!r} (known: {', '.join(READOUT_PROGRAMS)})")
-        if READOUT_PROGRAMS[readout] not in self.programs:
+        name = READOUT_PROGRAMS[readout]
+        if name not in self.programs:
             raise FFCompileError(f"bundle {self.path} has no {readout} readout (it has: {', '.join(self.readouts)})")
-        return READOUT_PROGRAMS[readout]
+        if dtype == "float32":
+            return self.programs[name], self.program_params(name)
+        if dtype not in self.dtypes:
+            raise FFCompileError(f"bundle {self.path} has no {dtype} programs (it has: {', '.join(self.dtypes)}); "
+                                 f"build one with `ffcompile build ... --dtype {dtype}`")
+        if self.weights_from != str(self.path / WEIGHTS):
+            raise FFCompileError(f"the {dtype} programs of {self.path} hold the bundle's own weights, not those of "
+                                 f"{self.weights_from}: run them in float32 (--dtype float32), or quantize the new "
+                                 f"weights with `ffcompile build RUN_DIR --dtype {dtype}`")
+        return self.reduced[name], {}
 
-    def predict(self, x, readout: str = "goodness") -> np.ndarray:
-        """Predicted class per row of ``x`` [N, input size]."""
-        return self._predict(x, readout)[0]
+    def predict(self, x, readout: str = "goodness", dtype: str | None = None) -> np.ndarray:
+        """Predicted class per row of ``x`` [N, input size]; ``dtype``: float32 or the bundle's
+        reduced dtype (default: the bundle's ``dtype``)."""
+        return self._predict(x, readout, dtype)[0]
 
-    def evaluate(self, x, y, readout: str = "goodness") -> Evaluation:
+    def evaluate(self, x, y, readout: str = "goodness", dtype: str | None = None) -> Evaluation:
         images = as_images(x, self.model.input.size)
         labels = as_labels(y, len(images), self.model.input.label.classes)
-        predictions, times = self._predict(images, readout)
+        predictions, times = self._predict(images, readout, dtype)
         batch = self.manifest["batch"]["infer"]
         median = statistics.median(times)
         return Evaluation(readout=readout, examples=len(images),
@@ -124,10 +147,10 @@ class Bundle:
                             np.random.default_rng(seed), greedy)
         return decode(codes[0])
 
-    def _predict(self, x, readout: str) -> tuple[np.ndarray, list[float]]:
-        name = self._readout_program(readout)
+    def _predict(self, x, readout: str, dtype: str | None) -> tuple[np.ndarray, list[float]]:
+        program, params = self._readout_program(readout, self.dtype if dtype is None else dtype)
         images = as_images(x, self.model.input.size)
-        program, times = self.programs[name], []
+        times = []
 
         def timed_run(feeds):
             started = time.perf_counter()
@@ -135,7 +158,7 @@ class Bundle:
             times.append(time.perf_counter() - started)
             return out
 
-        predictions = predict_batched(timed_run, self.program_params(name), images, self.manifest["batch"]["infer"])
+        predictions = predict_batched(timed_run, params, images, self.manifest["batch"]["infer"])
         return predictions, times
 
     def finetune(self, x, y, epochs: int, out_dir, resume: bool = False, progress: bool = True, val=None,
@@ -201,13 +224,14 @@ def load_bundle(path, trust=None, digest: str | None = None) -> Bundle:
     except (KeyError, ValueError):
         raise BundleError(f"{root / OPTIMIZER}: metadata lacks the training position (epoch, step)") from None
     _check_batches(root, manifest, model)
-    for name, entry in manifest["programs"].items():
+    for name, entry in [*manifest["programs"].items(), *manifest.get("reduced_precision", {}).get("programs", {}).items()]:
         unlisted = [rel for rel in program_files(target["backend"], entry["file"]) if rel not in manifest["files"]]
         if unlisted:
             raise BundleError(f"bundle {root}: program {name} reads {', '.join(unlisted)}, which is not among "
                               "the bundle's hashed files")
-    programs = {}
-    for name, entry in manifest["programs"].items():
-        programs[name] = load_program(root / entry["file"], target, f"{root.name}/{entry['file']}", entry)
-    return Bundle(path=root, manifest=manifest, model=model, target=target, programs=programs, params=params,
-                  state=state, epoch=epoch, step=step, weights_from=str(root / WEIGHTS))
+    def load(entries: dict) -> dict[str, Runnable]:
+        return {name: load_program(root / e["file"], target, f"{root.name}/{e['file']}", e) for name, e in entries.items()}
+
+    return Bundle(path=root, manifest=manifest, model=model, target=target, programs=load(manifest["programs"]),
+                  params=params, state=state, epoch=epoch, step=step, weights_from=str(root / WEIGHTS),
+                  reduced=load(manifest.get("reduced_precision", {}).get("programs", {})))

@@ -88,7 +88,9 @@ class OrtProgram:
         # Outputs the emitter left in a tiled layout (to_onnx(tiled_outputs=True)): same bytes,
         # returned and bound in the program's shape.
         meta = self.session.get_modelmeta().custom_metadata_map
-        self.program_shapes = {name: tuple(o.shape) for name, o in self.outputs.items()}
+        # (a free dimension, e.g. an exported graph's batch, is -1: reshape keeps it as it comes)
+        self.program_shapes = {name: tuple(d if isinstance(d, int) else -1 for d in o.shape)
+                               for name, o in self.outputs.items()}
         self.program_shapes.update({k: tuple(v) for k, v in json.loads(meta.get("ffcompile.tiled_output_shapes", "{}")).items()})
 
     def output_buffers(self) -> dict[str, np.ndarray]:

@@ -1,0 +1,86 @@
+"""The reference meaning of a quantized inference program: the float32 program with every
+tensor the quantized graph rounds to integers rounded the same way in float ("fake
+quantization"): q = clamp(round(v / scale) + zero_point, qmin, qmax), v' = (q - zero_point) *
+scale, per tensor or per channel along ``axis``. The compiled int8 program computes the same
+values with integer kernels; parity compares the two."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..core.program import Program
+from ..lowering import build_program
+from .interpreter import TorchProgram
+
+
+def fake_quantize(value: torch.Tensor, scale, zero_point, axis: int | None, qmin: int, qmax: int) -> torch.Tensor:
+    scale = torch.as_tensor(scale, dtype=value.dtype)
+    zero = torch.as_tensor(zero_point, dtype=value.dtype)
+    if axis is not None:
+        shape = [1] * value.dim()
+        shape[axis] = -1
+        scale, zero = scale.reshape(shape), zero.reshape(shape)
+    q = torch.clamp(torch.round(value / scale) + zero, qmin, qmax)
+    return (q - zero) * scale
+
+
+def fake_quantized(program: Program, params: dict[str, dict]) -> TorchProgram:
+    """``program`` with the rounding of ``params`` (``compiler.quantize.quantization_params``:
+    value name -> scale, zero_point, axis, qmin, qmax) applied to those values."""
+    known = {v.name for v in program.inputs} | {n.output.name for n in program.nodes}
+    missing = sorted(set(params) - known)
+    if missing:
+        raise ValueError(f"{program.name}: quantized tensors {missing[:3]} are not values of the program")
+    rewrite = {name: (lambda v, p=p: fake_quantize(v, p["scale"], p["zero_point"], p["axis"], p["qmin"], p["qmax"]))
+               for name, p in params.items()}
+    return TorchProgram(program, rewrite=rewrite)
+
+
+# A reduced-precision program agrees with its reference when its predictions agree on at least
+# MIN_AGREEMENT of the rows and every float output is within MAX_REL_DIFF of the reference,
+# relative to the largest magnitude of that output in the batch. Rounding a value that lies
+# within float error of a quantization step boundary the other way moves it by one step, so
+# exact equality is not expected; one step of the coarsest activation scale is ~1 % of range.
+MIN_AGREEMENT = 0.995
+MAX_REL_DIFF = 2e-2
+
+
+def check_reduced(model, name: str, dtype: str, qparams: dict, params: dict, x: np.ndarray, y: np.ndarray,
+                  compiled: Callable[[int, np.ndarray], dict], batch: int) -> dict:
+    """Compare the reduced-precision program ``name`` (outputs of batch ``i`` with rows ``xb``:
+    ``compiled(i, xb)``) with its reference on the rows ``x``: the fake-quantized float32 program
+    for int8, the float32 program for float16. Also measures the error rates against ``y`` of the
+    compiled program and of the float32 reference (the accuracy cost of ``dtype``)."""
+    program = build_program(model, name, batch)
+    exact = TorchProgram(program)
+    reference = fake_quantized(program, qparams) if dtype == "int8" else exact
+    weights = {k: torch.as_tensor(v) for k, v in params.items() if k in {v.name for v in program.inputs}}
+    agree = wrong = wrong_float32 = rows = 0
+    worst = 0.0
+    with torch.no_grad():
+        for i, start in enumerate(range(0, len(x), batch)):
+            xb = x[start:start + batch]
+            n = len(xb)
+            padded = np.concatenate([xb, np.repeat(xb[-1:], batch - n, 0)]) if n < batch else xb
+            feeds = {"x": torch.as_tensor(padded), **weights}
+            ref = {k: v.numpy()[:n] for k, v in reference.run(feeds).items()}
+            base = ref if reference is exact else {k: v.numpy()[:n] for k, v in exact.run(feeds).items()}
+            got = {k: np.asarray(v)[:n] for k, v in compiled(i, padded).items()}
+            for out, value in ref.items():
+                if value.dtype.kind == "f":
+                    scale = float(np.max(np.abs(value))) or 1.0
+                    worst = max(worst, float(np.max(np.abs(got[out].astype(np.float64) - value))) / scale)
+            agree += int(np.sum(got["prediction"] == ref["prediction"]))
+            wrong += int(np.sum(got["prediction"] != y[start:start + n]))
+            wrong_float32 += int(np.sum(base["prediction"] != y[start:start + n]))
+            rows += n
+    agreement = agree / max(rows, 1)
+    return {"program": name, "dtype": dtype, "rows": rows,
+            "reference": "fake-quantized float32 program" if dtype == "int8" else "float32 program",
+            "prediction_agreement": round(agreement, 6), "max_rel_diff": worst,
+            "tolerance": {"min_agreement": MIN_AGREEMENT, "max_rel_diff": MAX_REL_DIFF},
+            "passed": agreement >= MIN_AGREEMENT and worst <= MAX_REL_DIFF,
+            "error_percent": 100.0 * wrong / max(rows, 1), "error_percent_float32": 100.0 * wrong_float32 / max(rows, 1)}
