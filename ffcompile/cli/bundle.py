@@ -304,9 +304,9 @@ def finetune(bundle_dir, data_dir, epochs, out_dir, resume, split, limit, progre
     _, x_test, y_test = load_split(bundle.model, source, "test")
     errors, lines = {}, []
     for readout in tuned.readouts:
-        errors[readout] = {"test": tuned.evaluate(x_test, y_test, readout).error_percent}
+        errors[readout] = {"test": tuned.evaluate(x_test, y_test, readout, "float32").error_percent}
         if val is not None:
-            errors[readout]["val"] = tuned.evaluate(val[0], val[1], readout).error_percent
+            errors[readout]["val"] = tuned.evaluate(val[0], val[1], readout, "float32").error_percent
         parts = [f"{split_name} error {err:.2f}%" for split_name, err in sorted(errors[readout].items(), reverse=True)]
         lines.append(f"{bundle.model.name} after {ckpt.epoch} epoch(s) ({readout} readout): {', '.join(parts)}")
     lines.append(f"wrote {out_dir / CHECKPOINT} and {METRICS}; use it with `ffcompile run {bundle_dir} --weights "

@@ -96,7 +96,7 @@ def _finetune(bundle, x, y, epochs: int, out_dir: Path, resume: bool, progress: 
                 if model.family.predicts_characters:
                     record["val_perplexity"] = tuned.perplexity(val[0], val[1])
                 for readout in bundle.readouts:
-                    record[f"val_error.{readout}"] = tuned.evaluate(val[0], val[1], readout).error_percent
+                    record[f"val_error.{readout}"] = tuned.evaluate(val[0], val[1], readout, "float32").error_percent
             history.append(record)
             ckpt = Checkpoint(model, params, state, epoch + 1, step)
             commit_epoch(out_dir, ckpt, {"model": model.name, "bundle": str(bundle.path),
