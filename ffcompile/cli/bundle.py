@@ -157,8 +157,10 @@ def _load_data(model, data_dir, split: str, input_path: Path | None, labels_path
 @trust_options
 def run(bundle_dir, data_dir, split, input_path, labels_path, input_scale, readout, weights, dtype, as_json, trust,
         digest):
-    """Run a bundle's inference programs: error rate and latency (median ms per batch, throughput)."""
-    from ..runtime.bundle import load_bundle
+    """Run a bundle's inference programs: error rate and latency (median ms per batch, throughput),
+    and what it cost: bundle size, inference payload per dtype, peak memory of the process."""
+    from ..runtime.bundle import bundle_bytes, load_bundle
+    from ..runtime.device_check import peak_rss_kib
 
     bundle = load_bundle(bundle_dir, trust, digest)
     if weights is not None:
@@ -179,6 +181,9 @@ def run(bundle_dir, data_dir, split, input_path, labels_path, input_scale, reado
                                  "examples_per_second": round(ev.examples_per_second, 1)}
     if y is not None and bundle.model.family.predicts_characters:
         result["perplexity"] = round(bundle.perplexity(x, y), 4)
+    result["cost"] = {"bundle_bytes": bundle_bytes(bundle.path, bundle.manifest),
+                      "peak_rss_mib": round(peak_rss_kib() / 1024, 1),
+                      "peak_rss_note": "of this process (Python, the runtime, the data), while loading and running"}
     if as_json:
         click.echo(json.dumps(result))
         return
@@ -192,6 +197,14 @@ def run(bundle_dir, data_dir, split, input_path, labels_path, input_scale, reado
             click.echo(f"{bundle.model.name} on {bundle.target['name']} ({r} readout, {dtype}): error {res['error_percent']:.2f}% "
                        f"of {len(x)}; {res['median_batch_ms']:.2f} ms per batch of {res['batch']} (median), "
                        f"{res['examples_per_second']:.0f} examples/s")
+    click.echo(cost_line(result["cost"]))
+
+
+def cost_line(cost: dict) -> str:
+    size = cost["bundle_bytes"]
+    payload = ", ".join(f"{k.split('_', 1)[1]} {v / 2**20:.2f} MiB" for k, v in size.items() if k.startswith("inference_"))
+    return (f"cost: bundle {size['total'] / 2**20:.2f} MiB (inference needs: {payload}); "
+            f"peak resident memory {cost['peak_rss_mib']:.0f} MiB")
 
 
 @main.command()
@@ -232,6 +245,14 @@ def verify(bundle_dir, data_dir, steps, emulate, sysroot_cache, report_path, as_
         report = run_verify(bundle.model, bundle.target, bundle.programs, bundle.params, bundle.state, bundle.step,
                             x, y, bundle.manifest["batch"]["infer"], 100 if steps is None else steps,
                             data=source.describe(), progress=progress and not as_json)
+        if bundle.reduced:
+            from ..compiler.quantize import check_reduced_programs
+
+            section = bundle.manifest["reduced_precision"]
+            report["reduced_precision"] = check_reduced_programs(
+                bundle.model, section, bundle.path, bundle.params, data_dir, bundle.manifest["batch"]["infer"],
+                section["accuracy_budget_points"], run_here=True)
+            report["passed"] = report["passed"] and report["reduced_precision"]["passed"]
     report["bundle"] = str(bundle_dir)
     if report_path is not None:
         write_json(report_path, report)
@@ -244,6 +265,12 @@ def verify(bundle_dir, data_dir, steps, emulate, sysroot_cache, report_path, as_
             e = report["emulated"]
             step_ms = f"{e['train_step_ms_median']:.1f} ms" if e["train_step_ms_median"] is not None else "n/a"
             click.echo(f"  ran on {e['device']}: train_step median {step_ms}, {e['guest_seconds']:.0f} s on the device")
+            rss = e["cost"]["peak_rss_mib"]
+            click.echo(f"  device {cost_line({**e['cost'], 'peak_rss_mib': rss['after_inference']})} after inference, "
+                       f"{rss['after_finetuning']:.0f} MiB after fine-tuning (qemu process: an upper bound)")
+            for c in e["cost"]["instructions"]:
+                click.echo(f"  {c['program']:<22} {c['rows']:>4} row(s): {c['instructions_per_call'] / 1e6:9.2f} M "
+                           f"aarch64 instructions per call ({c['instructions_per_row'] / 1e3:.0f} k per row)")
     if not report["passed"]:
         raise SystemExit(1)
 

@@ -279,19 +279,17 @@ def _reduced_programs(model: Model, target: Target, root: Path, params: dict, da
                       reduced: Reduced, log) -> tuple[dict, dict]:
     """The inference programs in ``reduced.dtype``: written, checked against their reference, and
     held to the accuracy budget (an error, unless forced)."""
+    from ..reference.fake_quant import reduced_lines
+
     section = write_reduced(model, params, reduced.dtype, root, data_dir, infer_batch, sha256_file(root / WEIGHTS), log)
+    section["accuracy_budget_points"] = reduced.budget
     report = check_reduced_programs(model, section, root, params, data_dir, infer_batch, reduced.budget,
                                     run_here=why_not_here(target.to_json()) is None)
-    for name, c in report["programs"].items():
-        log(f"  {name}.{reduced.dtype:<8} {'ok' if c['passed'] else 'FAIL'}   predictions agree with the "
-            f"{c['reference']} on {100 * c['prediction_agreement']:.2f}% of {c['rows']} rows, max rel diff "
-            f"{c['max_rel_diff']:.1e}; validation error {c['error_percent']:.2f}% "
-            f"(float32 {c['error_percent_float32']:.2f}%)")
-    if not report["within_budget"]:
-        if not reduced.force:
-            raise FFCompileError(budget_error(report))
-        log(f"warning: over the accuracy budget, written because of --force: {budget_error(report)}")
     report["forced"] = reduced.force and not report["within_budget"]
+    for line in reduced_lines(report):
+        log(line)
+    if not report["within_budget"] and not reduced.force:
+        raise FFCompileError(budget_error(report))
     return section, report
 
 

@@ -79,6 +79,9 @@ def check_structure(manifest: dict, where: str) -> None:
               f"must be one of {', '.join(REDUCED_DTYPES)}")
         _need(isinstance(reduced.get("weights_sha256"), str) and _SHA256.fullmatch(reduced["weights_sha256"]) is not None,
               where, "reduced_precision.weights_sha256", "must be a sha256 digest")
+        budget = reduced.get("accuracy_budget_points")
+        _need(isinstance(budget, (int, float)) and not isinstance(budget, bool) and budget >= 0, where,
+              "reduced_precision.accuracy_budget_points", "must be a number >= 0")
         _check_programs(reduced.get("programs"), files, where, "reduced_precision.programs")
         for name in reduced["programs"]:
             _need(name in manifest["programs"], where, f"reduced_precision.programs.{name[:80]}",

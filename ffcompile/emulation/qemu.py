@@ -97,6 +97,7 @@ _ARCHES = {
 
 # Where the host programs come from on Debian.
 _TOOL_PACKAGES = {
+    "gcc": "gcc",
     "qemu-aarch64": "qemu-user",
     "aarch64-linux-gnu-gcc": "gcc-aarch64-linux-gnu",
     "aarch64-linux-gnu-g++": "g++-aarch64-linux-gnu",
@@ -348,16 +349,17 @@ class Sysroot:
         out.update({k: str(v) for k, v in extra.items()})
         return out
 
-    def command(self, argv: Sequence[str | os.PathLike]) -> list[str]:
-        """The host command line that runs aarch64 ``argv`` (argv[0] a path in or outside root)."""
-        return [qemu_program(self.arch), "-L", str(self.root), *map(str, argv)]
+    def command(self, argv: Sequence[str | os.PathLike], qemu_args: Sequence[str] = ()) -> list[str]:
+        """The host command line that runs aarch64 ``argv`` (argv[0] a path in or outside root);
+        ``qemu_args``: options for qemu itself (e.g. ``-plugin``)."""
+        return [qemu_program(self.arch), *qemu_args, "-L", str(self.root), *map(str, argv)]
 
     def run(self, argv: Sequence[str | os.PathLike], env: Mapping[str, str] | None = None,
             timeout: float | None = None, cwd: str | os.PathLike | None = None,
-            check: bool = True, input: str | None = None) -> subprocess.CompletedProcess:
+            check: bool = True, input: str | None = None, qemu_args: Sequence[str] = ()) -> subprocess.CompletedProcess:
         """Run an aarch64 program under qemu with this sysroot; output is captured as text.
         With ``check`` a non-zero exit raises :class:`EmulationError` with the last stderr lines."""
-        cmd = self.command(argv)
+        cmd = self.command(argv, qemu_args)
         what = Path(str(argv[0])).name
         try:
             proc = subprocess.run(cmd, env=self.guest_env(env), cwd=cwd, input=input,

@@ -28,6 +28,9 @@ from ..core.spec import model_from_dict
 REPO_PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding the ffcompile package
 DEFAULT_STEPS = 10
 GUEST_TIMEOUT_S = 1800
+REDUCED_ROWS = 500  # validation rows the device runs through each reduced-precision program
+# The guest runs single-threaded so that its instruction counts are exact and repeatable.
+GUEST_THREADS = {"FFCOMPILE_ORT_THREADS": "1", "TVM_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
 
 
 def _read_bundle(root: Path, trust=None, digest: str | None = None):
@@ -40,8 +43,8 @@ def _read_bundle(root: Path, trust=None, digest: str | None = None):
     return manifest, model, params, state, int(meta.get("step", 0))
 
 
-def _write_inputs(path: Path, plan, trajectory: list[dict]) -> None:
-    arrays = {}
+def _write_inputs(path: Path, plan, trajectory: list[dict], rows: list[np.ndarray]) -> None:
+    arrays = {f"rows{i}/x": batch for i, batch in enumerate(rows)}
     for i, (name, _kind, feeds) in enumerate(plan.cases):
         arrays[f"case{i}/__program__"] = np.array(name)
         arrays.update({f"case{i}/{k}": np.asarray(v) for k, v in feeds.items()})
@@ -68,7 +71,9 @@ def verify_emulated(bundle_dir, data_dir=None, steps: int = DEFAULT_STEPS, cache
     ``trust``/``digest``: as ``load_bundle``."""
     from . import qemu as emulation
     from ..data.datasets import load_model_split
+    from ..reference.fake_quant import padded_batches
     from ..reference.parity import plan_checks, run_checks
+    from .insn_count import counter_plugin, counts_between_marks, plugin_args
 
     started = time.perf_counter()
     root = Path(bundle_dir)
@@ -84,23 +89,31 @@ def verify_emulated(bundle_dir, data_dir=None, steps: int = DEFAULT_STEPS, cache
 
     source, x, y = load_model_split(model, data_dir, "train")
     names = list(manifest["programs"])
-    plan = plan_checks(model, names, params, state, step, x, y, manifest["batch"]["infer"])
+    infer_batch = manifest["batch"]["infer"]
+    plan = plan_checks(model, names, params, state, step, x, y, infer_batch)
     trajectory = plan.take_trajectory(steps) if steps > 0 and "train_step" in names else []
+    reduced = manifest.get("reduced_precision")
+    _, x_val, y_val = load_model_split(model, data_dir, "val")
+    x_val, y_val = x_val[:REDUCED_ROWS if reduced else infer_batch], y_val[:REDUCED_ROWS if reduced else infer_batch]
+    rows = [padded for _, _, padded in padded_batches(x_val, infer_batch)]
 
     work = Path(keep_dir) if keep_dir is not None else Path(tempfile.mkdtemp(prefix="ffcompile-emulate-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
         inputs, outputs = work / "device_inputs.npz", work / "device_outputs.npz"
-        _write_inputs(inputs, plan, trajectory)
+        _write_inputs(inputs, plan, trajectory, rows)
+        counts = work / "instructions.txt"
+        plugin = plugin_args(counter_plugin(sysroot.root.parent), counts)
         log(f"running {len(plan.cases)} program checks and a {len(trajectory)}-step fine-tuning trajectory on "
             f"emulated aarch64 ({target['backend']}; qemu is slow: expect a minute or more)")
         t = time.perf_counter()
         proc = sysroot.run([sysroot.python, "-m", "ffcompile.runtime.device_check", root.resolve(), inputs, outputs],
-                           env={"PYTHONPATH": str(REPO_PACKAGE_ROOT), "PYTHONDONTWRITEBYTECODE": "1"},
-                           timeout=GUEST_TIMEOUT_S)
+                           env={"PYTHONPATH": str(REPO_PACKAGE_ROOT), "PYTHONDONTWRITEBYTECODE": "1", **GUEST_THREADS},
+                           timeout=GUEST_TIMEOUT_S, qemu_args=plugin)
         guest_s = time.perf_counter() - t
         device = json.loads(Path(f"{outputs}.json").read_text())
         groups = _outputs(outputs)
+        instructions = counts_between_marks(counts, device["counted_calls"])
     finally:
         if keep_dir is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -117,5 +130,39 @@ def verify_emulated(bundle_dir, data_dir=None, steps: int = DEFAULT_STEPS, cache
         "guest_seconds": round(guest_s, 1), "bundle_load_s": round(device["load_s"], 2),
         "train_step_ms_median": device["step_ms_median"], "train_step_ms": device["step_ms"],
         "program_ms": device["cases"], "guest_stdout": proc.stdout.strip().splitlines()[-1:],
+        "cost": device_cost(root, manifest, device["peak_rss_kib"], instructions),
     }
+    if reduced:
+        report["reduced_precision"] = _check_reduced(model, root, reduced, params, x_val, y_val, infer_batch, groups)
+        report["passed"] = report["passed"] and report["reduced_precision"]["passed"]
     return report
+
+
+def _check_reduced(model, root: Path, reduced: dict, params: dict, x, y, infer_batch: int, groups: dict) -> dict:
+    """The device's outputs of the reduced-precision programs against their reference."""
+    import onnx
+
+    from ..compiler.quantize import quantization_params
+    from ..reference.fake_quant import check_reduced
+
+    dtype, checks = reduced["dtype"], {}
+    for name, entry in reduced["programs"].items():
+        qparams = quantization_params(onnx.load(root / entry["file"])) if dtype == "int8" else {}
+        checks[name] = check_reduced(model, name, dtype, qparams, params, x, y,
+                                     lambda i, _xb, name=name: groups[f"{name}.{dtype}.rows{i}"], infer_batch)
+    return {"dtype": dtype, "data": f"first {len(x)} validation rows", "ran_on": "the emulated device",
+            "programs": checks, "passed": all(c["passed"] for c in checks.values())}
+
+
+def device_cost(root: Path, manifest: dict, rss_kib: dict, instructions: list[dict]) -> dict:
+    """What the emulated device paid: the bundle's size, the peak resident memory of the process
+    and the instructions of each program call (see ``insn_count``)."""
+    from ..runtime.bundle import bundle_bytes
+
+    return {"bundle_bytes": bundle_bytes(root, manifest),
+            "peak_rss_mib": {phase: round(kib / 1024, 1) for phase, kib in rss_kib.items()},
+            "peak_rss_note": "of the qemu-user process: the guest's memory plus the emulator's own (its code "
+                             "translation cache), so an upper bound of what the device needs",
+            "instructions": instructions,
+            "instructions_note": "aarch64 instructions executed by the guest, counted by a qemu plugin with one "
+                                 "thread: deterministic, a measure of work, not of time"}

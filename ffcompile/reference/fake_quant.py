@@ -61,10 +61,7 @@ def check_reduced(model, name: str, dtype: str, qparams: dict, params: dict, x: 
     agree = wrong = wrong_float32 = rows = 0
     worst = 0.0
     with torch.no_grad():
-        for i, start in enumerate(range(0, len(x), batch)):
-            xb = x[start:start + batch]
-            n = len(xb)
-            padded = np.concatenate([xb, np.repeat(xb[-1:], batch - n, 0)]) if n < batch else xb
+        for i, (start, n, padded) in enumerate(padded_batches(x, batch)):
             feeds = {"x": torch.as_tensor(padded), **weights}
             ref = {k: v.numpy()[:n] for k, v in reference.run(feeds).items()}
             base = ref if reference is exact else {k: v.numpy()[:n] for k, v in exact.run(feeds).items()}
@@ -84,3 +81,23 @@ def check_reduced(model, name: str, dtype: str, qparams: dict, params: dict, x: 
             "tolerance": {"min_agreement": MIN_AGREEMENT, "max_rel_diff": MAX_REL_DIFF},
             "passed": agreement >= MIN_AGREEMENT and worst <= MAX_REL_DIFF,
             "error_percent": 100.0 * wrong / max(rows, 1), "error_percent_float32": 100.0 * wrong_float32 / max(rows, 1)}
+
+
+def padded_batches(x: np.ndarray, batch: int):
+    """(first row, rows, the batch padded to ``batch`` rows by repeating its last row)."""
+    for start in range(0, len(x), batch):
+        xb = x[start:start + batch]
+        yield start, len(xb), np.concatenate([xb, np.repeat(xb[-1:], batch - len(xb), 0)]) if len(xb) < batch else xb
+
+
+def reduced_lines(section: dict) -> list[str]:
+    """Summary lines of a ``reduced_precision`` parity section."""
+    lines = []
+    for name, c in section["programs"].items():
+        lines.append(f"  {name + '.' + c['dtype']:28s} {'ok  ' if c['passed'] else 'FAIL'} predictions agree with the "
+                     f"{c['reference']} on {100 * c['prediction_agreement']:.2f}% of {c['rows']} rows, max rel diff "
+                     f"{c['max_rel_diff']:.1e}; error {c['error_percent']:.2f}% (float32 {c['error_percent_float32']:.2f}%)")
+    if "within_budget" in section:
+        lines.append(f"    {section['dtype']} costs {section['largest_drop_points']:+.2f} points of validation accuracy at most "
+                     f"(budget {section['accuracy_budget_points']}){'; OVER BUDGET, written with --force' if section.get('forced') else ''}")
+    return lines

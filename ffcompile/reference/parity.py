@@ -580,4 +580,8 @@ def summary_lines(report: dict) -> list[str]:
             lines.append(f"    {t['why_failed']}")
     elif report.get("skipped"):
         lines.append(f"  skipped: {report['skipped']}")
+    if report.get("reduced_precision"):
+        from .fake_quant import reduced_lines
+
+        lines += reduced_lines(report["reduced_precision"])
     return lines

@@ -184,6 +184,18 @@ class Bundle:
         return dataclasses.replace(self, params=params, state=state, epoch=epoch, step=step, weights_from=weights_from)
 
 
+def bundle_bytes(root: Path, manifest: dict) -> dict:
+    """The bundle's size on disk, and what inference alone needs in each dtype it has: the
+    inference programs, plus the weights file for float32 (reduced programs hold their weights)."""
+    size = {rel: (Path(root) / rel).stat().st_size for rel in manifest["files"]}
+    infer = [e["file"] for name, e in manifest["programs"].items() if name in READOUT_PROGRAMS.values()]
+    out = {"total": sum(size.values()), "inference_float32": sum(size[f] for f in infer) + size[WEIGHTS]}
+    reduced = manifest.get("reduced_precision")
+    if reduced:
+        out[f"inference_{reduced['dtype']}"] = sum(size[e["file"]] for e in reduced["programs"].values())
+    return out
+
+
 def same_network(a: Model, b: Model) -> bool:
     """Same architecture and learning rule; the training section (batch size, epochs) may differ."""
     return dataclasses.replace(a, training=Training()) == dataclasses.replace(b, training=Training())

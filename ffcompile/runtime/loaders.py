@@ -8,6 +8,7 @@ in; another backend slots in with ``register_loader(backend, ...)``.
 from __future__ import annotations
 
 from collections.abc import Callable
+import os
 from pathlib import Path
 from typing import Protocol
 
@@ -21,6 +22,7 @@ class Runnable(Protocol):
 
 
 Loader = Callable[[Path, dict, str], Runnable]
+THREADS_ENV = "FFCOMPILE_ORT_THREADS"  # onnxruntime intra-op threads of loaded programs (default: one per core)
 
 
 def _load_onnxruntime(path: Path, target: dict, name: str) -> Runnable:
@@ -28,7 +30,9 @@ def _load_onnxruntime(path: Path, target: dict, name: str) -> Runnable:
 
     model_bytes = path.read_bytes()
     check_self_contained(model_bytes, name)
-    program = OrtProgram(model_bytes, providers=list(target["providers"]), name=name)
+    threads = os.environ.get(THREADS_ENV)
+    program = OrtProgram(model_bytes, providers=list(target["providers"]), name=name,
+                         threads=int(threads) if threads and threads.isdigit() else None)
     active = program.session.get_providers()
     if target["providers"][0] not in active:
         # onnxruntime may fall back to the CPU silently when a GPU provider fails to start.
