@@ -11,7 +11,8 @@
 The bundle is loaded with ``load_bundle`` (checksums, architecture), each case is run through its
 compiled program, then ``train_step`` runs the trajectory feeding its own new parameters and
 state back, as fine-tuning does. ``OUT.npz`` gets ``case<i>/<output>`` and ``step<j>/<output>``,
-and ``OUT.npz.json`` the device's description and timings.
+and ``OUT.npz.json`` the device's description and timings. Progress goes to stderr, as lines
+``PROGRESS phase N LABEL`` (a phase of N items begins) and ``PROGRESS advance`` (one item done).
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import load_bundle
+
+PROGRESS = "ffcompile-device-progress:"
+
+
+def _progress(what: str) -> None:
+    print(PROGRESS, what, file=sys.stderr, flush=True)
 
 
 def _grouped(archive) -> dict[str, dict[str, np.ndarray]]:
@@ -45,13 +52,17 @@ def run_device_check(bundle_dir, inputs_path, out_path) -> dict:
     out: dict[str, np.ndarray] = {}
     case_ms = []
     cases = sorted((k for k in groups if k.startswith("case")), key=lambda k: int(k[4:]))
+    _progress(f"phase {len(cases)} {len(cases)} program checks")
     for key in cases:
         name = str(groups[key].pop("__program__"))
         t = time.perf_counter()
         result = bundle.programs[name].run(groups[key])
         case_ms.append({"case": key, "program": name, "ms": (time.perf_counter() - t) * 1e3})
         out.update({f"{key}/{k}": np.asarray(v) for k, v in result.items()})
+        _progress("advance")
     steps = sorted((k for k in groups if k.startswith("step")), key=lambda k: int(k[4:]))
+    if steps:
+        _progress(f"phase {len(steps)} {len(steps)} training steps")
     current = dict(groups.get("start", {}))
     step_ms = []
     for key in steps:
@@ -60,6 +71,7 @@ def run_device_check(bundle_dir, inputs_path, out_path) -> dict:
         step_ms.append((time.perf_counter() - t) * 1e3)
         current = {k: np.array(result[f"new.{k}"]) for k in current}  # own outputs fed back
         out.update({f"{key}/{k}": np.asarray(v) for k, v in result.items()})
+        _progress("advance")
     np.savez(out_path, **out)
     info = {"machine": platform.machine(), "python": platform.python_version(), "numpy": np.__version__,
             "backend": bundle.target["backend"], "target": bundle.target["name"], "cases": case_ms,
