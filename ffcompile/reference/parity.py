@@ -50,6 +50,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
 from ..core.spec import Model
 from ..loop.epochs import epoch_plan, learning_rate, step_feeds, uses_hybrid_negatives
 from ..loop.progress import Phase
