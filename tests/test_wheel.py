@@ -3,6 +3,7 @@ installed package, not the checkout, lists targets and builds a bundle."""
 
 import os
 import shutil
+import site
 import subprocess
 import sys
 import zipfile
@@ -39,7 +40,10 @@ def test_wheel_ships_targets_and_models(wheel):
 
 def test_installed_wheel_lists_targets_and_builds(wheel, tmp_path):
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    # the dependencies (and pip) from the environment running the tests, after the venv's own packages:
+    # --system-site-packages would give the base interpreter's, not those of a venv the tests run in
+    (next(venv.glob("lib/python*/site-packages")) / "outer.pth").write_text("\n".join(site.getsitepackages()))
     python = venv / "bin" / "python"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "FFCOMPILE_TARGETS")}
     subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], check=True,

@@ -3,6 +3,7 @@
 # Every step is a plain ffcompile command; set FFCOMPILE_DATA_DIR to use the full MNIST instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [[ -x .venv/bin/ffcompile ]]; then PATH="$PWD/.venv/bin:$PATH"; fi  # the environment tools/setup.sh made
 OUT=${1:-runs/quickstart}
 TARGET=${TARGET:-x86-cpu}
 EPOCHS=${EPOCHS:-10}

@@ -244,7 +244,7 @@ def verify(bundle_dir, data_dir, steps, emulate, sysroot_cache, report_path, as_
         source, x, y = load_split(bundle.model, data_dir, "train")
         report = run_verify(bundle.model, bundle.target, bundle.programs, bundle.params, bundle.state, bundle.step,
                             x, y, bundle.manifest["batch"]["infer"], 100 if steps is None else steps,
-                            data=source.describe(), progress=progress and not as_json)
+                            data=source.describe(), progress=progress, log=None if as_json else _echo)
         if bundle.reduced:
             from ..compiler.quantize import check_reduced_programs
 

@@ -30,6 +30,7 @@ from ..core.errors import FFCompileError
 from ..core.shipped import shipped_model
 from ..core.spec import Model, load_model
 from ..core.spec_limits import MAX_BATCH
+from ..loop.progress import Phase
 from ..lowering import build_program, bundle_programs, init_state, is_train_program
 from ..runtime.loaders import load_program
 from ..runtime.machine import why_not_here
@@ -227,8 +228,9 @@ def _build(source, target, out_dir: Path, batch, infer_batch, verify_steps, data
         entries = {}
         for program in programs:
             program_batch = batches["train"] if is_train_program(program.name) else infer_batch
-            log(f"compile {program.name} (batch {program_batch}, {len(program.nodes)} ops) for {target.name}")
-            rel = COMPILERS[target.backend](program, model, target, tmp)
+            with Phase(f"compile {program.name} (batch {program_batch}, {len(program.nodes)} ops) for {target.name}",
+                       progress, log):
+                rel = COMPILERS[target.backend](program, model, target, tmp)
             entries[program.name] = {"file": rel, "backend": target.backend, **program.signature()}
         save_tensors(tmp / WEIGHTS, src.params, model=model.name)
         save_tensors(tmp / OPTIMIZER, src.state, model=model.name, epoch=src.epoch, step=src.step,
@@ -312,7 +314,7 @@ def _parity(model, target: dict, root: Path, entries: dict, src: Source, infer_b
         log(f"parity on a host proxy: {proxy['what']}")
         runners = _proxy_runners(model, proxy, root, entries, infer_batch)
     report = verify(model, target, runners, src.params, src.state, src.step, x, y, infer_batch, steps, seed,
-                    data=source.describe(), progress=progress, log=None)
+                    data=source.describe(), progress=progress, log=log)
     if proxy is not None:
         report["host_proxy"] = {"why": reason, "what": proxy["what"], "proxy_target": proxy["target"],
                                 "device_check": "ffcompile verify BUNDLE --emulate (aarch64 under qemu) or "

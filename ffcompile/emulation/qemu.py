@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -356,11 +357,17 @@ class Sysroot:
 
     def run(self, argv: Sequence[str | os.PathLike], env: Mapping[str, str] | None = None,
             timeout: float | None = None, cwd: str | os.PathLike | None = None,
-            check: bool = True, input: str | None = None, qemu_args: Sequence[str] = ()) -> subprocess.CompletedProcess:
+            check: bool = True, input: str | None = None, echo=None,
+            qemu_args: Sequence[str] = ()) -> subprocess.CompletedProcess:
         """Run an aarch64 program under qemu with this sysroot; output is captured as text.
-        With ``check`` a non-zero exit raises :class:`EmulationError` with the last stderr lines."""
+        With ``check`` a non-zero exit raises :class:`EmulationError` with the last stderr lines.
+        ``echo(line)``: sees each output line as it arrives (stdout and stderr together, always
+        checked, no ``input``). ``qemu_args``: options for qemu itself (e.g. ``-plugin``)."""
         cmd = self.command(argv, qemu_args)
         what = Path(str(argv[0])).name
+        if echo is not None:
+            out = _run_host(cmd, f"{what} under {Path(cmd[0]).name}", self.guest_env(env), echo, cwd, timeout)
+            return subprocess.CompletedProcess(cmd, 0, out, "")
         try:
             proc = subprocess.run(cmd, env=self.guest_env(env), cwd=cwd, input=input,
                                   capture_output=True, text=True, errors="replace", timeout=timeout)
@@ -430,7 +437,7 @@ class _Progress:
 
 
 def _run_host(cmd: Sequence[str], what: str, env: Mapping[str, str] | None = None,
-              echo=None, cwd: str | os.PathLike | None = None) -> str:
+              echo=None, cwd: str | os.PathLike | None = None, timeout: float | None = None) -> str:
     """Run a host command; on failure raise EmulationError naming ``what``. ``echo(line)`` sees
     each output line as it arrives. Returns the combined output."""
     try:
@@ -439,14 +446,27 @@ def _run_host(cmd: Sequence[str], what: str, env: Mapping[str, str] | None = Non
                                 env=dict(env) if env is not None else None, cwd=cwd)
     except FileNotFoundError:
         raise _missing_tool(Path(cmd[0]).name) from None
+    expired = threading.Event()
+    timer = threading.Timer(timeout, lambda: (expired.set(), proc.kill())) if timeout else None
+    if timer:
+        timer.start()
     lines = []
     assert proc.stdout is not None
-    for line in proc.stdout:
-        lines.append(line)
-        if echo:
-            echo(line.rstrip("\n"))
-    rc = proc.wait()
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if echo:
+                echo(line.rstrip("\n"))
+        rc = proc.wait()
+    finally:
+        if timer:
+            timer.cancel()
+        if proc.poll() is None:  # echo raised
+            proc.kill()
+            proc.wait()
     out = "".join(lines)
+    if expired.is_set():
+        raise EmulationError(f"{what} timed out after {timeout:g} s", stdout=out)
     if rc != 0:
         raise EmulationError(f"{what} failed ({_describe_rc(rc)}): {_tail(out, 3)}",
                              returncode=rc, stdout=out)

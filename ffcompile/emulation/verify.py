@@ -24,6 +24,8 @@ from ..contract.manifest import OPTIMIZER, WEIGHTS, read_manifest, verify_files
 from ..contract.weights import check_tensors, read_tensors
 from ..core.errors import FFCompileError
 from ..core.spec import model_from_dict
+from ..loop.progress import Phase
+from ..runtime.device_check import PROGRESS
 
 REPO_PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding the ffcompile package
 DEFAULT_STEPS = 10
@@ -62,6 +64,31 @@ def _outputs(path: Path) -> dict[str, dict[str, np.ndarray]]:
             group, name = key.split("/", 1)
             groups.setdefault(group, {})[name] = archive[key]
     return groups
+
+
+class _DevicePhases:
+    """The device check's progress lines (``device_check.PROGRESS``) as phases here; the first
+    phase, until the device reports its checks, is starting Python and loading the bundle."""
+
+    def __init__(self, arch: str, progress: bool, log):
+        self.where, self.progress, self.log = f"emulated {arch}", progress, log
+        self.phase = Phase(f"{self.where}: start Python, load the runtime and the bundle", progress, log)
+
+    def __call__(self, line: str) -> None:
+        if not line.startswith(PROGRESS):
+            return
+        what = line[len(PROGRESS):].split(maxsplit=2)
+        if what[0] == "advance":
+            self.phase.advance()
+        elif what[0] == "phase":
+            self.phase.close()
+            self.phase = Phase(f"{self.where}: {what[2]}", self.progress, self.log, int(what[1]))
+
+    def __enter__(self) -> _DevicePhases:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.phase.__exit__(*exc)
 
 
 def verify_emulated(bundle_dir, data_dir=None, steps: int = DEFAULT_STEPS, cache_dir=None, progress: bool = True,
@@ -107,9 +134,11 @@ def verify_emulated(bundle_dir, data_dir=None, steps: int = DEFAULT_STEPS, cache
         log(f"running {len(plan.cases)} program checks and a {len(trajectory)}-step fine-tuning trajectory on "
             f"emulated aarch64 ({target['backend']}; qemu is slow: expect a minute or more)")
         t = time.perf_counter()
-        proc = sysroot.run([sysroot.python, "-m", "ffcompile.runtime.device_check", root.resolve(), inputs, outputs],
-                           env={"PYTHONPATH": str(REPO_PACKAGE_ROOT), "PYTHONDONTWRITEBYTECODE": "1", **GUEST_THREADS},
-                           timeout=GUEST_TIMEOUT_S, qemu_args=plugin)
+        with _DevicePhases(target["arch"], progress, log) as phases:
+            proc = sysroot.run([sysroot.python, "-m", "ffcompile.runtime.device_check", root.resolve(), inputs,
+                                outputs], env={"PYTHONPATH": str(REPO_PACKAGE_ROOT), "PYTHONDONTWRITEBYTECODE": "1",
+                                                  **GUEST_THREADS},
+                               timeout=GUEST_TIMEOUT_S, echo=phases, qemu_args=plugin)
         guest_s = time.perf_counter() - t
         device = json.loads(Path(f"{outputs}.json").read_text())
         groups = _outputs(outputs)
@@ -121,7 +150,7 @@ def verify_emulated(bundle_dir, data_dir=None, steps: int = DEFAULT_STEPS, cache
     replay = iter(groups[f"step{j}"] for j in range(len(trajectory)))
     report = run_checks(model, target, plan, lambda i, _name, _feeds: groups[f"case{i}"],
                         (lambda _feeds: next(replay)) if trajectory else None, len(trajectory),
-                        data=source.describe(), progress=False, started=started)
+                        data=source.describe(), progress=progress, log=log, started=started)
     report["bundle"] = str(bundle_dir)
     report["emulated"] = {
         "device": f"{device['machine']} under {Path(emulation.qemu_program('aarch64')).name} (user-mode emulation)",
@@ -129,7 +158,8 @@ def verify_emulated(bundle_dir, data_dir=None, steps: int = DEFAULT_STEPS, cache
         "sysroot": str(sysroot.root.parent), "device_python": device["python"], "device_numpy": device["numpy"],
         "guest_seconds": round(guest_s, 1), "bundle_load_s": round(device["load_s"], 2),
         "train_step_ms_median": device["step_ms_median"], "train_step_ms": device["step_ms"],
-        "program_ms": device["cases"], "guest_stdout": proc.stdout.strip().splitlines()[-1:],
+        "program_ms": device["cases"], "guest_stdout": [line for line in proc.stdout.strip().splitlines()
+                                                          if not line.startswith(PROGRESS)][-1:],
         "cost": device_cost(root, manifest, device["peak_rss_kib"], instructions),
     }
     if reduced:

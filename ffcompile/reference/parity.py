@@ -50,10 +50,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ..core.spec import Model
 from ..loop.epochs import epoch_plan, learning_rate, step_feeds, uses_hybrid_negatives
+from ..loop.progress import Phase
 from ..lowering import build_program, is_train_program, negative_probs_program
 from .interpreter import TorchProgram
 
@@ -279,15 +279,16 @@ def _split(model_params, model_state, out: dict):
 
 
 def trajectory_parity(run, reference: Reference, ties: _LabelTies, params: dict, state: dict, feeds_iter,
-                      steps: int, progress: bool = False) -> dict:
+                      steps: int, advance=None) -> dict:
     """``steps`` train steps with the loop's feeds, each side feeding its own outputs back, with
-    re-synchronizations where the reference stops being one (see the module doc)."""
+    re-synchronizations where the reference stops being one (see the module doc). ``advance()``:
+    called after each step."""
     needed = [v.name for v in reference.f32.program.inputs]
     sides = {"backend": (params, state), "ref32": (params, state), "ref64": (params, state)}
     per_step, worst, label_events, resyncs, passed, strict = [], {}, [], [], True, True
     first_step = first_beyond = first_failure = None
     stretch_drift = 0.0  # the reference's largest drift from float64 since the float64 side last restarted
-    for _ in tqdm(range(steps), desc="verify trajectory", disable=not progress, leave=False):
+    for _ in range(steps):
         feeds = next(feeds_iter)
         first_step = int(feeds["step"]) if first_step is None else first_step
         run_feeds = {k: v for k, v in feeds.items() if k in needed}
@@ -301,6 +302,8 @@ def trajectory_parity(run, reference: Reference, ties: _LabelTies, params: dict,
         for side, out in outs.items():
             sides[side] = _split(params, state, out)
         record = {"step": int(feeds["step"]), "tensors": {}}
+        # failures name the step of the check, counted from 1, and the run's own step where they differ
+        at = f"step {len(per_step) + 1}" + (f" (training step {record['step']})" if first_step != 1 else "")
         drift = _reference_drift(sides["ref32"], sides["ref64"])
         lost = drift if drift[1] > REFERENCE_HORIZON_RTOL else None
         stretch_drift = max(stretch_drift, drift[1])
@@ -328,7 +331,7 @@ def trajectory_parity(run, reference: Reference, ties: _LabelTies, params: dict,
                     cause = "mismatch"
                     passed = False
                     first_failure = first_failure or (
-                        f"step {record['step']}: negative label of row {int(r)} is {int(got[r])}, the reference "
+                        f"{at}: negative label of row {int(r)} is {int(got[r])}, the reference "
                         f"draws {int(want[r])} (CDF margin {float(margins[r]):.1e}, not a sampling tie)")
                 label_events.append({"step": record["step"], "row": int(r), "reference": int(want[r]),
                                      "backend": int(got[r]), "cdf_margin": float(margins[r]), "cause": cause})
@@ -360,7 +363,7 @@ def trajectory_parity(run, reference: Reference, ties: _LabelTies, params: dict,
                     record.setdefault("float64_floor", {})[name] = {**entry["float64"], "passed": entry["passed"]}
                 passed &= entry["passed"]
                 if not entry["passed"] and first_failure is None:
-                    first_failure = _tensor_failure(record["step"], name, entry)
+                    first_failure = _tensor_failure(at, name, entry)
         if lost:
             # Both restart: a backend left at its own distance from a float64 side that restarted
             # would be held to the floor of a trajectory shorter than its own.
@@ -370,6 +373,8 @@ def trajectory_parity(run, reference: Reference, ties: _LabelTies, params: dict,
                 resyncs.append({"step": record["step"], "cause": f"the fp32 reference is {lost[1]:.1e} (rel) from "
                                 f"float64 in {lost[0]} (step judged: the backend was within {TRAJECTORY_RTOL:g})"})
         per_step.append(record)
+        if advance is not None:
+            advance()
     judged = sum(r["judged"] for r in per_step)
     why_failed = None
     if judged < MIN_JUDGED_FRACTION * steps:
@@ -385,9 +390,9 @@ def trajectory_parity(run, reference: Reference, ties: _LabelTies, params: dict,
             "per_step": per_step}
 
 
-def _tensor_failure(step: int, name: str, entry: dict) -> str:
-    """Why a tensor failed a judged step, in one line."""
-    text = (f"step {step}: {name} is {entry['max_abs']:.2e} from the fp32 reference (rel {entry['max_rel']:.1e}), "
+def _tensor_failure(at: str, name: str, entry: dict) -> str:
+    """Why a tensor failed a judged step (``at``), in one line."""
+    text = (f"{at}: {name} is {entry['max_abs']:.2e} from the fp32 reference (rel {entry['max_rel']:.1e}), "
             f"tolerance {entry['tolerance']:.2e}")
     if "float64" in entry:
         f64 = entry["float64"]
@@ -500,21 +505,20 @@ def run_checks(model: Model, target: dict, plan: CheckPlan, run_case, train_run,
     ``steps``-step trajectory (``train_run(feeds) -> outputs``, None: no trajectory) with the reference."""
     started = time.perf_counter() if started is None else started
     results = []
-    for index, (name, kind, feeds) in enumerate(plan.cases):
-        if log:
-            log(f"verify: {name} on {kind} inputs")
-        ref = plan.references[name]
-        out = run_case(index, name, feeds)
-        entry = compare_program(name, out, ref.run32(feeds), ref.run64(feeds), plan.ties,
-                                {k: feeds[k] for k in plan.params if k in feeds}, feeds)
-        entry["inputs"] = kind
-        results.append(entry)
+    with Phase(f"parity: {len(plan.cases)} program checks", progress, log, total=len(plan.cases)) as phase:
+        for index, (name, kind, feeds) in enumerate(plan.cases):
+            ref = plan.references[name]
+            out = run_case(index, name, feeds)
+            entry = compare_program(name, out, ref.run32(feeds), ref.run64(feeds), plan.ties,
+                                    {k: feeds[k] for k in plan.params if k in feeds}, feeds)
+            entry["inputs"] = kind
+            results.append(entry)
+            phase.advance()
     trajectory = None
     if steps > 0 and train_run is not None:
-        if log:
-            log(f"verify: {steps}-step training trajectory")
-        trajectory = trajectory_parity(train_run, plan.references["train_step"], plan.ties, plan.params, plan.state,
-                                       plan.trajectory_feeds, steps, progress)
+        with Phase(f"parity: {steps}-step training trajectory", progress, log, total=steps) as phase:
+            trajectory = trajectory_parity(train_run, plan.references["train_step"], plan.ties, plan.params,
+                                           plan.state, plan.trajectory_feeds, steps, phase.advance)
     passed = all(r["passed"] for r in results) and (trajectory is None or trajectory["passed"])
     return {
         "format": FORMAT, "passed": bool(passed), "model": model.name, "target": target.get("name"),
@@ -555,33 +559,74 @@ def summarize(results: list[dict], trajectory: dict | None) -> dict:
     return out
 
 
+def _short(x: float) -> str:
+    return f"{x:.0e}".replace("e-0", "e-")  # 1e-4, not 0.0001 or 1e-04
+
+
+# Why a trajectory restarted, in plain words, by the start of its recorded cause.
+_RESTARTS = {
+    "the fp32 reference is": f"fp32 rounding had carried the reference itself more than {_short(REFERENCE_HORIZON_RTOL)} "
+                             "(relative) from a float64 run of the same steps, so fp32 no longer pins down one right "
+                             "answer",
+    "a negative label": "a negative label was drawn differently because its random number fell within fp32 rounding "
+                        "of a boundary",
+    "the reference stepped": "the step magnified a rounding-sized difference between the two runs' weights (the "
+                             "reference, stepped from the compiled run's own weights, agrees with it)",
+}
+
+
 def summary_lines(report: dict) -> list[str]:
+    """The report for people: one line per program check, then the training trajectory in plain
+    words, its steps counted from 1 (the check's first step)."""
     lines = [f"parity {'PASSED' if report['passed'] else 'FAILED'}: {report['model']} on {report['target']} "
              f"({report['backend']}, {report['device']})"]
     for key, s in report["summary"]["programs"].items():
         extra = ""
         if s["passed_by_float64_floor"]:
-            extra += f"; within the float64 floor: {', '.join(s['passed_by_float64_floor'])}"
+            extra += f"; no farther from float64 than the fp32 reference: {', '.join(s['passed_by_float64_floor'])}"
         if any(s["integer_mismatches"].values()):
-            extra += f"; integer mismatches {s['integer_mismatches']}"
+            extra += "; integer outputs differing: " + ", ".join(
+                f"{name} in {rows} rows" for name, rows in s["integer_mismatches"].items() if rows)
         lines.append(f"  {key:28s} {'ok  ' if s['passed'] else 'FAIL'} max rel {s['max_rel']:.2e} ({s['worst_tensor']}), "
                      f"max abs {s['max_abs_all']:.2e}{extra}")
     t = report["summary"].get("trajectory")
     if t:
-        strict = "all within 1e-4 of the fp32 reference" if t["within_strict_tolerance"] else \
-            f"beyond 1e-4 of the fp32 reference from step {t['first_step_beyond_strict_tolerance']}, judged by the float64 floor"
-        lines.append(f"  trajectory {t['steps']} steps        {'ok  ' if t['passed'] else 'FAIL'} max rel "
-                     f"{t['max_rel']:.2e} ({t['worst_tensor']}); {strict}; negative-label events {t['negative_label_events']}")
-        if t.get("resyncs"):
-            steps_at = ", ".join(str(r["step"]) for r in t["resyncs"][:8]) + (", ..." if len(t["resyncs"]) > 8 else "")
-            lines.append(f"    judged {t['judged_steps']} of {t['steps']} steps; {len(t['resyncs'])} re-synchronizations "
-                         f"(steps {steps_at}; first: {t['resyncs'][0]['cause']})")
-        if t.get("why_failed"):
-            lines.append(f"    {t['why_failed']}")
+        lines += _trajectory_lines(t, (report.get("trajectory") or t).get("first_step") or 1)
     elif report.get("skipped"):
         lines.append(f"  skipped: {report['skipped']}")
     if report.get("reduced_precision"):
         from .fake_quant import reduced_lines
 
         lines += reduced_lines(report["reduced_precision"])
+    return lines
+
+
+def _trajectory_lines(t: dict, first_step: int) -> list[str]:
+    n, beyond = t["steps"], t["first_step_beyond_strict_tolerance"]
+    if beyond is None:
+        agree = f"every compared step within {_short(TRAJECTORY_RTOL)} (relative) of the reference"
+    else:
+        k = beyond - first_step + 1
+        agree = ((f"step{'s 1-' if k > 2 else ' '}{k - 1} within {_short(TRAJECTORY_RTOL)} (relative) of the reference; "
+                  if k > 1 else "") + f"from step {k} some tensors differed from it by more"
+                 + (f", but were no farther from a float64 run than the fp32 reference is (within "
+                    f"{FLOAT64_FACTOR:g}x): rounding, not an error" if t["passed"] else ""))
+    lines = [f"  {f'training, {n} steps':28s} {'ok  ' if t['passed'] else 'FAIL'} max rel {t['max_rel']:.2e} "
+             f"({t['worst_tensor']})",
+             f"    the compiled train_step and the PyTorch fp32 reference trained from the same weights and batches, "
+             f"each feeding its own results back: {agree}"]
+    for prefix, why in _RESTARTS.items():
+        at = [r["step"] - first_step + 1 for r in t.get("resyncs") or () if r["cause"].startswith(prefix)]
+        if at:
+            steps = ", ".join(map(str, at[:8])) + (", ..." if len(at) > 8 else "")
+            lines.append(f"    {f'{len(at)} times (steps' if len(at) > 1 else 'once (step'} {steps}) the runs were "
+                         f"restarted from the same weights: {why}")
+    if t["judged_steps"] < n:
+        lines.append(f"    {t['judged_steps']} of {n} steps compared (a step that needed a restart is not; at least "
+                     f"{MIN_JUDGED_FRACTION:.0%} must be)")
+    if t["negative_label_events"]:
+        lines.append(f"    {t['negative_label_events']} negative label(s) drawn differently from the reference (each "
+                     f"with its cause in the report's trajectory.negative_label_events)")
+    if t.get("why_failed"):
+        lines.append(f"    {t['why_failed']}")
     return lines

@@ -16,6 +16,8 @@ runs the trajectory feeding its own new parameters and state back, as fine-tunin
 ``step<j>/<output>``, and ``OUT.npz.json`` the device's description, timings and costs: the
 process's peak resident memory after loading, after inference and after fine-tuning, and the
 calls that ``count_calls`` brackets with instruction-count marks.
+Progress goes to stderr, as lines ``PROGRESS phase N LABEL`` (a phase of N items begins) and
+``PROGRESS advance`` (one item done).
 """
 
 from __future__ import annotations
@@ -33,6 +35,12 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import load_bundle
+
+PROGRESS = "ffcompile-device-progress:"
+
+
+def _progress(what: str) -> None:
+    print(PROGRESS, what, file=sys.stderr, flush=True)
 
 
 def _grouped(archive) -> dict[str, dict[str, np.ndarray]]:
@@ -69,6 +77,7 @@ def count_calls(calls: list[tuple[str, int, Callable]]) -> list[dict]:
             call()
         mark()
         out.append({"program": program, "rows": rows, "calls": MARKED_CALLS})
+        _progress("advance")
     return out
 
 
@@ -101,18 +110,26 @@ def run_device_check(bundle_dir, inputs_path, out_path) -> dict:
     out: dict[str, np.ndarray] = {}
     case_ms = []
     cases = sorted((k for k in groups if k.startswith("case")), key=lambda k: int(k[4:]))
+    _progress(f"phase {len(cases)} {len(cases)} program checks")
     for key in cases:
         name = str(groups[key].pop("__program__"))
         t = time.perf_counter()
         result = bundle.programs[name].run(groups[key])
         case_ms.append({"case": key, "program": name, "ms": (time.perf_counter() - t) * 1e3})
         out.update({f"{key}/{k}": np.asarray(v) for k, v in result.items()})
-    for key in sorted((k for k in groups if k.startswith("rows")), key=lambda k: int(k[4:])):
+        _progress("advance")
+    batches = sorted((k for k in groups if k.startswith("rows")), key=lambda k: int(k[4:])) if bundle.reduced else []
+    if batches:
+        _progress(f"phase {len(batches)} {len(batches)} batches in {bundle.dtype}")
+    for key in batches:
+        _progress("advance")
         for name, program in bundle.reduced.items():
             result = program.run({"x": groups[key]["x"]})
             out.update({f"{name}.{bundle.dtype}.{key}/{k}": np.asarray(v) for k, v in result.items()})
     rss["after_inference"] = peak_rss_kib()
     steps = sorted((k for k in groups if k.startswith("step")), key=lambda k: int(k[4:]))
+    if steps:
+        _progress(f"phase {len(steps)} {len(steps)} training steps")
     current = dict(groups.get("start", {}))
     step_ms = []
     for key in steps:
@@ -121,11 +138,14 @@ def run_device_check(bundle_dir, inputs_path, out_path) -> dict:
         step_ms.append((time.perf_counter() - t) * 1e3)
         current = {k: np.array(result[f"new.{k}"]) for k in current}  # own outputs fed back
         out.update({f"{key}/{k}": np.asarray(v) for k, v in result.items()})
+        _progress("advance")
     rss["after_finetuning"] = peak_rss_kib()
-    counted = count_calls(_cost_calls(bundle, groups, dict(groups.get("start", {}))))
+    calls = _cost_calls(bundle, groups, dict(groups.get("start", {})))
+    _progress(f"phase {len(calls)} {len(calls)} program calls with instruction counts")
+    counted = count_calls(calls)
     np.savez(out_path, **out)
-    info = {"peak_rss_kib": rss, "counted_calls": counted,"machine": platform.machine(), "python": platform.python_version(), "numpy": np.__version__,
-            "backend": bundle.target["backend"], "target": bundle.target["name"], "cases": case_ms,
+    info = {"machine": platform.machine(), "python": platform.python_version(), "numpy": np.__version__,
+            "peak_rss_kib": rss, "counted_calls": counted, "backend": bundle.target["backend"], "target": bundle.target["name"], "cases": case_ms,
             "steps": len(steps), "step_ms": step_ms,
             "step_ms_median": statistics.median(step_ms) if step_ms else None,
             "load_s": loaded - started, "total_s": time.perf_counter() - started}

@@ -173,7 +173,7 @@ def test_backend_off_a_lost_reference_is_not_judged_there_and_restarts(loaded, t
               "summary": {"programs": {}, "trajectory": {**bad, "max_rel": 0.0, "worst_tensor": None,
                                                           "negative_label_events": 0}}}
     lines = summary_lines(report)
-    assert any("re-synchronizations" in line for line in lines) and any("too few" in line for line in lines)
+    assert any("restarted from the same weights" in line for line in lines) and any("too few" in line for line in lines)
 
 
 def test_a_dip_in_the_reference_drift_does_not_tighten_the_floor(loaded, train_data):
@@ -279,3 +279,21 @@ def test_a_step_that_amplifies_the_backends_rounding_restarts_it(loaded, train_d
     bad = _chaotic_trajectory(loaded, train_data, backend_gain=2e4)  # the same step, computed wrong
     step6 = next(r for r in bad["per_step"] if r["step"] == 6)
     assert not bad["passed"] and bad["resyncs"] == [] and not step6["own_state_check"]["explained"]
+
+
+def test_summary_counts_the_checks_steps_from_one_and_says_why_the_runs_restarted():
+    """A check that starts at training step 2001 of its run calls that step 1; restarts are named
+    by their reason in words, not by the rule."""
+    t = {"passed": True, "steps": 100, "judged_steps": 97, "within_strict_tolerance": False,
+         "first_step_beyond_strict_tolerance": 2014, "worst_tensor": "h1.weight", "max_rel": 5e-3,
+         "negative_label_events": 1, "why_failed": None,
+         "resyncs": [{"step": 2016, "cause": "the fp32 reference is 2.8e-02 (rel) from float64 in h1.bias"},
+                     {"step": 2031, "cause": "the fp32 reference is 1.1e-03 (rel) from float64 in h2.weight"},
+                     {"step": 2044, "cause": "a negative label drawn differently on a sampling tie"}]}
+    report = {"passed": True, "model": "m", "target": "t", "backend": "b", "device": "d",
+              "summary": {"programs": {}, "trajectory": t}, "trajectory": {"first_step": 2001}}
+    text = "\n".join(summary_lines(report))
+    assert "steps 1-13 within 1e-4" in text and "from step 14 " in text
+    assert "2 times (steps 16, 31) the runs were restarted from the same weights: fp32 rounding" in text
+    assert "once (step 44) the runs were restarted" in text and "97 of 100 steps compared" in text
+    assert "re-synchron" not in text and "2016" not in text

@@ -59,3 +59,13 @@ def test_progress_bars_stay_off_the_log_when_it_is_not_a_terminal(tmp_path):
     result = invoke("train", TINY, "-o", tmp_path / "run", "--epochs", "1", "--limit", "40", "--backend", "torch")
     assert result.exit_code == 0, result.output
     assert "\r" not in result.output and "it/s" not in result.output
+
+
+def test_a_build_logs_each_compilation_with_its_seconds(tmp_path):
+    """Not a terminal: one plain line per compiled program once it is done, no bar redrawn with \\r."""
+    result = invoke("build", TINY, "--target", "x86-cpu", "-o", tmp_path / "b", "--verify-steps", "0",
+                    "--infer-batch", "50")
+    assert result.exit_code == 0, result.output
+    compiled = [line for line in result.output.splitlines() if line.startswith("compile ")]
+    assert compiled and all(line.endswith(" s") and "for x86-cpu: " in line for line in compiled), result.output
+    assert "\r" not in result.output

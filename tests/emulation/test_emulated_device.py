@@ -42,6 +42,7 @@ def test_arm_tvm_bundle_on_emulated_device(tiny_arm_bundle, tmp_path):
     assert report["summary"]["trajectory"]["steps"] == 10 and report["summary"]["trajectory"]["passed"]
     assert report["emulated"]["device"].startswith("aarch64 under qemu-aarch64")
     assert len(report["emulated"]["train_step_ms"]) == 10
+    assert "emulated aarch64: 10 training steps: " in result.output and "\r" not in result.output  # phase lines
 
 
 @pytest.mark.emulation
@@ -74,3 +75,17 @@ def test_emulate_refuses_a_host_bundle(tmp_path):
     build_bundle(TINY_SPEC, "x86-cpu", out, infer_batch=50, verify_steps=0, progress=False, log=lambda _: None)
     line = error_line(invoke("verify", out, "--emulate"))
     assert "aarch64" in line and "x86-cpu" in line
+
+
+def test_the_device_checks_progress_lines_become_phases_with_their_seconds():
+    from ffcompile.emulation.verify import _DevicePhases
+    from ffcompile.runtime.device_check import PROGRESS
+
+    lines = []
+    with _DevicePhases("aarch64", False, lines.append) as phases:
+        for line in ("some warning", f"{PROGRESS} phase 2 2 program checks", f"{PROGRESS} advance",
+                     f"{PROGRESS} advance", f"{PROGRESS} phase 3 3 training steps", f"{PROGRESS} advance"):
+            phases(line)
+    assert [line.rsplit(": ", 1)[0] for line in lines] == [
+        "emulated aarch64: start Python, load the runtime and the bundle", "emulated aarch64: 2 program checks",
+        "emulated aarch64: 3 training steps"]

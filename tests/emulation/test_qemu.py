@@ -313,6 +313,11 @@ def test_onnxruntime_and_tvm_on_emulated_aarch64(sysroot, tmp_path):
                                np.maximum(x * y + x, 0), rtol=1e-6, atol=1e-6)
 
 
+def test_a_host_command_past_its_timeout_is_killed_with_one_line():
+    with pytest.raises(EmulationError, match=r"^sleep timed out after 0.5 s$"):
+        emulation._run_host(["sleep", "30"], "sleep", timeout=0.5)
+
+
 @pytest.mark.emulation
 def test_run_python_failure_carries_stderr(sysroot, tmp_path):
     script = tmp_path / "fail.py"
