@@ -31,6 +31,9 @@ REPO_PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding th
 DEFAULT_STEPS = 10
 GUEST_TIMEOUT_S = 1800
 REDUCED_ROWS = 500  # validation rows the device runs through each reduced-precision program
+# The emulated device: a Raspberry Pi 4's core (ARMv8.0-A with NEON; no SVE, no dot-product
+# instructions), not qemu's default "max" CPU, whose extensions the libraries would use.
+DEVICE_CPU = "cortex-a72"
 # The guest runs single-threaded so that its instruction counts are exact and repeatable.
 GUEST_THREADS = {"FFCOMPILE_ORT_THREADS": "1", "TVM_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
 
@@ -130,7 +133,7 @@ def verify_emulated(bundle_dir, data_dir=None, steps: int = DEFAULT_STEPS, cache
         inputs, outputs = work / "device_inputs.npz", work / "device_outputs.npz"
         _write_inputs(inputs, plan, trajectory, rows)
         counts = work / "instructions.txt"
-        plugin = plugin_args(counter_plugin(sysroot.root.parent), counts)
+        qemu_args = ["-cpu", DEVICE_CPU, *plugin_args(counter_plugin(sysroot.root.parent), counts)]
         log(f"running {len(plan.cases)} program checks and a {len(trajectory)}-step fine-tuning trajectory on "
             f"emulated aarch64 ({target['backend']}; qemu is slow: expect a minute or more)")
         t = time.perf_counter()
@@ -138,7 +141,7 @@ def verify_emulated(bundle_dir, data_dir=None, steps: int = DEFAULT_STEPS, cache
             proc = sysroot.run([sysroot.python, "-m", "ffcompile.runtime.device_check", root.resolve(), inputs,
                                 outputs], env={"PYTHONPATH": str(REPO_PACKAGE_ROOT), "PYTHONDONTWRITEBYTECODE": "1",
                                                   **GUEST_THREADS},
-                               timeout=GUEST_TIMEOUT_S, echo=phases, qemu_args=plugin)
+                               timeout=GUEST_TIMEOUT_S, echo=phases, qemu_args=qemu_args)
         guest_s = time.perf_counter() - t
         device = json.loads(Path(f"{outputs}.json").read_text())
         groups = _outputs(outputs)
@@ -153,7 +156,8 @@ def verify_emulated(bundle_dir, data_dir=None, steps: int = DEFAULT_STEPS, cache
                         data=source.describe(), progress=progress, log=log, started=started)
     report["bundle"] = str(bundle_dir)
     report["emulated"] = {
-        "device": f"{device['machine']} under {Path(emulation.qemu_program('aarch64')).name} (user-mode emulation)",
+        "device": f"{device['machine']} ({DEVICE_CPU}) under {Path(emulation.qemu_program('aarch64')).name} "
+                  "(user-mode emulation)",
         "runs": "ffcompile.runtime.device_check with only the bundle and the torch-free runtime",
         "sysroot": str(sysroot.root.parent), "device_python": device["python"], "device_numpy": device["numpy"],
         "guest_seconds": round(guest_s, 1), "bundle_load_s": round(device["load_s"], 2),
