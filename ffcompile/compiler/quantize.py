@@ -7,8 +7,8 @@ the calibration rows' min and max). Everything else - the length normalization, 
 sums that make goodness, the softmax - stays float32, so the goodness readout sees int8 only
 inside its matmuls. fp16 converts every float tensor and keeps float32 input and outputs.
 
-``quantization_params`` reads the scales back out of a quantized graph so that the reference
-can evaluate the same quantization in float (``ffcompile.reference.fake_quant``).
+``reference.fake_quant.quantization_params`` reads the scales back out of a quantized graph so
+that the reference can evaluate the same quantization in float.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from ..contract.manifest import PROGRAMS_DIR
 from ..core.errors import FFCompileError
@@ -86,31 +85,6 @@ def _int8(proto: onnx.ModelProto, rows: np.ndarray) -> onnx.ModelProto:
     return quantized
 
 
-def quantization_params(proto: onnx.ModelProto) -> dict[str, dict]:
-    """For every float tensor of the original graph that the quantized graph rounds to integers:
-    ``{"scale", "zero_point", "axis", "qmin", "qmax"}``. Activations are found at their
-    QuantizeLinear nodes; weights and biases stored as integers are found at the
-    DequantizeLinear nodes that read them (the float tensor they replace is named without the
-    quantizer's ``_quantized`` suffix)."""
-    consts = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
-    params: dict[str, dict] = {}
-    for node in proto.graph.node:
-        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
-            continue
-        source = node.input[0]
-        if node.op_type == "DequantizeLinear":
-            if source not in consts or not source.endswith("_quantized"):
-                continue  # dequantizes an activation: its QuantizeLinear said it all
-            source = source[: -len("_quantized")]
-        scale = consts[node.input[1]].astype(np.float32)
-        zero = consts[node.input[2]] if len(node.input) > 2 and node.input[2] else np.zeros_like(scale, np.uint8)
-        info = np.iinfo(zero.dtype)
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-        params[source] = {"scale": scale, "zero_point": zero.astype(np.int64), "axis": axis if scale.ndim else None,
-                          "qmin": int(info.min), "qmax": int(info.max)}
-    return params
-
-
 def program_file(name: str, dtype: str) -> str:
     return f"{PROGRAMS_DIR}/{name}.{dtype}.onnx"
 
@@ -145,7 +119,7 @@ def check_reduced_programs(model: Model, section: dict, root: Path, params: dict
     """Parity of the reduced programs with their reference and their accuracy cost, on up to
     CHECK_ROWS validation rows, run by this host's onnxruntime CPU provider (``run_here``: the
     target's own runtime; otherwise a host proxy of the same files)."""
-    from ..reference.fake_quant import check_reduced
+    from ..reference.fake_quant import check_reduced, quantization_params
     from ..runtime.ort import OrtProgram
 
     source, x, y = load_model_split(model, data_dir, "val")

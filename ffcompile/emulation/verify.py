@@ -176,8 +176,7 @@ def _check_reduced(model, root: Path, reduced: dict, params: dict, x, y, infer_b
     """The device's outputs of the reduced-precision programs against their reference."""
     import onnx
 
-    from ..compiler.quantize import quantization_params
-    from ..reference.fake_quant import check_reduced
+    from ..reference.fake_quant import check_reduced, quantization_params
 
     dtype, checks = reduced["dtype"], {}
     for name, entry in reduced["programs"].items():

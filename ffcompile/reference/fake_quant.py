@@ -10,10 +10,36 @@ from typing import Callable
 
 import numpy as np
 import torch
+from onnx import numpy_helper
 
 from ..core.program import Program
 from ..lowering import build_program
 from .interpreter import TorchProgram
+
+
+def quantization_params(proto) -> dict[str, dict]:
+    """For every float tensor of the original graph that the quantized graph rounds to integers:
+    ``{"scale", "zero_point", "axis", "qmin", "qmax"}``. Activations are found at their
+    QuantizeLinear nodes; weights and biases stored as integers are found at the
+    DequantizeLinear nodes that read them (the float tensor they replace is named without the
+    quantizer's ``_quantized`` suffix)."""
+    consts = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    params: dict[str, dict] = {}
+    for node in proto.graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        source = node.input[0]
+        if node.op_type == "DequantizeLinear":
+            if source not in consts or not source.endswith("_quantized"):
+                continue  # dequantizes an activation: its QuantizeLinear said it all
+            source = source[: -len("_quantized")]
+        scale = consts[node.input[1]].astype(np.float32)
+        zero = consts[node.input[2]] if len(node.input) > 2 and node.input[2] else np.zeros_like(scale, np.uint8)
+        info = np.iinfo(zero.dtype)
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        params[source] = {"scale": scale, "zero_point": zero.astype(np.int64), "axis": axis if scale.ndim else None,
+                          "qmin": int(info.min), "qmax": int(info.max)}
+    return params
 
 
 def fake_quantize(value: torch.Tensor, scale, zero_point, axis: int | None, qmin: int, qmax: int) -> torch.Tensor:

@@ -13,12 +13,12 @@ from click.testing import CliRunner
 
 from ffcompile.cli import main
 from ffcompile.compiler.export import export_onnx
-from ffcompile.compiler.quantize import quantization_params, quantize
+from ffcompile.compiler.quantize import quantize
 from ffcompile.contract.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from ffcompile.core.spec import load_model
 from ffcompile.data.datasets import load_model_split
 from ffcompile.lowering import build_program, init_state
-from ffcompile.reference.fake_quant import fake_quantized
+from ffcompile.reference.fake_quant import fake_quantized, quantization_params
 from ffcompile.reference.interpreter import TorchProgram
 from ffcompile.runtime.ort import OrtProgram
 

@@ -40,7 +40,7 @@ def test_arm_tvm_bundle_on_emulated_device(tiny_arm_bundle, tmp_path):
     assert report["passed"] and report["target"] == "arm-cpu" and report["backend"] == "tvm"
     assert {"infer_goodness/real", "infer_softmax/real", "train_step/real"} <= set(report["summary"]["programs"])
     assert report["summary"]["trajectory"]["steps"] == 10 and report["summary"]["trajectory"]["passed"]
-    assert report["emulated"]["device"].startswith("aarch64 under qemu-aarch64")
+    assert report["emulated"]["device"].startswith("aarch64 (cortex-a72) under qemu-aarch64")
     assert len(report["emulated"]["train_step_ms"]) == 10
     assert "emulated aarch64: 10 training steps: " in result.output and "\r" not in result.output  # phase lines
 
@@ -52,6 +52,32 @@ def test_arm_ort_bundle_on_emulated_device(arm_ort_bundle):
     assert result.exit_code == 0, result.output
     report = json.loads(result.output.splitlines()[-1])
     assert report["passed"] and report["backend"] == "onnxruntime" and report["trajectory"]["steps"] == 3
+
+
+@pytest.mark.emulation
+def test_int8_arm_bundle_on_emulated_device_with_its_cost(tmp_path):
+    _need_host_tools()
+    bundle = tmp_path / "tiny-arm-int8"
+    build_bundle(TINY_SPEC, "arm-cpu-ort", bundle, infer_batch=50, verify_steps=0, progress=False, log=lambda _: None,
+                 dtype="int8", force=True)  # (untrained weights: the budget is not what this test is about)
+    result = invoke("verify", bundle, "--emulate", "--steps", "1", "--json", "--no-progress")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output.splitlines()[-1])
+    reduced = report["reduced_precision"]
+    assert report["passed"] and reduced["ran_on"] == "the emulated device"
+    assert set(reduced["programs"]) == {"infer_goodness", "infer_softmax"}
+    assert all(c["passed"] and c["rows"] == 500 for c in reduced["programs"].values())
+    cost = report["emulated"]["cost"]
+    assert 0 < cost["bundle_bytes"]["inference_int8"] < cost["bundle_bytes"]["inference_float32"]
+    assert 100 < cost["peak_rss_mib"]["after_load"] <= cost["peak_rss_mib"]["after_finetuning"]
+    counts = {(c["program"], c["rows"]): c["instructions_per_call"] for c in cost["instructions"]}
+    assert set(counts) == {("infer_goodness", 50), ("infer_softmax", 50), ("infer_goodness.int8", 50),
+                           ("infer_goodness.int8", 1), ("infer_softmax.int8", 50), ("infer_softmax.int8", 1),
+                           ("train_step", 20)}
+    # deterministic work: one row costs less than a batch, and goodness (10 label rows per image,
+    # every layer) more than the softmax readout (one neutral pass)
+    assert counts[("infer_goodness.int8", 1)] < counts[("infer_goodness.int8", 50)]
+    assert counts[("infer_softmax.int8", 50)] < counts[("infer_goodness.int8", 50)]
 
 
 def test_missing_qemu_names_the_debian_package(arm_ort_bundle, tmp_path, monkeypatch):
