@@ -69,7 +69,14 @@ def bench_run(name: str, run: Path, args, x, y) -> dict:
 
     work = args.work / name
     work.mkdir(parents=True, exist_ok=True)
-    row = {"run": str(run), "readouts": {}}
+    from ffcompile.compiler.export import load_source
+
+    model, _, digest = load_source(run)
+    from ffcompile.contract.checkpoint import load_checkpoint
+
+    epoch = load_checkpoint(run / "checkpoint.safetensors").epoch
+    row = {"run": str(run), "model": model.name, "source_sha256": digest, "epochs_trained": epoch,
+           "command": " ".join(["python", *sys.argv]), "readouts": {}}
     for readout in READOUTS:
         files = {}
         for dtype in DTYPES:
@@ -113,6 +120,7 @@ def main() -> int:
     ap.add_argument("--work", type=Path, required=True, help="folder for the exported programs and bundles")
     ap.add_argument("--out", type=Path, required=True, help="result JSON")
     ap.add_argument("--repeats", type=int, default=30, help="timed calls per dtype and batch")
+    ap.add_argument("--update", action="store_true", help="keep the other runs already in --out; replace these")
     ap.add_argument("--emulate", action="append", default=[], metavar="NAME",
                     help="also build arm-cpu-ort bundles of this run and measure them under qemu (slow)")
     args = ap.parse_args()
@@ -131,7 +139,7 @@ def main() -> int:
                         "sizes": "export_bytes: the standalone program (weights inside), what inference needs; "
                                  "x86_cpu_bundle_bytes: whole bundles (an int8 bundle also keeps the float32 "
                                  "weights and train step for fine-tuning)"},
-              "runs": {}}
+              "runs": json.loads(args.out.read_text())["runs"] if args.update and args.out.exists() else {}}
     for item in args.run:
         name, _, run = item.partition("=")
         report["runs"][name] = bench_run(name, Path(run), args, x, y)
