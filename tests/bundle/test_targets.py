@@ -35,6 +35,12 @@ def test_unknown_target_lists_known():
     ('backend = "onnxruntime"\ndevice = "cuda"\narch = "x86_64"\nproviders = ["CPUExecutionProvider"]', "providers"),
     ('backend = "onnxruntime"\ndevice = "cpu"\narch = "x86_64"\nproviders = ["CPUExecutionProvider"]\nspeed = 3', "speed"),
     ('backend = "tvm"\ndevice = "cpu"\narch = "aarch64"', "tvm"),
+    ('backend = "onnxruntime"\ndevice = "cpu"\narch = "x86_64"\nproviders = ["CPUExecutionProvider"]\n'
+     'inference_dtypes = ["int8"]', "inference_dtypes"),  # float32 is always there
+    ('backend = "onnxruntime"\ndevice = "cpu"\narch = "x86_64"\nproviders = ["CPUExecutionProvider"]\n'
+     'inference_dtypes = ["float32", "int4"]', "inference_dtypes"),
+    ('backend = "tvm"\ndevice = "cpu"\narch = "x86_64"\ntvm = { kind = "llvm" }\n'
+     'inference_dtypes = ["float32", "int8"]', "inference_dtypes"),
 ])
 def test_bad_target_names_file_and_field(tmp_path, text, field):
     path = tmp_path / "bad.toml"
