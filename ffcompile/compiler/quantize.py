@@ -3,7 +3,7 @@
 Input is a self-contained inference graph (``export.export_onnx``: weights as initializers, a
 free batch). int8 quantizes the inputs of every matmul: weights per output channel (symmetric
 int8, calibration-free), the activations feeding them per tensor (asymmetric uint8, scales from
-the calibration rows' min and max). Everything else - the length normalization, the squares and
+the calibration rows' min and max); the matmul's output stays float32. Everything else - the length normalization, the squares and
 sums that make goodness, the softmax - stays float32, so the goodness readout sees int8 only
 inside its matmuls. fp16 converts every float tensor and keeps float32 input and outputs.
 
@@ -75,7 +75,10 @@ def _int8(proto: onnx.ModelProto, rows: np.ndarray) -> onnx.ModelProto:
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             op_types_to_quantize=["MatMul", "Gemm"], calibrate_method=CalibrationMethod.MinMax,
                             calibration_providers=["CPUExecutionProvider"],
-                            extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
+                            extra_options={"WeightSymmetric": True, "ActivationSymmetric": False,
+                                           # matmul outputs stay float32: one rounding less, and
+                                           # onnxruntime's integer matmul then writes float directly
+                                           "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"]})
             quantized = onnx.load(out)
     finally:
         quiet.setLevel(level)
