@@ -137,6 +137,19 @@ def unflatten(flat: torch.Tensor, like: dict[str, torch.Tensor | tuple[int, ...]
     return out
 
 
+def check_pipeline(model: Model, world: int) -> list[range]:
+    """The layers of each of ``world`` processes of a layer-pipelined job, or a one-line refusal."""
+    check_family(model, "layer-pipelined")
+    return pipeline_stages(model, world)
+
+
+def describe_stages(model: Model, world: int) -> str:
+    """Which layers each process of a layer-pipelined job owns, e.g. ``h1-h2 | h3-h4``."""
+    names = [model.layers[s.start].name + (f"-{model.layers[s.stop - 1].name}" if len(s) > 1 else "")
+             for s in pipeline_stages(model, world)]
+    return " | ".join(names)
+
+
 class PipelineStep:
     """The loop's step function for layer-pipelined training: process r runs stage r of
     ``pipeline_stages`` (a contiguous range of layers; the softmax readout goes with its highest
@@ -159,9 +172,8 @@ class PipelineStep:
     for checkpoints."""
 
     def __init__(self, model: Model, device: str, rank: int, world: int, micro_batches: int | None = None):
-        check_family(model, "layer-pipelined")
+        stages = check_pipeline(model, world)
         batch = model.training.batch_size
-        stages = pipeline_stages(model, world)
         self.rank, self.world, self.layers = rank, world, stages[rank]
         self.readout_rank = next((r for r, layers in enumerate(stages) if owns_readout(model, layers)), None)
         count = min(batch, micro_batches or 2 * world)
