@@ -97,9 +97,9 @@ def load_split(model, data_dir, split: str):
 @PROGRESS
 @JSON
 @click.option("--nproc", type=click.IntRange(min=1), default=None,
-              help="Train data-parallel in N processes on this machine (launches torchrun; gloo on CPU, NCCL on "
-                   "GPUs): each takes 1/N of every batch and all compute the one-process step. Under torchrun "
-                   "(several machines: see docs/distributed.md) every process joins the job by itself.")
+              help="Train in N processes on this machine (launches torchrun; gloo on CPU, NCCL on GPUs), split "
+                   "as --parallel says; all compute the one-process step. Under torchrun (several machines: see "
+                   "docs/distributed.md) every process joins the job by itself.")
 @click.option("--parallel", type=click.Choice(["data", "pipeline"]), default="data", show_default=True,
               help="How --nproc N (or torchrun) splits training: data = each process takes 1/N of every batch; "
                    "pipeline = each process owns a contiguous range of layers (at most one process per layer) "

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import time
 
 import numpy as np
 import torch
@@ -188,6 +189,8 @@ class PipelineStep:
         self.schedule_names = {v.name for v in self.apply.program.inputs} & {"lr", "step"}
         self.metric_names = sorted(v.name for v in build_program(model, "train_step", batch).outputs if v.shape == ())
         self.sends: list = []
+        self.seconds = {"compute": 0.0, "waiting": 0.0}  # running totals, for bench/bench_distributed.py
+        self.bytes_sent = 0
 
     def to_device(self, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         return {k: torch.as_tensor(np.asarray(v), device=self.device) for k, v in arrays.items()}
@@ -206,15 +209,17 @@ class PipelineStep:
                         self._send([out["negative_labels"]], 0)
             for m, rows in enumerate(self.micro):
                 self._run(self.posneg[rows.stop - rows.start], params, feeds, rows, dtype, negatives, m, totals)
-            for work, _buffer in self.sends:
-                work.wait()
+            with self.timed("waiting"):
+                for work, _buffer in self.sends:
+                    work.wait()
             self.sends.clear()
         schedule = self.to_device({k: feeds[k] for k in self.schedule_names})
-        with torch.no_grad():
+        with torch.no_grad(), self.timed("compute"):
             new = self.apply.run({**{k: params[k] for k in self.param_names}, **{k: state[k] for k in self.state_names},
                                   **totals, **schedule})
         zero = torch.zeros((), dtype=dtype, device=self.device)
-        metrics = all_reduce_sum({k: new.get(k, totals.get(k, zero)).to(dtype) for k in self.metric_names})
+        with self.timed("waiting"):
+            metrics = all_reduce_sum({k: new.get(k, totals.get(k, zero)).to(dtype) for k in self.metric_names})
         values = torch.stack(list(metrics.values())).cpu().numpy() if metrics else []
         return ({k: new.get(f"new.{k}", v) for k, v in params.items()}, {k: new.get(f"new.{k}", v) for k, v in state.items()},
                 dict(zip(metrics, map(float, values))))
@@ -232,7 +237,7 @@ class PipelineStep:
         if "negative_labels" in names:
             inputs["negative_labels"] = negatives.pop(m) if m in negatives else \
                 self._recv({"negative_labels": (rows.stop - rows.start,)}, torch.int64, self.readout_rank)["negative_labels"]
-        with torch.no_grad():
+        with torch.no_grad(), self.timed("compute"):
             out = program.run(inputs)
         self._send([out[k] for k in sorted(k for k in out if k.endswith(".out"))], self.rank + 1)
         for k, v in out.items():
@@ -243,12 +248,22 @@ class PipelineStep:
     def _send(self, tensors: list[torch.Tensor], to: int) -> None:
         if tensors:
             flat = torch.cat([t.reshape(-1) for t in tensors])
+            self.bytes_sent += flat.numel() * flat.element_size()
             self.sends.append((dist.isend(flat, to), flat))
 
     def _recv(self, shapes: dict[str, tuple[int, ...]], dtype, source: int) -> dict[str, torch.Tensor]:
         flat = torch.empty(sum(int(np.prod(s)) for s in shapes.values()), dtype=dtype, device=self.device)
-        dist.recv(flat, source)
+        with self.timed("waiting"):
+            dist.recv(flat, source)
         return unflatten(flat, shapes)
+
+    @contextlib.contextmanager
+    def timed(self, what: str):
+        """Adds the block's wall time to ``seconds[what]``: "compute" (the stage's programs) or
+        "waiting" (blocked on a transfer, on the stage below, or on the metrics' all-reduce)."""
+        started = time.perf_counter()
+        yield
+        self.seconds[what] += time.perf_counter() - started
 
     def gather(self, params, state):
         """The whole model on every process (for checkpoints): each contributes the parameters and
