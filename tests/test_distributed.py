@@ -62,6 +62,13 @@ def test_two_pipelined_processes_compute_the_one_process_step(tmp_path, flags, r
                  rtol)
 
 
+def test_two_pipelined_processes_train_an_unsupervised_model_as_one(tmp_path):
+    """Hybrid-image negatives made on stage 0, the readout's features of h1 streamed up with the
+    rows to the stage of h2, where the readout learns: 20 steps, float64, as one process."""
+    flags = ("--pipeline", "--mnist", "--unsupervised", "--float64", "--sgd")
+    assert_close(worker_params(tmp_path, 2, *flags), worker_params(tmp_path, 1, *flags[1:]), 1e-12)
+
+
 @pytest.fixture
 def sgd_spec(tmp_path) -> Path:
     """tests/bundle/tiny.toml with SGD (see the test above for why not Adam, in fp32)."""
