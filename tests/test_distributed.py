@@ -110,6 +110,18 @@ def test_cli_resumes_layer_pipelined_with_another_process_count(tmp_path, sgd_sp
                  load_file(tmp_path / "single" / "checkpoint.safetensors"), 1e-5)
 
 
+def test_cli_job_that_fails_ends_with_its_processes_one_line_errors(tmp_path, sgd_spec):
+    """An error every process raises (a compiled backend) reaches the user as the processes' own
+    one-line errors and exit code, without torchrun's log lines or traceback."""
+    command = [sys.executable, "-m", "ffcompile", "train", str(sgd_spec), "--out", str(tmp_path / "run"), "--limit", "200",
+               "--nproc", "2", "--backend", "onnxruntime"]
+    done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert errors and all("training on several processes runs the torch reference" in e for e in errors), done.stderr
+    assert "Traceback" not in done.stderr and "ChildFailedError" not in done.stderr, done.stderr
+
+
 def test_cli_refuses_more_pipeline_processes_than_layers(tmp_path, sgd_spec):
     command = [sys.executable, "-m", "ffcompile", "train", str(sgd_spec), "--out", str(tmp_path / "run"), "--limit", "200",
                "--nproc", "3", "--parallel", "pipeline"]

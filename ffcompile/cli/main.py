@@ -232,8 +232,13 @@ def _distributed_job() -> bool:
 
 
 def _launch_torchrun(ctx, nproc: int) -> int:
-    """Runs this same ``train`` command in ``nproc`` processes under torchrun; returns its exit code."""
-    import subprocess
+    """Runs this same ``train`` command in ``nproc`` processes under torchrun; returns its exit code.
+    torchrun runs inside this process, quietened, so that a failed job ends with its processes' own
+    one-line errors rather than torchrun's log lines and traceback."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
 
     args = [str(ctx.params["model_path"])]
     for param in ctx.command.params:
@@ -245,11 +250,17 @@ def _launch_torchrun(ctx, nproc: int) -> int:
             args += [flag] if flag else []
         else:
             args += [param.opts[0], str(value)]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "ffcompile", "train", *args]
-    _echo(f"launching {nproc} processes: torchrun --standalone --nproc-per-node={nproc} -m ffcompile train "
-          + " ".join(args))
-    return subprocess.run(command).returncode
+    launch = ["--standalone", f"--nproc-per-node={nproc}", "-m", "ffcompile", "train", *args]
+    _echo(f"launching {nproc} processes: torchrun {' '.join(launch)}")
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    try:
+        run(get_args_parser().parse_args(launch))
+    except ChildFailedError as e:
+        codes = [failure.exitcode for failure in e.failures.values()]
+        return next((code for code in codes if code > 0), 1)
+    return 0
 
 
 def _check_limit(model, limit: int) -> None:
