@@ -149,3 +149,10 @@ def test_a_process_that_dies_stops_the_others_with_one_line(tmp_path, mode):
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "lost the other processes" in lines[0], err
     assert "Traceback" not in err
+
+
+def test_each_process_of_a_job_gets_its_own_gpu(monkeypatch):
+    from ffcompile.reference.distributed import local_device
+
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert (local_device("cuda"), local_device("cuda:1"), local_device("cpu")) == ("cuda:3", "cuda:1", "cpu")

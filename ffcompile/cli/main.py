@@ -127,6 +127,8 @@ def train(ctx, model_path, data_dir, epochs, run_dir, resume, device, backend, s
     if _distributed_job():
         from ..reference import distributed
 
+        _check_device(device)
+        device = distributed.local_device(device)
         rank, world = distributed.start(device)
         writer = rank == 0
         if not writer:

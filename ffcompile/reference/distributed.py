@@ -39,14 +39,23 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def local_device(device: str) -> str:
+    """This process's device in a job: ``cuda`` means the GPU torchrun gave it, cuda:$LOCAL_RANK
+    (every process on its own GPU); ``cuda:N`` and ``cpu`` stay as they are."""
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if device == "cuda" else device
+
+
 def start(device: str) -> tuple[int, int]:
-    """Joins the job torchrun started: (rank, world size). A peer that is gone or silent for
-    $FFCOMPILE_DIST_TIMEOUT seconds (default 600) fails the collective instead of hanging."""
+    """Joins the job torchrun started: (rank, world size); ``device`` is ``local_device``'s. A
+    peer that is gone or silent for $FFCOMPILE_DIST_TIMEOUT seconds (default 600) fails the
+    collective instead of hanging."""
     timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "600")))
     backend = "nccl" if device.startswith("cuda") else "gloo"
     try:
+        if backend == "nccl":
+            torch.cuda.set_device(torch.device(device))
         dist.init_process_group(backend, timeout=timeout)
-    except (RuntimeError, ValueError) as e:
+    except (RuntimeError, ValueError, AssertionError) as e:  # AssertionError: a torch built without CUDA
         raise FFCompileError(f"could not join the torch.distributed job ({backend}): {one_line(e)}") from None
     return dist.get_rank(), dist.get_world_size()
 
