@@ -1,4 +1,5 @@
-"""Writes the results page from the paper runs' JSON (bench/paper_run.py): docs/results.md with a
+"""Writes the results page from the paper runs' JSON (bench/paper_run.py; the folder's other JSON,
+such as bench/bench_distributed.py's, are not paper runs and are skipped): docs/results.md with a
 table row, the exact commands and a learning curve per run, and the same table in README.md
 between the lines ``<!-- results-table:start -->`` and ``<!-- results-table:end -->``.
 
@@ -96,7 +97,9 @@ def main() -> None:
     ap.add_argument("--readme", type=Path, default=REPO / "README.md", help="README whose results table to update")
     ap.add_argument("--check", action="store_true", help="only check that the page and README are up to date")
     args = ap.parse_args()
-    results = sorted((json.loads(p.read_text()) for p in args.results.glob("*.json")), key=lambda r: r["model"])
+    # paper runs only: other benchmarks' JSON in the folder (distributed.json) go to their own pages
+    results = sorted((r for r in (json.loads(p.read_text()) for p in args.results.glob("*.json")) if "epochs_done" in r),
+                     key=lambda r: r["model"])
     if not results:
         sys.exit(f"results_page: no result JSON in {args.results}")
     outputs = {args.page: page(results)}

@@ -99,12 +99,17 @@ def load_split(model, data_dir, split: str):
 @PROGRESS
 @JSON
 @click.option("--nproc", type=click.IntRange(min=1), default=None,
-              help="Train data-parallel in N processes on this machine (launches torchrun; gloo on CPU, NCCL on "
-                   "GPUs): each takes 1/N of every batch and all compute the one-process step. Under torchrun "
-                   "(several machines: see docs/distributed.md) every process joins the job by itself.")
+              help="Train in N processes on this machine (launches torchrun; gloo on CPU, NCCL on GPUs), split "
+                   "as --parallel says; all compute the one-process step. Under torchrun (several machines: see "
+                   "docs/distributed.md) every process joins the job by itself.")
+@click.option("--parallel", type=click.Choice(["data", "pipeline"]), default="data", show_default=True,
+              help="How --nproc N (or torchrun) splits training: data = each process takes 1/N of every batch; "
+                   "pipeline = each process owns a contiguous range of layers (at most one process per layer) "
+                   "and micro-batches stream through them. Both compute the one-process step "
+                   "(docs/distributed.md).")
 @click.pass_context
 def train(ctx, model_path, data_dir, epochs, run_dir, resume, device, backend, split, limit, eval_every, progress,
-          as_json, nproc):
+          as_json, nproc, parallel):
     """Train MODEL.toml (every layer learns every minibatch from its own local objective) on the
     fastest verified backend, or the one --backend names."""
     from ..compiler.compiled_train import check_backend, compiled_steps, default_backend
@@ -113,6 +118,10 @@ def train(ctx, model_path, data_dir, epochs, run_dir, resume, device, backend, s
     from ..reference.train import Dataset, train as run_training
 
     if nproc is not None:
+        if parallel == "pipeline" and nproc > 1:  # refused here in one line, not by every process of the job
+            from ..reference.distributed import check_pipeline
+
+            check_pipeline(load_model(model_path), nproc)
         sys.exit(_launch_torchrun(ctx, nproc))
     progress = show_progress(progress, as_json)
     model = load_model(model_path)
@@ -120,11 +129,20 @@ def train(ctx, model_path, data_dir, epochs, run_dir, resume, device, backend, s
     if _distributed_job():
         from ..reference import distributed
 
+        _check_device(device)
+        device = distributed.local_device(device)
         rank, world = distributed.start(device)
-        make_step, writer = (lambda _ckpt: distributed.DataParallelStep(model, device, rank, world)), rank == 0
+        writer = rank == 0
         if not writer:
             say, progress = (lambda _msg: None), False
-        say(f"data-parallel: {world} processes, {model.training.batch_size // world}+ rows of every batch each")
+        if parallel == "pipeline":
+            step_fn = distributed.PipelineStep(model, device, rank, world)
+            make_step = lambda _ckpt: step_fn
+            say(f"layer-pipelined: {world} processes, layers {distributed.describe_stages(model, world)}, "
+                f"{len(step_fn.micro)} micro-batches of every batch")
+        else:
+            make_step = lambda _ckpt: distributed.DataParallelStep(model, device, rank, world)
+            say(f"data-parallel: {world} processes, {model.training.batch_size // world}+ rows of every batch each")
     if not resume and (run_dir / CHECKPOINT).exists():
         raise FFCompileError(f"{run_dir / CHECKPOINT} exists: pass --resume to continue it, or choose another --out")
     epochs = model.training.epochs if epochs is None else epochs
@@ -137,7 +155,8 @@ def train(ctx, model_path, data_dir, epochs, run_dir, resume, device, backend, s
         raise FFCompileError(f"--eval-every must be >= 1, got {eval_every}")
     backend = backend or ("torch" if make_step else default_backend(model, device))
     if make_step and backend != "torch":
-        raise FFCompileError(f"--backend {backend}: data-parallel training runs the torch reference; use --backend torch")
+        raise FFCompileError(f"--backend {backend}: training on several processes runs the torch reference; "
+                             "use --backend torch")
     check_backend(model, backend, device)
     _check_device(device)
     source, x, y = load_split(model, data_dir, split)
@@ -154,8 +173,14 @@ def train(ctx, model_path, data_dir, epochs, run_dir, resume, device, backend, s
     if backend != "torch":
         make_step = compiled_steps(model, backend, data, say)
     say(f"backend: {backend}")
-    ckpt = run_training(model, data, run_dir, epochs, resume=resume, device=device, progress=progress,
-                        eval_every=eval_every, log=say, make_step=make_step, writer=writer, backend=backend)
+    try:
+        ckpt = run_training(model, data, run_dir, epochs, resume=resume, device=device, progress=progress,
+                            eval_every=eval_every, log=say, make_step=make_step, writer=writer, backend=backend)
+    finally:
+        if _distributed_job():  # leaving the job before exit: a process group torn down at exit can abort
+            from ..reference import distributed
+
+            distributed.stop()
     if not writer:
         return
     history = json.loads((run_dir / METRICS).read_text())["epochs"] if (run_dir / METRICS).exists() else []
@@ -211,8 +236,13 @@ def _distributed_job() -> bool:
 
 
 def _launch_torchrun(ctx, nproc: int) -> int:
-    """Runs this same ``train`` command in ``nproc`` processes under torchrun; returns its exit code."""
-    import subprocess
+    """Runs this same ``train`` command in ``nproc`` processes under torchrun; returns its exit code.
+    torchrun runs inside this process, quietened, so that a failed job ends with its processes' own
+    one-line errors rather than torchrun's log lines and traceback."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
 
     args = [str(ctx.params["model_path"])]
     for param in ctx.command.params:
@@ -224,11 +254,17 @@ def _launch_torchrun(ctx, nproc: int) -> int:
             args += [flag] if flag else []
         else:
             args += [param.opts[0], str(value)]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "ffcompile", "train", *args]
-    _echo(f"launching {nproc} processes: torchrun --standalone --nproc-per-node={nproc} -m ffcompile train "
-          + " ".join(args))
-    return subprocess.run(command).returncode
+    launch = ["--standalone", f"--nproc-per-node={nproc}", "-m", "ffcompile", "train", *args]
+    _echo(f"launching {nproc} processes: torchrun {' '.join(launch)}")
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    try:
+        run(get_args_parser().parse_args(launch))
+    except ChildFailedError as e:
+        codes = [failure.exitcode for failure in e.failures.values()]
+        return next((code for code in codes if code > 0), 1)
+    return 0
 
 
 def _check_limit(model, limit: int) -> None:

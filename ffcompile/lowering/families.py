@@ -21,6 +21,19 @@ def build_program(model: Model, name: str, batch: int) -> Program:
     return b.build()
 
 
+def build_stage_program(model: Model, name: str, batch: int, layers: range) -> Program:
+    """Program ``name`` (``feedforward.STAGE_PROGRAMS``) of the pipeline stage that owns ``layers``
+    (``pipeline_stages``) of a feed-forward model, at a static micro-batch size."""
+    if model.family is not Family.FEED_FORWARD:
+        raise FFCompileError(f"model {model.name!r}: layer-pipelined training supports feed-forward models; "
+                             f"this one is {model.family.value}")
+    if batch <= 0:
+        raise FFCompileError(f"batch size must be positive, got {batch}")
+    b = Builder(f"{name}[{layers.start}:{layers.stop}]")
+    feedforward.build_stage(b, model, name, batch, layers)
+    return b.build()
+
+
 def negative_probs_program(model: Model) -> str | None:
     """The program whose ``probs`` output holds the class probabilities ``train_step`` draws
     hard-label (or teacher-forced) negatives from (None for other negatives)."""

@@ -20,6 +20,8 @@ Recurrent nets (sec. 3.4) are lowered by ``recurrent``, next-character models (s
 
 from __future__ import annotations
 
+from math import prod
+
 from ..core.builder import Builder
 from ..core.errors import FFCompileError
 from ..core.program import Value
@@ -28,14 +30,20 @@ from . import labels as lbl
 from .hybrid import hybrid_images
 from .layer import goodness, local_gradient, peer_normalization, run_layers
 from .optimizers import emit_updates
-from .readouts import layer_feature, readout_features, softmax, softmax_gradient, softmax_logits
-from .state import param_inputs, state_inputs
+from .readouts import layer_feature, readout_features, readout_pass, side_by_side, softmax, softmax_gradient, softmax_logits
+from .state import param_inputs, param_specs, state_inputs, state_specs
 
 def build(b: Builder, model: Model, name: str, batch: int) -> None:
     builders = {"train_step": _train_step, "infer_goodness": _infer_goodness, "infer_softmax": _infer_softmax,
                 "hybrid_negatives": _hybrid_negatives, "train_gradients": _train_gradients, "train_apply": _train_apply}
     if name not in builders:
         raise FFCompileError(f"unknown program {name!r} (known: {', '.join(builders)})")
+    _check_negatives(model)
+    _check_program(model, name)
+    builders[name](b, model, batch)
+
+
+def _check_negatives(model: Model) -> None:
     hybrid = model.negatives.kind == "hybrid_image"
     if not supervised(model) and not hybrid:
         raise FFCompileError(f"model {model.name!r}: unsupervised models are lowered with negatives.kind = "
@@ -43,7 +51,10 @@ def build(b: Builder, model: Model, name: str, batch: int) -> None:
     if supervised(model) and hybrid:
         raise FFCompileError(f"model {model.name!r}: hybrid-image negatives are lowered for unsupervised models "
                              "only (input.label.kind = \"none\")")
-    if name == "hybrid_negatives" and not hybrid:
+
+
+def _check_program(model: Model, name: str) -> None:
+    if name == "hybrid_negatives" and model.negatives.kind != "hybrid_image":
         raise FFCompileError(f"model {model.name!r} does not use hybrid-image negatives (negatives.kind = "
                              f"{model.negatives.kind!r})")
     if name == "infer_goodness" and not supervised(model):
@@ -53,7 +64,6 @@ def build(b: Builder, model: Model, name: str, batch: int) -> None:
         raise FFCompileError(f"model {model.name!r} has no goodness readout (readout.goodness_layers is empty)")
     if name == "infer_softmax" and not model.readout.softmax_layers:
         raise FFCompileError(f"model {model.name!r} has no softmax readout (readout.softmax_layers is empty)")
-    builders[name](b, model, batch)
 
 
 def supervised(model: Model) -> bool:
@@ -65,9 +75,10 @@ def readout_rows(b: Builder, x: Value, model: Model) -> Value:
     return lbl.with_neutral_label(b, x, model) if supervised(model) else x
 
 
-def _label_negatives(b: Builder, x: Value, labels: Value, u: Value, probs: Value | None, model: Model, batch: int,
-                     metrics):
-    """(positives, negatives) for supervised FF: the image with its label / with a wrong one."""
+def _negative_labels(b: Builder, labels: Value, u: Value, probs: Value | None, model: Model, batch: int,
+                     metrics) -> Value:
+    """A wrong label for every row: drawn from the softmax readout's ``probs`` (hard negatives) or
+    uniformly."""
     classes = model.input.label.classes
     if model.negatives.kind == "hard_label":
         weights = probs
@@ -77,9 +88,15 @@ def _label_negatives(b: Builder, x: Value, labels: Value, u: Value, probs: Value
         raise FFCompileError(f"model {model.name!r}: negatives.kind {model.negatives.kind!r} is not lowered yet")
     negative_labels = lbl.sample_wrong_labels(b, weights, labels, u, model.negatives.min_prob)
     metrics["negative_labels"] = negative_labels
+    return negative_labels
+
+
+def _posneg_rows(b: Builder, x: Value, labels: Value, negative_labels: Value, model: Model) -> Value:
+    """[positives; negatives] for supervised FF: the image with its label / with a wrong one."""
+    classes = model.input.label.classes
     positives = lbl.with_label(b, x, b.one_hot(labels, classes), model)
     negatives = lbl.with_label(b, x, b.one_hot(negative_labels, classes), model)
-    return positives, negatives
+    return b.concat([positives, negatives], axis=0)
 
 
 def _hybrid_inputs(b: Builder, model: Model, batch: int) -> tuple[Value, Value]:
@@ -103,7 +120,7 @@ def _train_step(b: Builder, model: Model, batch: int) -> None:
     x, labels, u = _batch_inputs(b, model, batch)
     lr, step = _schedule_inputs(b, model)
     grads, sums, metrics = _gradients(b, model, params, x, labels, u, batch, norm=batch)
-    _apply(b, model, params, state, grads, sums, metrics, lr, step, batch)
+    _apply(b, model, params, state, grads, sums, metrics, lr, step, batch, range(len(model.layers)))
 
 
 def _train_gradients(b: Builder, model: Model, batch: int) -> None:
@@ -115,24 +132,14 @@ def _train_gradients(b: Builder, model: Model, batch: int) -> None:
     params = param_inputs(b, model)
     x, labels, u = _batch_inputs(b, model, batch)
     grads, sums, metrics = _gradients(b, model, params, x, labels, u, batch, norm=model.training.batch_size)
-    for name, value in {**{f"grad.{k}": v for k, v in grads.items()}, **sums, **metrics}.items():
-        b.output(name, value)
+    _outputs(b, grads, sums, metrics)
 
 
 def _train_apply(b: Builder, model: Model, batch: int) -> None:
     """The rest of a train step from the whole batch's gradients and sums (``train_gradients``,
     summed over shards): peer normalization and the optimizer. ``batch`` is not used: the batch
     is ``training.batch_size``."""
-    params = param_inputs(b, model)
-    state = state_inputs(b, model)
-    grads = {name: b.input(f"grad.{name}", value.shape) for name, value in params.items()}
-    sums = {}
-    if model.regularizers.peer_norm is not None:
-        for i, layer in enumerate(model.layers):
-            sums[f"peer.x_sum.{layer.name}"] = b.input(f"peer.x_sum.{layer.name}", (1, model.fan_in(i)))
-            sums[f"peer.y_sum.{layer.name}"] = b.input(f"peer.y_sum.{layer.name}", (layer.size,))
-    lr, step = _schedule_inputs(b, model)
-    _apply(b, model, params, state, grads, sums, {}, lr, step, model.training.batch_size)
+    _stage_apply(b, model, batch, range(len(model.layers)))
 
 
 def _gradients(b: Builder, model: Model, params: dict[str, Value], x: Value, labels: Value, u: Value | None,
@@ -143,27 +150,48 @@ def _gradients(b: Builder, model: Model, params: dict[str, Value], x: Value, lab
     grads: dict[str, Value] = {}
     sums: dict[str, Value] = {}
     metrics: dict[str, Value] = {}
-
-    def learn_softmax(features: Value) -> Value:
-        with b.scope("softmax"):
-            probs = softmax(b, softmax_logits(b, features, params))
-            grads["softmax.weight"], grads["softmax.bias"], metrics["loss.softmax"] = softmax_gradient(
-                b, features, probs, labels, norm)
-        return probs
-
+    every = range(len(model.layers))
     if supervised(model):
         probs = None
         if model.readout.softmax_layers:
-            probs = learn_softmax(readout_features(b, readout_rows(b, x, model), params, model, "neutral"))
-        positives, negatives = _label_negatives(b, x, labels, u, probs, model, batch, metrics)
+            features, _ = readout_pass(b, readout_rows(b, x, model), params, model, "neutral", every)
+            probs = _learn_softmax(b, side_by_side(b, features), params, labels, norm, grads, metrics)
+        rows = _posneg_rows(b, x, labels, _negative_labels(b, labels, u, probs, model, batch, metrics), model)
     else:
-        x_other, bits = _hybrid_inputs(b, model, batch)
-        positives, negatives = x, hybrid_images(b, x, x_other, bits, model)[0]
+        rows = _hybrid_rows(b, model, x, batch)
+    features, _ = _posneg_pass(b, model, params, rows, every, batch, norm, grads, sums, metrics)
+    if features:
+        _learn_softmax(b, side_by_side(b, features), params, labels, norm, grads, metrics)
+    return grads, sums, metrics
 
-    rows = b.concat([positives, negatives], axis=0)
+
+def _hybrid_rows(b: Builder, model: Model, x: Value, batch: int) -> Value:
+    x_other, bits = _hybrid_inputs(b, model, batch)
+    return b.concat([x, hybrid_images(b, x, x_other, bits, model)[0]], axis=0)
+
+
+def _learn_softmax(b: Builder, features: Value, params: dict[str, Value], labels: Value, norm: int,
+                   grads: dict[str, Value], metrics: dict[str, Value]) -> Value:
+    """The softmax readout's probabilities for ``features``; its gradient and loss go to ``grads``
+    and ``metrics``."""
+    with b.scope("softmax"):
+        probs = softmax(b, softmax_logits(b, features, params))
+        grads["softmax.weight"], grads["softmax.bias"], metrics["loss.softmax"] = softmax_gradient(
+            b, features, probs, labels, norm)
+    return probs
+
+
+def _posneg_pass(b: Builder, model: Model, params: dict[str, Value], rows: Value, layers: range, batch: int,
+                 norm: int, grads: dict[str, Value], sums: dict[str, Value],
+                 metrics: dict[str, Value]) -> tuple[list[Value], Value]:
+    """The [positives; negatives] rows through ``layers``: each layer's local gradient, peer
+    normalization's sums and metrics into ``grads``, ``sums``, ``metrics``. Returns (the softmax
+    readout's features among these layers, which unsupervised models take from the positive rows;
+    the last layer's activities)."""
     positive_activities: dict[int, Value] = {}
     readout_layers = set() if supervised(model) else {model.layer_index(n) for n in model.readout.softmax_layers}
-    for i, xin, z, y in run_layers(b, rows, params, model, "posneg"):
+    y = rows
+    for i, xin, z, y in run_layers(b, rows, params, model, "posneg", layers):
         name = model.layers[i].name
         with b.scope(f"posneg/{name}"):
             rule = local_gradient(b, xin, z, y, model, i, batch, norm=norm)
@@ -177,20 +205,19 @@ def _gradients(b: Builder, model: Model, params: dict[str, Value], x: Value, lab
         metrics[f"loss.{name}"] = rule.loss
         metrics[f"goodness_pos.{name}"] = rule.goodness_pos
         metrics[f"goodness_neg.{name}"] = rule.goodness_neg
-
-    if not supervised(model) and model.readout.softmax_layers:
-        # the positive rows are the plain images: their pass already holds the readout's features
-        features = [layer_feature(b, positive_activities[i], model, i, "posneg") for i in sorted(readout_layers)]
-        learn_softmax(features[0] if len(features) == 1 else b.concat(features, axis=1))
-    return grads, sums, metrics
+    # the positive rows are the plain images: their pass already holds the readout's features
+    features = [layer_feature(b, positive_activities[i], model, i, "posneg") for i in sorted(readout_layers & set(layers))]
+    return features, y
 
 
 def _apply(b: Builder, model: Model, params: dict[str, Value], state: dict[str, Value], grads: dict[str, Value],
-           sums: dict[str, Value], metrics: dict[str, Value], lr: Value, step: Value | None, batch: int) -> None:
-    """Peer normalization from the batch's sums, then the optimizer update and the outputs."""
+           sums: dict[str, Value], metrics: dict[str, Value], lr: Value, step: Value | None, batch: int,
+           layers: range) -> None:
+    """Peer normalization of ``layers`` from the batch's sums, then the optimizer update of
+    ``params`` and the outputs."""
     new_state: dict[str, Value] = {}
-    for i, layer in enumerate(model.layers if model.regularizers.peer_norm is not None else ()):
-        name = layer.name
+    for i in layers if model.regularizers.peer_norm is not None else ():
+        name = model.layers[i].name
         with b.scope(f"posneg/{name}"):
             new_mean, pw, pb, ploss = peer_normalization(
                 b, sums[f"peer.x_sum.{name}"], sums[f"peer.y_sum.{name}"], state[f"{name}.peer_mean"], model, i, batch)
@@ -237,3 +264,170 @@ def _hybrid_negatives(b: Builder, model: Model, batch: int) -> None:
     negatives, mask = hybrid_images(b, x, x_other, bits, model)
     b.output("negatives", negatives)
     b.output("mask", mask)
+
+
+# Layer-pipelined training (``ffcompile.reference.distributed.PipelineStep``): process r of a job
+# owns a stage, a contiguous range of layers (and the softmax readout if its highest layer is
+# there), and runs the stage's programs on micro-batches of the batch, streaming activities to the
+# next stage. Their gradients, like ``train_gradients``', are scaled by 1 / training.batch_size, so
+# the micro-batches' sums are the whole batch's.
+#
+# - ``stage_neutral`` (supervised models with a softmax readout, stages up to the readout's): the
+#   neutral-label pass through the stage's layers. In: ``x`` (first stage) or ``neutral.in``, the
+#   activities of the layer below; ``features.in``, the readout features of the layers below. Out:
+#   ``neutral.out`` and ``features.out`` for the next stage or, on the readout's stage, the
+#   readout's gradient, ``loss.softmax`` and (hard negatives) ``negative_labels``.
+# - ``stage_posneg``: the [positives; negatives] rows through the stage's layers. In: the batch
+#   (first stage; hard negatives also ``negative_labels``) or ``posneg.in``; unsupervised models'
+#   ``features.in``. Out: the layers' gradients, peer sums and metrics; ``posneg.out`` (and
+#   ``features.out``) for the next stage; an unsupervised readout's gradient on its stage.
+# - ``stage_apply``: ``train_apply`` for the stage's own parameters.
+
+STAGE_PROGRAMS = ("stage_neutral", "stage_posneg", "stage_apply")
+
+
+def build_stage(b: Builder, model: Model, name: str, batch: int, layers: range) -> None:
+    builders = {"stage_neutral": _stage_neutral, "stage_posneg": _stage_posneg, "stage_apply": _stage_apply}
+    if name not in builders:
+        raise FFCompileError(f"unknown stage program {name!r} (known: {', '.join(builders)})")
+    _check_negatives(model)
+    if name == "stage_neutral" and not runs_neutral_pass(model, layers):
+        raise FFCompileError(f"model {model.name!r}: layers {layers.start}..{layers.stop - 1} take no part in the "
+                             "neutral pass")
+    builders[name](b, model, batch, layers)
+
+
+def pipeline_stages(model: Model, count: int) -> list[range]:
+    """``count`` contiguous, non-empty ranges of layers that make the largest stage's weights (the
+    work of its layers) as small as possible; earlier stages are preferred larger on ties."""
+    n = len(model.layers)
+    if not 0 < count <= n:
+        raise FFCompileError(f"model {model.name!r} has {n} layers: it cannot be split into {count} pipeline stages "
+                             "(use at most one process per layer)")
+    cost = [prod(param_specs(model)[f"{layer.name}.weight"]) for layer in model.layers]
+    # best[k][j]: the smallest largest stage when layers [0, j) form k stages; cut[k][j]: its last stage's start
+    best = [[0] + [float("inf")] * n] + [[float("inf")] * (n + 1) for _ in range(count)]
+    cut = [[0] * (n + 1) for _ in range(count + 1)]
+    for k in range(1, count + 1):
+        for j in range(k, n + 1):
+            for i in range(j - 1, k - 2, -1):
+                worst = max(best[k - 1][i], sum(cost[i:j]))
+                if worst < best[k][j]:
+                    best[k][j], cut[k][j] = worst, i
+    stages, j = [], n
+    for k in range(count, 0, -1):
+        stages.insert(0, range(cut[k][j], j))
+        j = cut[k][j]
+    return stages
+
+
+def readout_layer(model: Model) -> int | None:
+    """The highest layer the softmax readout reads (None without one)."""
+    return max((model.layer_index(n) for n in model.readout.softmax_layers), default=None)
+
+
+def owns_readout(model: Model, layers: range) -> bool:
+    return readout_layer(model) in layers
+
+
+def runs_neutral_pass(model: Model, layers: range) -> bool:
+    top = readout_layer(model)
+    return supervised(model) and top is not None and layers.start <= top
+
+
+def stage_params(model: Model, layers: range) -> set[str]:
+    """The parameters a stage owns: its layers' and, on the readout's stage, the readout's."""
+    names = {f"{model.layers[i].name}.{kind}" for i in layers for kind in ("weight", "bias")}
+    return names | ({"softmax.weight", "softmax.bias"} if owns_readout(model, layers) else set())
+
+
+def stage_state(model: Model, layers: range) -> set[str]:
+    """The optimizer state (and peer means) of a stage's parameters and layers."""
+    owners = stage_params(model, layers) | {model.layers[i].name for i in layers}
+    return {name for name in state_specs(model) if name.rsplit(".", 1)[0] in owners}
+
+
+def _features_below(model: Model, layers: range) -> int:
+    """Width of the readout features the layers below ``layers`` pass up to it (0: none)."""
+    top = readout_layer(model)
+    if top is None or top < layers.start:
+        return 0
+    return sum(model.layers[model.layer_index(n)].size for n in model.readout.softmax_layers
+               if model.layer_index(n) < layers.start)
+
+
+def _stream_in(b: Builder, model: Model, name: str, rows: int, layers: range) -> Value:
+    return b.input(f"{name}.in", (rows, model.layers[layers.start - 1].size))
+
+
+def _features_so_far(b: Builder, model: Model, features: list[Value], layers: range, below: int, rows: int) -> list[Value]:
+    """The readout features so far: those from below (input ``features.in``) then these layers'."""
+    return ([b.input("features.in", (rows, below))] if below else []) + features
+
+
+def _stage_neutral(b: Builder, model: Model, batch: int, layers: range) -> None:
+    params = param_inputs(b, model, stage_params(model, layers))
+    first = layers.start == 0
+    rows = readout_rows(b, b.input("x", (batch, model.input.size)), model) if first else \
+        _stream_in(b, model, "neutral", batch, layers)
+    features, y = readout_pass(b, rows, params, model, "neutral", layers)
+    features = _features_so_far(b, model, features, layers, _features_below(model, layers), batch)
+    if not owns_readout(model, layers):
+        b.output("neutral.out", y)
+        if features:
+            b.output("features.out", side_by_side(b, features))
+        return
+    grads, metrics = {}, {}
+    labels = b.input("y", (batch,), "int64")
+    probs = _learn_softmax(b, side_by_side(b, features), params, labels, model.training.batch_size, grads, metrics)
+    if model.negatives.kind == "hard_label":
+        _negative_labels(b, labels, b.input("u", (batch,)), probs, model, batch, metrics)
+    _outputs(b, grads, {}, metrics)
+
+
+def _stage_posneg(b: Builder, model: Model, batch: int, layers: range) -> None:
+    params = param_inputs(b, model, stage_params(model, layers))
+    norm = model.training.batch_size
+    grads, sums, metrics = {}, {}, {}
+    labels = None
+    if layers.start > 0:
+        rows = _stream_in(b, model, "posneg", 2 * batch, layers)
+    elif supervised(model):
+        x, labels = b.input("x", (batch, model.input.size)), b.input("y", (batch,), "int64")
+        if model.negatives.kind == "hard_label":
+            negative_labels = b.input("negative_labels", (batch,), "int64")
+        else:
+            negative_labels = _negative_labels(b, labels, b.input("u", (batch,)), None, model, batch, metrics)
+        rows = _posneg_rows(b, x, labels, negative_labels, model)
+    else:
+        rows = _hybrid_rows(b, model, b.input("x", (batch, model.input.size)), batch)
+    features, y = _posneg_pass(b, model, params, rows, layers, batch, norm, grads, sums, metrics)
+    if not supervised(model):
+        features = _features_so_far(b, model, features, layers, _features_below(model, layers), batch)
+        if owns_readout(model, layers):
+            labels = labels if labels is not None else b.input("y", (batch,), "int64")
+            _learn_softmax(b, side_by_side(b, features), params, labels, norm, grads, metrics)
+        elif features and readout_layer(model) >= layers.stop:
+            b.output("features.out", side_by_side(b, features))
+    if layers.stop < len(model.layers):
+        b.output("posneg.out", y)
+    _outputs(b, grads, sums, metrics)
+
+
+def _outputs(b: Builder, grads: dict[str, Value], sums: dict[str, Value], metrics: dict[str, Value]) -> None:
+    for name, value in {**{f"grad.{k}": v for k, v in grads.items()}, **sums, **metrics}.items():
+        b.output(name, value)
+
+
+def _stage_apply(b: Builder, model: Model, batch: int, layers: range) -> None:
+    params = param_inputs(b, model, stage_params(model, layers))
+    state = state_inputs(b, model, stage_state(model, layers))
+    grads = {name: b.input(f"grad.{name}", value.shape) for name, value in params.items()}
+    sums = {}
+    if model.regularizers.peer_norm is not None:
+        for i in layers:
+            name = model.layers[i].name
+            sums[f"peer.x_sum.{name}"] = b.input(f"peer.x_sum.{name}", (1, model.fan_in(i)))
+            sums[f"peer.y_sum.{name}"] = b.input(f"peer.y_sum.{name}", (model.layers[i].size,))
+    lr, step = _schedule_inputs(b, model)
+    _apply(b, model, params, state, grads, sums, {}, lr, step, model.training.batch_size, layers)

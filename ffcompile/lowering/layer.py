@@ -46,10 +46,13 @@ def forward(b: Builder, x: Value, params: dict[str, Value], model: Model, i: int
     return z, b.relu(z)
 
 
-def run_layers(b: Builder, rows: Value, params: dict[str, Value], model: Model, tag: str):
-    """Forward pass through every layer; yields (i, layer input, z, y) per layer."""
+def run_layers(b: Builder, rows: Value, params: dict[str, Value], model: Model, tag: str, layers: range | None = None):
+    """Forward pass through ``layers`` (default: every layer), ``rows`` being what the first of
+    them reads (the input, or the activities of the layer below it); yields (i, layer input, z, y)
+    per layer."""
     below = rows
-    for i, layer in enumerate(model.layers):
+    for i in range(len(model.layers)) if layers is None else layers:
+        layer = model.layers[i]
         with b.scope(f"{tag}/{layer.name}"):
             x = layer_input(b, below, model, i)
             z, y = forward(b, x, params, model, i)

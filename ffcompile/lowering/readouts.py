@@ -18,13 +18,24 @@ def layer_feature(b: Builder, y: Value, model: Model, i: int, tag: str) -> Value
 def readout_features(b: Builder, rows: Value, params: dict[str, Value], model: Model, tag: str) -> Value:
     """The softmax readout's input for ``rows``: a forward pass up to the highest readout layer,
     the readout layers' normalized activities side by side."""
+    return side_by_side(b, readout_pass(b, rows, params, model, tag, range(len(model.layers)))[0])
+
+
+def readout_pass(b: Builder, rows: Value, params: dict[str, Value], model: Model, tag: str,
+                 layers: range) -> tuple[list[Value], Value]:
+    """The forward pass of ``rows`` through ``layers``, stopping at the highest readout layer:
+    (the features of the readout layers among them, the activities of the last layer run)."""
     chosen = {model.layer_index(n) for n in model.readout.softmax_layers}
-    features = []
-    for i, _x, _z, y in run_layers(b, rows, params, model, tag):
+    features, y = [], rows
+    for i, _x, _z, y in run_layers(b, rows, params, model, tag, layers):
         if i in chosen:
             features.append(layer_feature(b, y, model, i, tag))
         if i == max(chosen):
             break
+    return features, y
+
+
+def side_by_side(b: Builder, features: list[Value]) -> Value:
     return features[0] if len(features) == 1 else b.concat(features, axis=1)
 
 

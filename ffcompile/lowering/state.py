@@ -53,14 +53,14 @@ def state_specs(model: Model) -> dict[str, tuple[int, ...]]:
     return specs
 
 
-def param_inputs(b: Builder, model: Model) -> dict[str, Value]:
-    """Every parameter as a program input."""
-    return {name: b.input(name, shape) for name, shape in param_specs(model).items()}
+def param_inputs(b: Builder, model: Model, only: set[str] | None = None) -> dict[str, Value]:
+    """Every parameter (or those named in ``only``) as a program input."""
+    return {name: b.input(name, shape) for name, shape in param_specs(model).items() if only is None or name in only}
 
 
-def state_inputs(b: Builder, model: Model) -> dict[str, Value]:
-    """Every optimizer-state (and peer-mean) tensor as a program input."""
-    return {name: b.input(name, shape) for name, shape in state_specs(model).items()}
+def state_inputs(b: Builder, model: Model, only: set[str] | None = None) -> dict[str, Value]:
+    """Every optimizer-state (and peer-mean) tensor (or those named in ``only``) as a program input."""
+    return {name: b.input(name, shape) for name, shape in state_specs(model).items() if only is None or name in only}
 
 
 def init_state(model: Model, seed: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:

@@ -185,6 +185,8 @@ def _train(model: Model, data: Dataset, run_dir: Path, epochs: int, resume: bool
         for epoch in range(ckpt.epoch, epochs):
             started = time.perf_counter()
             params, state, step, metrics = epoch_fn(params, state, data.x_train, data.y_train, epoch, epochs, step)
+            if hasattr(step_fn, "gather"):  # a step that keeps part of the model per process (layer-pipelined)
+                params, state = step_fn.gather(params, state)
             record = {"epoch": epoch + 1, "step": step, "seconds": round(time.perf_counter() - started, 3), **metrics}
             np_params, np_state = numpy_dict(params), numpy_dict(state)
             check_tensors(np_params, "parameter", step, epoch)
