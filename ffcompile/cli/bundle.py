@@ -160,7 +160,7 @@ def run(bundle_dir, data_dir, split, input_path, labels_path, input_scale, reado
     """Run a bundle's inference programs: error rate and latency (median ms per batch, throughput),
     and what it cost: bundle size, inference payload per dtype, peak memory of the process."""
     from ..runtime.bundle import bundle_bytes, load_bundle
-    from ..runtime.device_check import peak_rss_kib
+    from ..runtime.machine import peak_rss_kib
 
     bundle = load_bundle(bundle_dir, trust, digest)
     if weights is not None:

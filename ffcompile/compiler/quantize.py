@@ -3,9 +3,9 @@
 Input is a self-contained inference graph (``export.export_onnx``: weights as initializers, a
 free batch). int8 quantizes the inputs of every matmul: weights per output channel (symmetric
 int8, calibration-free), the activations feeding them per tensor (asymmetric uint8, scales from
-the calibration rows' min and max); the matmul's output stays float32. Everything else - the length normalization, the squares and
-sums that make goodness, the softmax - stays float32, so the goodness readout sees int8 only
-inside its matmuls. fp16 converts every float tensor and keeps float32 input and outputs.
+the calibration rows' min and max). The matmul's output and everything else - the length
+normalization, the squares and sums that make goodness, the softmax - stay float32, so the
+goodness readout sees int8 only inside its matmuls. fp16 converts every float tensor and keeps float32 input and outputs.
 
 ``reference.fake_quant.quantization_params`` reads the scales back out of a quantized graph so
 that the reference can evaluate the same quantization in float.

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -35,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import load_bundle
+from .machine import peak_rss_kib
 
 PROGRESS = "ffcompile-device-progress:"
 
@@ -53,10 +53,6 @@ def _grouped(archive) -> dict[str, dict[str, np.ndarray]]:
 
 MARK_FD = -7919  # closing this invalid descriptor is how the guest marks the instruction count (insn_count.c)
 MARKED_CALLS = 2  # calls of each program between two marks
-
-
-def peak_rss_kib() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def mark() -> None:

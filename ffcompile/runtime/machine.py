@@ -114,3 +114,10 @@ def check_runs_here(target: dict) -> None:
     reason = why_not_here(target)
     if reason:
         raise FFCompileError(reason)
+
+
+def peak_rss_kib() -> int:
+    """The peak resident memory of this process so far, KiB (Linux's ru_maxrss)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
