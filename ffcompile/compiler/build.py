@@ -27,6 +27,7 @@ from ..contract.manifest import (FORMAT, FORMAT_VERSION, MANIFEST, OPTIMIZER, PA
 from ..contract.rename import exchange
 from ..contract.weights import save_tensors
 from ..core.errors import FFCompileError
+from ..core.family import Family
 from ..core.shipped import shipped_model
 from ..core.spec import Model, load_model
 from ..core.spec_limits import MAX_BATCH
@@ -206,6 +207,9 @@ def _build(source, target, out_dir: Path, batch, infer_batch, verify_steps, data
     _check_out_dir(out_dir)
     src = load_source(source, seed)
     model = src.model
+    if reduced.dtype != "float32" and model.family is not Family.FEED_FORWARD:
+        raise FFCompileError(f"--dtype {reduced.dtype}: reduced-precision programs are built for feed-forward models; "
+                             f"model {model.name!r} is {model.family.value}")
     for option, value in (("--batch", batch), ("--infer-batch", infer_batch)):
         if value is not None and value > MAX_BATCH:
             raise FFCompileError(f"{option} must be at most {MAX_BATCH}, got {value} "

@@ -40,6 +40,8 @@ def load_source(path: Path) -> tuple[Model, dict[str, np.ndarray], str]:
         params, _ = read_tensors(path / WEIGHTS)
         return model, params, sha256_file(path / WEIGHTS)
     checkpoint = path / CHECKPOINT if path.is_dir() else path
+    if path.suffix in (".toml", ".json"):
+        raise FFCompileError(f"{path}: a model spec has no trained weights; export a run folder, a checkpoint or a bundle")
     if not checkpoint.is_file():
         raise FFCompileError(f"{path}: neither a bundle, a run folder (with {CHECKPOINT}) nor a checkpoint file")
     ckpt = load_checkpoint(checkpoint)
