@@ -50,13 +50,16 @@ def test_error(sess, x, y, batch=100) -> float:
     return float(np.mean(predictions != y) * 100)
 
 
-def latencies(sessions: dict, x, batch: int, repeats: int) -> dict:
-    """Median ms per call of each session, calls interleaved so that load changes hit all alike."""
+def latencies(sessions: dict, x, batch: int, seconds: float) -> dict:
+    """Median ms per call of each session, calls interleaved so that load changes hit all alike;
+    as many rounds as fit in about ``seconds`` (at least 5, at most 500)."""
     rows = x[:batch]
     times = {name: [] for name in sessions}
+    started = time.perf_counter()
     for sess in sessions.values():
         sess.run(None, {"x": rows})
-    for _ in range(repeats):
+    one_round = time.perf_counter() - started
+    for _ in range(min(500, max(5, int(seconds / max(one_round, 1e-6))))):
         for name, sess in sessions.items():
             started = time.perf_counter()
             sess.run(None, {"x": rows})
@@ -87,7 +90,7 @@ def bench_run(name: str, run: Path, args, x, y) -> dict:
         result = {"export_bytes": {d: p.stat().st_size for d, p in files.items()},
                   "test_error_percent": {d: round(test_error(s, x, y), 3) for d, s in sessions.items()}}
         load = os.getloadavg()[0]
-        result["latency_ms"] = {f"batch_{b}": latencies(sessions, x, b, args.repeats) for b in (1, 100)}
+        result["latency_ms"] = {f"batch_{b}": latencies(sessions, x, b, args.seconds) for b in (1, 100)}
         result["loadavg_1min_during"] = [round(load, 2), round(os.getloadavg()[0], 2)]
         f32 = result["latency_ms"]
         result["int8_speedup"] = {b: round(f32[b]["float32"] / f32[b]["int8"], 2) for b in f32}
@@ -119,7 +122,7 @@ def main() -> int:
     ap.add_argument("--data-dir", required=True, help="full MNIST (IDX .gz files)")
     ap.add_argument("--work", type=Path, required=True, help="folder for the exported programs and bundles")
     ap.add_argument("--out", type=Path, required=True, help="result JSON")
-    ap.add_argument("--repeats", type=int, default=30, help="timed calls per dtype and batch")
+    ap.add_argument("--seconds", type=float, default=20.0, help="time spent timing each batch size (all dtypes)")
     ap.add_argument("--update", action="store_true", help="keep the other runs already in --out; replace these")
     ap.add_argument("--emulate", action="append", default=[], metavar="NAME",
                     help="also build arm-cpu-ort bundles of this run and measure them under qemu (slow)")
