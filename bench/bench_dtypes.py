@@ -106,7 +106,7 @@ def bench_run(name: str, run: Path, args, x, y) -> dict:
         bundles[dtype] = bundle_bytes(out, json.loads((out / "manifest.json").read_text()))
     row["x86_cpu_bundle_bytes"] = bundles
     if name in args.emulate:
-        row["emulated_aarch64"] = {}
+        row["emulated_aarch64"] = {"command": " ".join(["python", *sys.argv])}
         for dtype in ("float32", "int8"):
             out = work / f"arm-{dtype}"
             ffcompile("build", run, "--target", "arm-cpu-ort", "-o", out, "--dtype", dtype, "--verify-steps", "0",
@@ -123,7 +123,9 @@ def main() -> int:
     ap.add_argument("--work", type=Path, required=True, help="folder for the exported programs and bundles")
     ap.add_argument("--out", type=Path, required=True, help="result JSON")
     ap.add_argument("--seconds", type=float, default=20.0, help="time spent timing each batch size (all dtypes)")
-    ap.add_argument("--update", action="store_true", help="keep the other runs already in --out; replace these")
+    ap.add_argument("--update", action="store_true",
+                    help="keep what --out already holds; replace what this run measures (a run's emulated "
+                         "results stay unless it is emulated again)")
     ap.add_argument("--emulate", action="append", default=[], metavar="NAME",
                     help="also build arm-cpu-ort bundles of this run and measure them under qemu (slow)")
     args = ap.parse_args()
@@ -145,7 +147,7 @@ def main() -> int:
               "runs": json.loads(args.out.read_text())["runs"] if args.update and args.out.exists() else {}}
     for item in args.run:
         name, _, run = item.partition("=")
-        report["runs"][name] = bench_run(name, Path(run), args, x, y)
+        report["runs"][name] = {**report["runs"].get(name, {}), **bench_run(name, Path(run), args, x, y)}
     report["machine"]["loadavg_after"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")

@@ -46,6 +46,7 @@ def tables(report: dict) -> str:
                    f"| {mib(b['int8']['inference_float32'])} / {mib(b['int8']['inference_int8'])} |")
     emulated = {name: run["emulated_aarch64"] for name, run in report["runs"].items() if "emulated_aarch64" in run}
     for name, cost in emulated.items():
+        command = cost.pop("command", report["command"]) if isinstance(cost.get("command"), str) else report["command"]
         rss = {d: c["peak_rss_mib"] for d, c in cost.items()}
         out += ["", f"{name} on the emulated aarch64 device (Cortex-A72 under qemu-user; "
                     f"{cost['int8']['peak_rss_note']}):", "",
@@ -56,7 +57,9 @@ def tables(report: dict) -> str:
                 "| program | rows | instructions per call | per row |", "|---|---|---|---|"]
         out += [f"| {c['program']} | {c['rows']} | {c['instructions_per_call'] / 1e6:.2f} M | "
                 f"{c['instructions_per_row'] / 1e3:.0f} k |" for c in cost["int8"]["instructions"]]
-    out += ["", f"Command: `{report['command']}`"]
+        out += ["", f"Command: `{command}`"]
+    commands = sorted({run["command"] for run in report["runs"].values()})
+    out += [""] + [f"Command: `{c}`" for c in commands]
     return "\n".join(out)
 
 
