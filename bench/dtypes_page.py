@@ -39,27 +39,30 @@ def tables(report: dict) -> str:
                        f"| {lat['batch_100']['float32']:.2f} / {lat['batch_100']['int8']:.2f} ms "
                        f"| {r['int8_speedup']['batch_1']:.2f}×, {r['int8_speedup']['batch_100']:.2f}× |")
     out += ["", "Whole x86-cpu bundles (the int8 one keeps the float32 weights and train step for fine-tuning):", "",
-            "| model | float32 bundle | int8 bundle | inference needs, float32 / int8 |", "|---|---|---|---|"]
+            "| model | float32 bundle | int8 bundle | inference needs (both readouts), float32 / int8 |", "|---|---|---|---|"]
     for name, run in report["runs"].items():
         b = run["x86_cpu_bundle_bytes"]
         out.append(f"| {name} | {mib(b['float32']['total'])} | {mib(b['int8']['total'])} "
                    f"| {mib(b['int8']['inference_float32'])} / {mib(b['int8']['inference_int8'])} |")
     emulated = {name: run["emulated_aarch64"] for name, run in report["runs"].items() if "emulated_aarch64" in run}
-    for name, cost in emulated.items():
-        command = cost.pop("command", report["command"]) if isinstance(cost.get("command"), str) else report["command"]
-        rss = {d: c["peak_rss_mib"] for d, c in cost.items()}
-        out += ["", f"{name} on the emulated aarch64 device (Cortex-A72 under qemu-user; "
-                    f"{cost['int8']['peak_rss_note']}):", "",
-                "| bundle | peak memory after load / inference / fine-tuning |", "|---|---|"]
-        out += [f"| {d} | {r['after_load']:.0f} / {r['after_inference']:.0f} / {r['after_finetuning']:.0f} MiB |"
-                for d, r in rss.items()]
+    commands = {run["command"] for run in report["runs"].values()}
+    for name, emulated_run in emulated.items():
+        commands.add(emulated_run.get("command", report["command"]))
+        cost = {d: c for d, c in emulated_run.items() if d != "command"}
+        phases = ("after_load", "after_inference", "after_finetuning")
+        out += ["", f"{name} on the emulated aarch64 device (Cortex-A72 under qemu-user). Peak resident memory "
+                    f"{cost['int8']['peak_rss_note']}; heap in use: {cost['int8']['heap_note']}:", "",
+                "| bundle | peak resident memory after load / inference / fine-tuning | heap in use, same phases |",
+                "|---|---|---|"]
+        for d, c in cost.items():
+            rss = " / ".join(f"{c['peak_rss_mib'][p]:.0f}" for p in phases)
+            heap = " / ".join(f"{c['heap_in_use_mib'][p]:.1f}" for p in phases) if "heap_in_use_mib" in c else "–"
+            out.append(f"| {d} | {rss} MiB | {heap} MiB |")
         out += ["", f"Instructions per call ({cost['int8']['instructions_note']}):", "",
                 "| program | rows | instructions per call | per row |", "|---|---|---|---|"]
         out += [f"| {c['program']} | {c['rows']} | {c['instructions_per_call'] / 1e6:.2f} M | "
                 f"{c['instructions_per_row'] / 1e3:.0f} k |" for c in cost["int8"]["instructions"]]
-        out += ["", f"Command: `{command}`"]
-    commands = sorted({run["command"] for run in report["runs"].values()})
-    out += [""] + [f"Command: `{c}`" for c in commands]
+    out += [""] + [f"Command: `{c}`" for c in sorted(commands)]
     return "\n".join(out)
 
 

@@ -266,8 +266,11 @@ def verify(bundle_dir, data_dir, steps, emulate, sysroot_cache, report_path, as_
             step_ms = f"{e['train_step_ms_median']:.1f} ms" if e["train_step_ms_median"] is not None else "n/a"
             click.echo(f"  ran on {e['device']}: train_step median {step_ms}, {e['guest_seconds']:.0f} s on the device")
             rss = e["cost"]["peak_rss_mib"]
+            heap = e["cost"]["heap_in_use_mib"]
             click.echo(f"  device {cost_line({**e['cost'], 'peak_rss_mib': rss['after_inference']})} after inference, "
-                       f"{rss['after_finetuning']:.0f} MiB after fine-tuning (qemu process: an upper bound)")
+                       f"{rss['after_finetuning']:.0f} MiB after fine-tuning (qemu process: an upper bound); "
+                       f"heap in use {heap['after_inference']} MiB after inference, {heap['after_finetuning']} MiB "
+                       "after fine-tuning (a lower bound)")
             for c in e["cost"]["instructions"]:
                 click.echo(f"  {c['program']:<22} {c['rows']:>4} row(s): {c['instructions_per_call'] / 1e6:9.2f} M "
                            f"aarch64 instructions per call ({c['instructions_per_row'] / 1e3:.0f} k per row)")

@@ -164,7 +164,7 @@ def verify_emulated(bundle_dir, data_dir=None, steps: int = DEFAULT_STEPS, cache
         "train_step_ms_median": device["step_ms_median"], "train_step_ms": device["step_ms"],
         "program_ms": device["cases"], "guest_stdout": [line for line in proc.stdout.strip().splitlines()
                                                           if not line.startswith(PROGRESS)][-1:],
-        "cost": device_cost(root, manifest, device["peak_rss_kib"], instructions),
+        "cost": device_cost(root, manifest, device["peak_rss_kib"], device["heap_bytes"], instructions),
     }
     if reduced:
         report["reduced_precision"] = _check_reduced(model, root, reduced, params, x_val, y_val, infer_batch, groups)
@@ -187,15 +187,18 @@ def _check_reduced(model, root: Path, reduced: dict, params: dict, x, y, infer_b
             "programs": checks, "passed": all(c["passed"] for c in checks.values())}
 
 
-def device_cost(root: Path, manifest: dict, rss_kib: dict, instructions: list[dict]) -> dict:
-    """What the emulated device paid: the bundle's size, the peak resident memory of the process
-    and the instructions of each program call (see ``insn_count``)."""
+def device_cost(root: Path, manifest: dict, rss_kib: dict, heap: dict, instructions: list[dict]) -> dict:
+    """What the emulated device paid: the bundle's size, the peak resident memory of the process,
+    the guest's C heap in use, and the instructions of each program call (see ``insn_count``)."""
     from ..runtime.bundle import bundle_bytes
 
     return {"bundle_bytes": bundle_bytes(root, manifest),
             "peak_rss_mib": {phase: round(kib / 1024, 1) for phase, kib in rss_kib.items()},
             "peak_rss_note": "of the qemu-user process: the guest's memory plus the emulator's own (its code "
                              "translation cache), so an upper bound of what the device needs",
+            "heap_in_use_mib": {phase: None if b is None else round(b / 2**20, 1) for phase, b in heap.items()},
+            "heap_note": "the guest's C heap in use (glibc mallinfo2): arrays, the runtime's buffers and arenas, "
+                         "without code and mapped files, so a lower bound of what the device needs",
             "instructions": instructions,
             "instructions_note": "aarch64 instructions executed by the guest, counted by a qemu plugin with one "
                                  "thread: deterministic, a measure of work, not of time"}

@@ -14,7 +14,8 @@ compiled program, each reduced-precision program on every ``rows<i>`` batch, the
 runs the trajectory feeding its own new parameters and state back, as fine-tuning does.
 ``OUT.npz`` gets ``case<i>/<output>``, ``<program>.<dtype>.rows<i>/<output>`` and
 ``step<j>/<output>``, and ``OUT.npz.json`` the device's description, timings and costs: the
-process's peak resident memory after loading, after inference and after fine-tuning, and the
+process's peak resident memory and its C heap in use after loading, after inference and after
+fine-tuning, and the
 calls that ``count_calls`` brackets with instruction-count marks.
 Progress goes to stderr, as lines ``PROGRESS phase N LABEL`` (a phase of N items begins) and
 ``PROGRESS advance`` (one item done).
@@ -34,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import load_bundle
-from .machine import peak_rss_kib
+from .machine import heap_in_use_bytes, peak_rss_kib
 
 PROGRESS = "ffcompile-device-progress:"
 
@@ -101,6 +102,7 @@ def run_device_check(bundle_dir, inputs_path, out_path) -> dict:
     bundle = load_bundle(bundle_dir)
     loaded = time.perf_counter()
     rss = {"after_load": peak_rss_kib()}
+    heap = {"after_load": heap_in_use_bytes()}
     with np.load(inputs_path, allow_pickle=False) as archive:
         groups = _grouped(archive)
     out: dict[str, np.ndarray] = {}
@@ -123,6 +125,7 @@ def run_device_check(bundle_dir, inputs_path, out_path) -> dict:
             result = program.run({"x": groups[key]["x"]})
             out.update({f"{name}.{bundle.dtype}.{key}/{k}": np.asarray(v) for k, v in result.items()})
     rss["after_inference"] = peak_rss_kib()
+    heap["after_inference"] = heap_in_use_bytes()
     steps = sorted((k for k in groups if k.startswith("step")), key=lambda k: int(k[4:]))
     if steps:
         _progress(f"phase {len(steps)} {len(steps)} training steps")
@@ -136,12 +139,13 @@ def run_device_check(bundle_dir, inputs_path, out_path) -> dict:
         out.update({f"{key}/{k}": np.asarray(v) for k, v in result.items()})
         _progress("advance")
     rss["after_finetuning"] = peak_rss_kib()
+    heap["after_finetuning"] = heap_in_use_bytes()
     calls = _cost_calls(bundle, groups, dict(groups.get("start", {})))
     _progress(f"phase {len(calls)} {len(calls)} program calls with instruction counts")
     counted = count_calls(calls)
     np.savez(out_path, **out)
     info = {"machine": platform.machine(), "python": platform.python_version(), "numpy": np.__version__,
-            "peak_rss_kib": rss, "counted_calls": counted, "backend": bundle.target["backend"], "target": bundle.target["name"], "cases": case_ms,
+            "peak_rss_kib": rss, "heap_bytes": heap, "counted_calls": counted, "backend": bundle.target["backend"], "target": bundle.target["name"], "cases": case_ms,
             "steps": len(steps), "step_ms": step_ms,
             "step_ms_median": statistics.median(step_ms) if step_ms else None,
             "load_s": loaded - started, "total_s": time.perf_counter() - started}
