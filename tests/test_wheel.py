@@ -36,6 +36,7 @@ def test_wheel_ships_targets_and_models(wheel):
     for folder in ("targets", "models"):
         shipped = {Path(n).name for n in names if f"/{folder}/" in n and n.endswith(".toml")}
         assert shipped == {p.name for p in (REPO / folder).glob("*.toml")}, folder
+    assert "ffcompile/emulation/insn_count.c" in names  # verify --emulate builds its instruction counter from it
 
 
 def test_installed_wheel_lists_targets_and_builds(wheel, tmp_path):
