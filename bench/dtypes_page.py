@@ -50,8 +50,9 @@ def tables(report: dict) -> str:
         commands.add(emulated_run.get("command", report["command"]))
         cost = {d: c for d, c in emulated_run.items() if d != "command"}
         phases = ("after_load", "after_inference", "after_finetuning")
+        heap_note = f"; heap in use: {cost['int8']['heap_note']}" if "heap_note" in cost["int8"] else ""
         out += ["", f"{name} on the emulated aarch64 device (Cortex-A72 under qemu-user). Peak resident memory "
-                    f"{cost['int8']['peak_rss_note']}; heap in use: {cost['int8']['heap_note']}:", "",
+                    f"{cost['int8']['peak_rss_note']}{heap_note}:", "",
                 "| bundle | peak resident memory after load / inference / fine-tuning | heap in use, same phases |",
                 "|---|---|---|"]
         for d, c in cost.items():
