@@ -2,7 +2,8 @@
 with the host's C compiler, counts the aarch64 instructions the guest executes and records the
 count at each mark the guest makes (``ffcompile.runtime.device_check.mark``).
 
-Counts are deterministic for single-threaded guest code and measure work in the emulated ISA,
+Counts of single-threaded guest code repeat to within about 0.1 % between runs (Python and the
+runtime take slightly different paths each time) and measure work in the emulated ISA,
 not time: they say how a bundle's programs compare with each other (int8 against float32, one
 row against a batch), not how fast a real core runs them.
 """

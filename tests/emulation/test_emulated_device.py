@@ -74,7 +74,7 @@ def test_int8_arm_bundle_on_emulated_device_with_its_cost(tmp_path):
     assert set(counts) == {("infer_goodness", 50), ("infer_softmax", 50), ("infer_goodness.int8", 50),
                            ("infer_goodness.int8", 1), ("infer_softmax.int8", 50), ("infer_softmax.int8", 1),
                            ("train_step", 20)}
-    # deterministic work: one row costs less than a batch, and goodness (10 label rows per image,
+    # repeatable work: one row costs less than a batch, and goodness (10 label rows per image,
     # every layer) more than the softmax readout (one neutral pass)
     assert counts[("infer_goodness.int8", 1)] < counts[("infer_goodness.int8", 50)]
     assert counts[("infer_softmax.int8", 50)] < counts[("infer_goodness.int8", 50)]
