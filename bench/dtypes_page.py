@@ -23,12 +23,12 @@ def mib(n: int) -> str:
 
 def tables(report: dict) -> str:
     m = report["machine"]
-    out = [f"Measured by `{report['benchmark']}` on {m['cpu']} ({m['cores']} cores; 1-minute load average "
-           f"{m['loadavg_before'][0]:.1f} before, {m['loadavg_after'][0]:.1f} after); {report['data']}. "
-           f"Latency: {report['notes']['latency']}. {report['notes']['float16']}.", ""]
+    out = [f"Measured by `{report['benchmark']}` on {m['cpu']} ({m['cores']} cores); {report['data']}. "
+           f"Latency: {report['notes']['latency']}, under the 1-minute load average shown. "
+           f"{report['notes']['float16']}.", ""]
     out += ["| model (epochs) | readout | test error fp32 / fp16 / int8 | program size fp32 / fp16 / int8 "
-            "| int8 size | latency batch 1, fp32 / int8 | batch 100, fp32 / int8 | int8 speed-up (1, 100) |",
-            "|---|---|---|---|---|---|---|---|"]
+            "| int8 size | latency batch 1, fp32 / int8 | batch 100, fp32 / int8 | int8 speed-up (1, 100) | load |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for name, run in report["runs"].items():
         for readout, r in run["readouts"].items():
             err = " / ".join(f"{r['test_error_percent'][d]:.2f} %" for d in DTYPES)
@@ -37,7 +37,8 @@ def tables(report: dict) -> str:
             out.append(f"| {name} ({run['epochs_trained']}) | {readout} | {err} | {size} | {r['int8_size_ratio']:.2f}× "
                        f"| {lat['batch_1']['float32']:.3f} / {lat['batch_1']['int8']:.3f} ms "
                        f"| {lat['batch_100']['float32']:.2f} / {lat['batch_100']['int8']:.2f} ms "
-                       f"| {r['int8_speedup']['batch_1']:.2f}×, {r['int8_speedup']['batch_100']:.2f}× |")
+                       f"| {r['int8_speedup']['batch_1']:.2f}×, {r['int8_speedup']['batch_100']:.2f}× "
+                       f"| {r['loadavg_1min_during'][0]:.1f} |")
     out += ["", "Whole x86-cpu bundles (the int8 one keeps the float32 weights and train step for fine-tuning):", "",
             "| model | float32 bundle | int8 bundle | inference needs (both readouts), float32 / int8 |", "|---|---|---|---|"]
     for name, run in report["runs"].items():
@@ -63,7 +64,8 @@ def tables(report: dict) -> str:
                 "| program | rows | instructions per call | per row |", "|---|---|---|---|"]
         out += [f"| {c['program']} | {c['rows']} | {c['instructions_per_call'] / 1e6:.2f} M | "
                 f"{c['instructions_per_row'] / 1e3:.0f} k |" for c in cost["int8"]["instructions"]]
-    out += [""] + [f"Command: `{c}`" for c in sorted(commands)]
+    for c in sorted(commands):
+        out += ["", f"Command: `{c}`"]
     return "\n".join(out)
 
 
