@@ -171,10 +171,13 @@ class Initialization:
 @dataclass(frozen=True)
 class Schedule:
     """``constant`` or ``linear_cooldown``: constant, then linear to zero from ``cooldown_start``
-    (a fraction of the epochs) to the end."""
+    (a fraction of the epochs) to the end. The rate is constant within an epoch, read off the line
+    ``at`` the epoch's start or its middle; ``epoch_middle`` with ``cooldown_start = 0.5`` is
+    Hinton's ffnew.m gain, (1 + 2 (E - e)) / E in epoch e = 1..E of the second half."""
 
     kind: str = "constant"
     cooldown_start: float = 0.5
+    at: str = "epoch_start"
 
 
 @dataclass(frozen=True)
@@ -289,6 +292,7 @@ _CHOICES = {
     "optimizer.kind": ("sgd", "adam"),
     "initialization.kind": ("uniform", "normal"),
     "schedule.kind": ("constant", "linear_cooldown"),
+    "schedule.at": ("epoch_start", "epoch_middle"),
     "negatives.kind": ("random_label", "hard_label", "hybrid_image", "teacher_forcing", "self_generated"),
     "training.phases": ("together", "separate"),
 }

@@ -32,9 +32,10 @@ def learning_rate(model: Model, epoch: int, epochs: int) -> float:
     if model.schedule.kind == "constant" or epochs <= 0:
         return lr
     start = model.schedule.cooldown_start * epochs
-    if epoch < start:
+    t = epoch + (0.5 if model.schedule.at == "epoch_middle" else 0.0)  # epoch counts from 0
+    if t < start:
         return lr
-    return lr * (epochs - epoch) / (epochs - start)
+    return lr * (epochs - t) / (epochs - start)
 
 
 @dataclass

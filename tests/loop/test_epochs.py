@@ -90,3 +90,18 @@ def test_jittered_hybrid_partner_moves_with_its_row():
     plan = epoch_plan(model, 100, 0, 1, y)
     s = plan.shifts[0]
     assert np.array_equal(feeds[0]["x_other"], shift_images(x[plan.partners[0]], s[:, 0], s[:, 1]))
+
+
+def test_cooldown_at_epoch_middle_is_ffnew_gain():
+    from ffcompile.loop.epochs import learning_rate
+
+    for epochs in (60, 100):
+        model = load_model(MODELS / "mnist-ffcode.toml")
+        middle = dataclasses.replace(model, schedule=dataclasses.replace(model.schedule, at="epoch_middle"))
+        lr = model.optimizer.lr
+        for e in range(1, epochs + 1):  # ffnew.m's epoch, 1..E
+            gain = 1.0 if e <= epochs / 2 else (1 + 2 * (epochs - e)) / epochs
+            assert np.isclose(learning_rate(middle, e - 1, epochs), lr * gain), (epochs, e)
+            # at the epoch's start, the cool-down runs 1/E above ffnew.m's through the second half
+            start_gain = 1.0 if e <= epochs / 2 else 2 * (epochs - e + 1) / epochs
+            assert np.isclose(learning_rate(model, e - 1, epochs), lr * start_gain), (epochs, e)
