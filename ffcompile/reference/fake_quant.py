@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from onnx import numpy_helper
 
+from ..core.errors import FFCompileError
 from ..core.program import Program
 from ..lowering import build_program
 from .interpreter import TorchProgram
@@ -54,12 +55,13 @@ def fake_quantize(value: torch.Tensor, scale, zero_point, axis: int | None, qmin
 
 
 def fake_quantized(program: Program, params: dict[str, dict]) -> TorchProgram:
-    """``program`` with the rounding of ``params`` (``compiler.quantize.quantization_params``:
-    value name -> scale, zero_point, axis, qmin, qmax) applied to those values."""
+    """``program`` with the rounding of ``params`` (``quantization_params``: value name -> scale,
+    zero_point, axis, qmin, qmax) applied to those values."""
     known = {v.name for v in program.inputs} | {n.output.name for n in program.nodes}
     missing = sorted(set(params) - known)
     if missing:
-        raise ValueError(f"{program.name}: quantized tensors {missing[:3]} are not values of the program")
+        raise FFCompileError(f"{program.name}: the quantized graph rounds tensors the program does not have "
+                             f"({', '.join(missing[:3])}); it was not made from this model")
     rewrite = {name: (lambda v, p=p: fake_quantize(v, p["scale"], p["zero_point"], p["axis"], p["qmin"], p["qmax"]))
                for name, p in params.items()}
     return TorchProgram(program, rewrite=rewrite)
