@@ -122,23 +122,19 @@ def check_reduced_programs(model: Model, section: dict, root: Path, params: dict
     """Parity of the reduced programs with their reference and their accuracy cost, on up to
     CHECK_ROWS validation rows, run by this host's onnxruntime CPU provider (``run_here``: the
     target's own runtime; otherwise a host proxy of the same files)."""
-    from ..reference.fake_quant import check_reduced, quantization_params
+    from ..reference.fake_quant import check_reduced_section
     from ..runtime.ort import OrtProgram
 
     source, x, y = load_model_split(model, data_dir, "val")
     x, y = x[:CHECK_ROWS], y[:CHECK_ROWS]
-    dtype = section["dtype"]
-    checks = {}
-    for name, entry in section["programs"].items():
-        data = (root / entry["file"]).read_bytes()
-        runner = OrtProgram(data, ["CPUExecutionProvider"], name=entry["file"])
-        qparams = quantization_params(onnx.load_from_string(data)) if dtype == "int8" else {}
-        checks[name] = check_reduced(model, name, dtype, qparams, params, x, y, lambda _i, xb: runner.run({"x": xb}),
-                                     infer_batch)
+    runners = {name: OrtProgram((root / e["file"]).read_bytes(), ["CPUExecutionProvider"], name=e["file"])
+               for name, e in section["programs"].items()}
+    report = check_reduced_section(model, section, root, params, x, y, infer_batch,
+                                   lambda name, _i, xb: runners[name].run({"x": xb}))
+    checks = report["programs"]
     drop = max(c["error_percent"] - c["error_percent_float32"] for c in checks.values())
-    return {"dtype": dtype, "data": f"{source.describe()}, val split, first {len(x)} rows",
+    return {**report, "data": f"{source.describe()}, val split, first {len(x)} rows",
             "ran_on": "this host (the target's runtime)" if run_here else "HOST PROXY: the same .onnx files in this host's onnxruntime CPU provider",
-            "programs": checks, "passed": all(c["passed"] for c in checks.values()),
             "accuracy_budget_points": budget, "largest_drop_points": round(drop, 4), "within_budget": drop <= budget}
 
 

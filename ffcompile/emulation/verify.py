@@ -101,7 +101,7 @@ def verify_emulated(bundle_dir, data_dir=None, steps: int = DEFAULT_STEPS, cache
     ``trust``/``digest``: as ``load_bundle``."""
     from . import qemu as emulation
     from ..data.datasets import load_model_split
-    from ..reference.fake_quant import padded_batches
+    from ..reference.fake_quant import check_reduced_section, padded_batches
     from ..reference.parity import plan_checks, run_checks
     from .insn_count import counter_plugin, counts_between_marks, plugin_args
 
@@ -167,24 +167,12 @@ def verify_emulated(bundle_dir, data_dir=None, steps: int = DEFAULT_STEPS, cache
         "cost": device_cost(root, manifest, device["peak_rss_kib"], device["heap_bytes"], instructions),
     }
     if reduced:
-        report["reduced_precision"] = _check_reduced(model, root, reduced, params, x_val, y_val, infer_batch, groups)
+        report["reduced_precision"] = {
+            **check_reduced_section(model, reduced, root, params, x_val, y_val, infer_batch,
+                                    lambda name, i, _xb: groups[f"{name}.{reduced['dtype']}.rows{i}"]),
+            "data": f"first {len(x_val)} validation rows", "ran_on": "the emulated device"}
         report["passed"] = report["passed"] and report["reduced_precision"]["passed"]
     return report
-
-
-def _check_reduced(model, root: Path, reduced: dict, params: dict, x, y, infer_batch: int, groups: dict) -> dict:
-    """The device's outputs of the reduced-precision programs against their reference."""
-    import onnx
-
-    from ..reference.fake_quant import check_reduced, quantization_params
-
-    dtype, checks = reduced["dtype"], {}
-    for name, entry in reduced["programs"].items():
-        qparams = quantization_params(onnx.load(root / entry["file"])) if dtype == "int8" else {}
-        checks[name] = check_reduced(model, name, dtype, qparams, params, x, y,
-                                     lambda i, _xb, name=name: groups[f"{name}.{dtype}.rows{i}"], infer_batch)
-    return {"dtype": dtype, "data": f"first {len(x)} validation rows", "ran_on": "the emulated device",
-            "programs": checks, "passed": all(c["passed"] for c in checks.values())}
 
 
 def device_cost(root: Path, manifest: dict, rss_kib: dict, heap: dict, instructions: list[dict]) -> dict:

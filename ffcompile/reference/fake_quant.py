@@ -6,6 +6,7 @@ values with integer kernels; parity compares the two."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -109,6 +110,20 @@ def check_reduced(model, name: str, dtype: str, qparams: dict, params: dict, x: 
             "tolerance": {"min_agreement": MIN_AGREEMENT, "max_rel_diff": MAX_REL_DIFF},
             "passed": agreement >= MIN_AGREEMENT and worst <= MAX_REL_DIFF,
             "error_percent": 100.0 * wrong / max(rows, 1), "error_percent_float32": 100.0 * wrong_float32 / max(rows, 1)}
+
+
+def check_reduced_section(model, section: dict, root, params: dict, x: np.ndarray, y: np.ndarray, batch: int,
+                          outputs: Callable[[str, int, np.ndarray], dict]) -> dict:
+    """``check_reduced`` for every program of a bundle's ``reduced_precision`` section (files under
+    ``root``); ``outputs(name, i, xb)``: the compiled program ``name``'s outputs of batch ``i``."""
+    import onnx
+
+    dtype, checks = section["dtype"], {}
+    for name, entry in section["programs"].items():
+        qparams = quantization_params(onnx.load(Path(root) / entry["file"])) if dtype == "int8" else {}
+        checks[name] = check_reduced(model, name, dtype, qparams, params, x, y,
+                                     lambda i, xb, name=name: outputs(name, i, xb), batch)
+    return {"dtype": dtype, "programs": checks, "passed": all(c["passed"] for c in checks.values())}
 
 
 def padded_batches(x: np.ndarray, batch: int):
