@@ -31,6 +31,7 @@ GOALS = {
     "mnist-ffcode-middle": ({"goodness": 1.40}, "Hinton's ffcode as shipped: 1.44 % / 1.47 %; best public port 1.33 %"),
     "mnist-supervised": ({"goodness": 1.36}, "the paper, sec. 3.3"),
     "mnist-unsupervised": ({"softmax": 1.37}, "the paper, sec. 3.2"),
+    "mnist-unsupervised-adam": ({"softmax": 1.37}, "the paper, sec. 3.2"),
     "mnist-local": ({"softmax": 1.16}, "the paper, sec. 3.2, footnote 8"),
     "mnist-jitter": ({"goodness": 0.70}, "the paper, sec. 3.3 (0.64 % after 500 epochs)"),
     "mnist-recurrent": ({"goodness": 1.31}, "the paper, sec. 3.4"),
