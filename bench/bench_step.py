@@ -111,7 +111,7 @@ def tensors(feeds: dict):
 def check_hand_step(model, prog, feeds) -> dict:
     """The hand-written step against the lowered train_step (onnxruntime), same inputs."""
     from ffcompile.runtime.ort import OrtProgram
-    from ffcompile.compiler.onnx_emit import to_onnx
+    from ffcompile.compiler.onnx_emit import shipped_onnx
 
     want = OrtProgram(to_onnx(prog).SerializeToString(), threads=1).run(feeds)
     T, params, state = tensors(feeds)
@@ -125,7 +125,7 @@ def check_hand_step(model, prog, feeds) -> dict:
 
 
 def compile_tvm(prog, target_name: str, threads: int, work: Path):
-    from ffcompile.compiler.onnx_emit import to_onnx
+    from ffcompile.compiler.onnx_emit import shipped_onnx
     from ffcompile.compiler.tvm_build import compile_onnx
     from ffcompile.runtime.tvm import load
     from ffcompile.compiler.targets import find_target
@@ -243,7 +243,7 @@ def measure_memory(args) -> dict:
     """FF: peak bytes of simultaneously live values of the train_step program (liveness, nodes in the
     lowering's order). Backprop: torch autograd on the same widths, bytes autograd saves for
     backward + the gradients, in a fresh process (bench_ort.child_backprop)."""
-    from ffcompile.compiler.onnx_emit import to_onnx
+    from ffcompile.compiler.onnx_emit import shipped_onnx
 
     model = B.load(MODELS["4x2000"])
     out = {"model": model.name, "how": {
@@ -257,7 +257,7 @@ def measure_memory(args) -> dict:
     for batch in (100, 1000):
         prog = B.program(model, "train_step", batch)
         ff_program = B.liveness_peak(prog, list(prog.nodes))["peak_bytes"]
-        ff = B.onnx_liveness(to_onnx(prog))["peak_bytes"]
+        ff = B.onnx_liveness(shipped_onnx(prog))["peak_bytes"]
         bp = B.run_child("backprop", MODELS["4x2000"], batch, args.threads, repeats=1)["saved_plus_gradients_bytes"]
         out["rows"].append({"batch": batch, "ff_working_bytes": ff, "ff_working_bytes_program_order": ff_program,
                             "backprop_working_bytes": bp, "ff_over_backprop": ff / bp})

@@ -74,10 +74,10 @@ def load_source(source, seed: int | None = None) -> Source:
 
 
 def _compile_onnx(program, model: Model, target: Target, out_dir: Path) -> str:
-    from .onnx_emit import to_onnx
+    from .onnx_emit import shipped_onnx
 
     rel = f"{PROGRAMS_DIR}/{program.name}.onnx"
-    proto = to_onnx(program, doc=f"ffcompile {program.name} for {model.name} ({target.name})")
+    proto = shipped_onnx(program, doc=f"ffcompile {program.name} for {model.name} ({target.name})")
     (out_dir / rel).write_bytes(proto.SerializeToString())
     return rel
 

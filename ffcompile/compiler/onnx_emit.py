@@ -26,8 +26,9 @@ changing what it computes (every output still matches the torch reference to fp3
   Values that broadcast along the tiled axis (scalars, ``[1, n]`` rows) are read from the outer
   scope. The arithmetic per element is unchanged, so results are bitwise those of the plain graph.
   Pass ``fuse=False`` for a plain one-node-per-primitive graph (other importers, debugging).
-  ``tiled_outputs=True`` (opt-in, changes the model's output shapes) also drops the copy of
-  tiled program outputs back into their [rows, ...] shape.
+  ``tiled_outputs=True`` (changes the model's output shapes) also drops the copy of tiled
+  program outputs back into their [rows, ...] shape; ``shipped_onnx``, what a bundle ships, sets
+  it for training programs.
 - **Memory-aware node order.** Nodes are emitted in program order except that small nodes and
   the optimizer updates run as soon as they can, so each layer's gradient is consumed by its
   update before the next layer runs (``OrtProgram`` makes onnxruntime follow this order).
@@ -45,6 +46,7 @@ from ..core.primitives import PRIMITIVES
 from ..core.program import Node, Program, Value
 
 OPSET = 18
+CONTRIB = "com.microsoft"  # onnxruntime's contrib ops (FusedGemm), in every onnxruntime build
 _TYPES = {"float32": TensorProto.FLOAT, "int64": TensorProto.INT64, "bool": TensorProto.BOOL}
 # Primitives computed independently per element (with numpy broadcasting): safe to tile.
 _ELEMENTWISE = frozenset(p.name for p in PRIMITIVES.values() if p.elementwise)
@@ -59,6 +61,7 @@ class _Graph:
     def __init__(self):
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
+        self.fused_shapes: dict[str, list[int]] = {}  # outputs of contrib ops (no ONNX shape inference)
 
     def const(self, name: str, array) -> str:
         self.initializers.append(numpy_helper.from_array(np.asarray(array), name))
@@ -83,8 +86,15 @@ def _lower(g: _Graph, node: Node) -> None:
             ins = [*ins[:2], bias]
         g.node("Gemm", [ins[1], ins[0], *ins[2:]], f"{out}/transposed", transA=0, transB=1)
         g.node("Transpose", [f"{out}/transposed"], out, perm=[1, 0])
+    elif node.op == "gemm" and a.get("relu"):  # emitter-internal: relu(matmul + bias), one pass
+        g.node("FusedGemm", ins, out, domain=CONTRIB, transA=int(a["trans_a"]), transB=int(a["trans_b"]),
+               activation="Relu")
+        g.fused_shapes[out] = list(node.output.shape)
     elif node.op == "gemm":  # emitter-internal: matmul + bias
         g.node("Gemm", ins, out, transA=int(a["trans_a"]), transB=int(a["trans_b"]))
+    elif node.op == "reduce_sum_square":  # emitter-internal: reduce_sum(x * x) without x * x
+        g.node("ReduceSumSquare", [ins[0], g.const(f"{out}/axes", np.array(a["axes"], np.int64))], out,
+               keepdims=int(a["keepdims"]))
     elif node.op in PRIMITIVES and PRIMITIVES[node.op].onnx is not None:
         PRIMITIVES[node.op].onnx(g, ins, out, **a)
     else:
@@ -169,6 +179,96 @@ def _peephole(nodes: list[Node], inputs: list[Value], outputs: set[str], weights
     return out
 
 
+def _fewer_full_size(nodes: list[Node], outputs: set[str]) -> list[Node]:
+    """Rewrites that keep full-size temporaries from existing at all (the step's working memory):
+    ``relu(x @ W^T + b)`` as one FusedGemm (the pre-activation never stored), and
+    ``reduce_sum(x * x)`` as ReduceSumSquare (the squares never stored; a length normalization
+    and the goodness of the same activities each read them once)."""
+    producers = {n.output.name: n for n in nodes}
+    users = _consumers(nodes)
+    replaced: dict[str, Node] = {}
+    dropped: set[str] = set()
+    for n in nodes:
+        src = producers.get(n.inputs[0]) if n.inputs else None
+        if src is None or src.output.name in outputs:
+            continue
+        only_here = len(users.get(src.output.name, [])) == 1
+        if n.op == "relu" and src.op == "gemm" and only_here and not src.attrs.get("weights_first"):
+            replaced[n.output.name] = dataclasses.replace(src, output=n.output, attrs={**src.attrs, "relu": True})
+            dropped.add(src.output.name)
+        elif n.op == "reduce_sum" and src.op == "mul" and src.inputs[0] == src.inputs[1] and all(
+                nodes[u].op == "reduce_sum" for u in users[src.output.name]):
+            replaced[n.output.name] = dataclasses.replace(n, op="reduce_sum_square", inputs=(src.inputs[0],))
+            dropped.add(src.output.name)
+    nodes = [replaced.get(n.output.name, n) for n in nodes if n.output.name not in dropped]
+    return _split_concatenated_features(nodes, outputs)
+
+
+def _split_concatenated_features(nodes: list[Node], outputs: set[str]) -> list[Node]:
+    """A concatenation [f1 | f2 | ...] (the softmax readout's features) read only by products
+    with it - ``[f1 | f2] @ W^T (+ b)`` and ``d^T [f1 | f2]`` - is never built: the first becomes
+    ``f1 @ W[:, block 1]^T + f2 @ W[:, block 2]^T (+ b)``, the second ``[d^T f1 | d^T f2]``, whose
+    blocks are small. Saves a copy of every feature at full size."""
+    users = _consumers(nodes)
+    out: list[Node] = []
+    split: dict[str, Node] = {}
+    for n in nodes:
+        if n.op == "concat" and n.attrs.get("axis") == 1 and len(n.output.shape) == 2 and len(n.inputs) > 1 \
+                and n.output.name not in outputs and all(_reads_features(nodes[u], n.output.name)
+                                                         for u in users.get(n.output.name, [])):
+            split[n.output.name] = n
+    if not split:
+        return nodes
+    for n in nodes:
+        if n.output.name in split:
+            continue
+        c = next((split[x] for x in n.inputs if x in split), None)
+        if c is None:
+            out.append(n)
+            continue
+        widths = [(name, w) for name, w in zip(c.inputs, _widths(c, nodes))]
+        name = n.output.name
+        if n.attrs["trans_a"]:  # d^T [f1 | f2]: one [rows, width] block per feature
+            d = n.inputs[0]
+            blocks = []
+            for k, (f, width) in enumerate(widths):
+                block = Value(f"{name}/block{k}", (n.output.shape[0], width))
+                out.append(Node("matmul", (d, f), block, {"trans_a": True, "trans_b": False}))
+                blocks.append(block.name)
+            out.append(Node("concat", tuple(blocks), n.output, {"axis": 1}))
+            continue
+        w, start, total = n.inputs[1], 0, None
+        for k, (f, width) in enumerate(widths):
+            part_w = Value(f"{name}/weight{k}", (n.output.shape[1], width))
+            out.append(Node("slice", (w,), part_w, {"axis": 1, "start": start, "stop": start + width}))
+            start += width
+            last = k == len(widths) - 1
+            part = n.output if last and total is None else Value(f"{name}/part{k}", n.output.shape)
+            if k == 0 and n.op == "gemm":
+                out.append(Node("gemm", (f, part_w.name, n.inputs[2]), part, {"trans_a": False, "trans_b": True}))
+            else:
+                out.append(Node("matmul", (f, part_w.name), part, {"trans_a": False, "trans_b": True}))
+            if total is not None:
+                summed = n.output if last else Value(f"{name}/sum{k}", n.output.shape)
+                out.append(Node("add", (total, part.name), summed, {}))
+                part = summed
+            total = part.name
+    return out
+
+
+def _reads_features(n: Node, concat: str) -> bool:
+    if n.op not in ("matmul", "gemm") or n.attrs.get("weights_first") or n.attrs.get("relu"):
+        return False
+    if n.attrs["trans_a"]:  # d^T F
+        return n.inputs[1] == concat and n.inputs[0] != concat and not n.attrs["trans_b"]
+    return n.inputs[0] == concat and n.inputs[1] != concat and n.attrs["trans_b"]  # F W^T
+
+
+def _widths(concat: Node, nodes: list[Node]) -> list[int]:
+    shapes = {n.output.name: n.output.shape for n in nodes}
+    return [shapes[x][1] for x in concat.inputs]
+
+
 SKINNY_MIN_ROWS = 2       # (one row: onnxruntime's matrix-vector path is faster as is)
 SKINNY_ROWS = 32          # x @ W^T with at most this many rows of x ...
 SKINNY_MIN_WEIGHTS = 1 << 16  # ... and at least this many weights runs as (W @ x^T)^T
@@ -227,6 +327,8 @@ class _Tiled:
     sources: dict[str, str] = dataclasses.field(default_factory=dict)  # tiled input -> what to cut
     # (a tiled input made by a reshape is cut from the reshape's input directly: one Reshape, not
     # two that onnxruntime would fuse into a new node, which its priority order runs last)
+    column_inputs: list[Value] = dataclasses.field(default_factory=list)  # [R, rows] values cut
+    # into column tiles [R, tile_rows], read by a weight gradient computed tile by tile (_pull_gradients)
 
     def reads(self) -> set[str]:
         local = {n.output.name for n in self.nodes}
@@ -314,12 +416,14 @@ def _find_tiled_groups(nodes: list[Node], program_inputs: dict[str, Value], outp
     for members in groups.values():
         if len(members) < 2:
             continue  # one op over a whole tensor gains nothing from tiling
-        member_set = set(members)
         rank, rows = group_key[find(group_of[members[0]])]
-        tiled_inputs, seen = [], set()
+        pulled, column_inputs = _pull_gradients(members, nodes, values, producer, users, outputs, rank, rows)
+        members = sorted(set(members) | pulled)
+        member_set = set(members)
+        tiled_inputs, seen = [], {v.name for v in column_inputs}
         for i in members:
             for name in nodes[i].inputs:
-                if producer.get(name) in member_set or name in seen:
+                if producer.get(name) in member_set or name in seen or i in pulled:  # pulled: columns, outer scope
                     continue
                 v = values[name]
                 if len(v.shape) == rank and v.shape[0] == rows:
@@ -339,8 +443,56 @@ def _find_tiled_groups(nodes: list[Node], program_inputs: dict[str, Value], outp
             if j is not None and nodes[j].op == "reshape" and v.name not in outputs and all(
                     u in member_set for u in users.get(v.name, [])):
                 sources[v.name] = nodes[j].inputs[0]
-        tiled.append(_Tiled(len(tiled), [nodes[i] for i in sorted(members)], rows, rank, tile_rows, tiled_inputs, outs, sources))
+        tiled.append(_Tiled(len(tiled), [nodes[i] for i in sorted(members)], rows, rank, tile_rows, tiled_inputs, outs,
+                            sources, column_inputs))
     return tiled
+
+
+def _pull_gradients(members: list[int], nodes: list[Node], values: dict[str, Value], producer: dict[str, int],
+                    users: dict[str, list[int]], outputs: set[str], rank: int, rows: int) -> tuple[set[int], list[Value]]:
+    """Weight gradients a group of [units, fan_in] rows reads, computed inside its Scan instead of
+    whole: ``dW = dz^T x`` becomes, per tile of units, ``dz[:, tile]^T x``, so no step holds a
+    full-size gradient. Where dz is itself an elementwise product of [R, units] values and
+    per-row or scalar factors (the local rule's ``(2 dlogit) y``), read only by that product and
+    by column sums (the bias gradient), it is made per tile too, and so are the sums: then
+    neither dz nor dW exists at full size. Returns the indices of the nodes to compute in the
+    Scan and the [R, units] values it cuts into column tiles."""
+    if rank != 2:
+        return set(), []
+    member_set, pulled, columns = set(members), set(), {}
+    for i in members:
+        for name in nodes[i].inputs:
+            m = producer.get(name)
+            if m is None or m in member_set or m in pulled or name in outputs:
+                continue
+            node = nodes[m]
+            if node.op != "matmul" or not node.attrs.get("trans_a") or node.attrs.get("trans_b") \
+                    or node.output.shape[0] != rows or not all(u in member_set for u in users.get(name, [])):
+                continue
+            dz, x = (values[n] for n in node.inputs)
+            if dz.name in outputs or x.name == dz.name:
+                continue
+            pulled.add(m)
+            e = producer.get(dz.name)
+            sums = [u for u in users.get(dz.name, []) if u != m]
+            make_dz = (e is not None and nodes[e].op in _ELEMENTWISE and all(
+                nodes[u].op == "reduce_sum" and tuple(nodes[u].attrs.get("axes", ())) == (0,)
+                and not nodes[u].attrs.get("keepdims") for u in sums)
+                and all(_column_tileable(values[n], dz.shape) for n in nodes[e].inputs))
+            if not make_dz:
+                columns[dz.name] = dz
+                continue
+            pulled |= {e, *sums}
+            for n in nodes[e].inputs:
+                if values[n].shape == dz.shape:
+                    columns[n] = values[n]
+    return pulled, list(columns.values())
+
+
+def _column_tileable(v: Value, space: tuple) -> bool:
+    """Whether a Scan over column tiles of [R, units] can read ``v``: the whole space (cut), or
+    a value constant along the units (read whole from the outer scope)."""
+    return tuple(v.shape) == tuple(space) or (len(v.shape) == 2 and v.shape[1] == 1) or _numel(v.shape) == 1
 
 
 SMALL_BYTES = 64 << 10  # nodes that allocate at most this much (net of what they free) run early
@@ -417,10 +569,13 @@ def _emit_tiled(g: _Graph, group: _Tiled, direct: set[str] = frozenset()) -> dic
     local = {n.output.name for n in group.nodes}
 
     def inner(name: str) -> str:
-        return f"{name}/{tag}" if name in local or name in {v.name for v in group.tiled_inputs} else name
+        cut = {v.name for v in group.tiled_inputs} | {v.name for v in group.column_inputs}
+        return f"{name}/{tag}" if name in local or name in cut else name
+
+    columns = {v.name for v in group.column_inputs}
 
     def tile_shape(v: Value):
-        return [group.tile_rows, *v.shape[1:]]
+        return [v.shape[0], group.tile_rows] if v.name in columns else [group.tile_rows, *v.shape[1:]]
 
     body = _Graph()
     for n in group.nodes:
@@ -428,16 +583,21 @@ def _emit_tiled(g: _Graph, group: _Tiled, direct: set[str] = frozenset()) -> dic
                                          output=dataclasses.replace(n.output, name=inner(n.output.name))))
     body_graph = helper.make_graph(
         body.nodes, f"{tag}_body",
-        [helper.make_tensor_value_info(inner(v.name), _TYPES[v.dtype], tile_shape(v)) for v in group.tiled_inputs],
+        [helper.make_tensor_value_info(inner(v.name), _TYPES[v.dtype], tile_shape(v))
+         for v in [*group.tiled_inputs, *group.column_inputs]],
         [helper.make_tensor_value_info(inner(v.name), _TYPES[v.dtype], tile_shape(v)) for v in group.outputs],
         initializer=body.initializers)
     scan_inputs = []
     for v in group.tiled_inputs:
         shape = g.const(f"{v.name}/{tag}/tiles_shape", np.array([tiles, group.tile_rows, *v.shape[1:]], np.int64))
         scan_inputs.append(g.node("Reshape", [group.sources.get(v.name, v.name), shape], f"{v.name}/{tag}/tiles"))
+    for v in group.column_inputs:  # [R, units] as [R, tiles, tile_rows], scanned along axis 1
+        shape = g.const(f"{v.name}/{tag}/column_tiles_shape", np.array([v.shape[0], tiles, group.tile_rows], np.int64))
+        scan_inputs.append(g.node("Reshape", [v.name, shape], f"{v.name}/{tag}/column_tiles"))
     scan_outputs = [v.name if v.name in direct else f"{v.name}/{tag}/tiles" for v in group.outputs]
+    axes = {"scan_input_axes": [0] * len(group.tiled_inputs) + [1] * len(group.column_inputs)} if group.column_inputs else {}
     g.nodes.append(helper.make_node("Scan", scan_inputs, scan_outputs, name=tag, body=body_graph,
-                                    num_scan_inputs=len(scan_inputs)))
+                                    num_scan_inputs=len(scan_inputs), **axes))
     for v, tiled in zip(group.outputs, scan_outputs):
         if v.name not in direct:
             g.node("Reshape", [tiled, g.const(f"{v.name}/{tag}/shape", np.array(v.shape, np.int64))], v.name)
@@ -461,6 +621,8 @@ def to_onnx(program: Program, doc: str = "", *, fuse: bool = True, tiled_outputs
     output_names = {v.name for v in program.outputs}
     nodes = _drop_output_copies(program, list(program.nodes))
     nodes = _peephole(nodes, program.inputs, output_names, weights_first)
+    if fuse:
+        nodes = _fewer_full_size(nodes, output_names)
     g = _Graph()
     for n in nodes:
         if n.op == "constant":
@@ -485,7 +647,10 @@ def to_onnx(program: Program, doc: str = "", *, fuse: bool = True, tiled_outputs
 
     graph = helper.make_graph(g.nodes, program.name, [info(v) for v in program.inputs],
                               [info(v) for v in program.outputs], initializer=g.initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+    graph.value_info.extend(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+                            for name, shape in g.fused_shapes.items() if name not in {v.name for v in program.outputs})
+    opsets = [helper.make_opsetid("", OPSET)] + ([helper.make_opsetid(CONTRIB, 1)] if g.fused_shapes else [])
+    model = helper.make_model(graph, opset_imports=opsets,
                               producer_name="ffcompile", doc_string=doc)
     if tiled_shapes:
         import json
@@ -494,3 +659,12 @@ def to_onnx(program: Program, doc: str = "", *, fuse: bool = True, tiled_outputs
     model.ir_version = 9  # readable by onnxruntime >= 1.16 and TVM's importer
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+def shipped_onnx(program: Program, doc: str = "") -> onnx.ModelProto:
+    """The ONNX a bundle ships for ``program``: tiled, and a training program's updated parameters
+    and optimizer state leave in the Scan's layout (``OrtProgram`` returns them in the program's
+    shapes), so no step holds a full-size copy of an updated tensor beside it. Inference programs
+    keep their plain output shapes: reduced-precision builds quantize them as they are."""
+    trains = any(v.name.startswith("new.") for v in program.outputs)
+    return to_onnx(program, doc, tiled_outputs=trains)

@@ -194,7 +194,7 @@ def _posneg_pass(b: Builder, model: Model, params: dict[str, Value], rows: Value
     for i, xin, z, y in run_layers(b, rows, params, model, "posneg", layers):
         name = model.layers[i].name
         with b.scope(f"posneg/{name}"):
-            rule = local_gradient(b, xin, z, y, model, i, batch, norm=norm)
+            rule = local_gradient(b, xin, z, y, model, i, batch, norm=norm, y_is_relu=True)
             if model.regularizers.peer_norm is not None or i in readout_layers:
                 positive_activities[i] = b.slice(y, 0, 0, batch)
             if model.regularizers.peer_norm is not None:

@@ -94,7 +94,7 @@ def _train(b: Builder, model: Model, batch: int, phase: str) -> None:
         for i, xin, z, act in run_layers(b, rows, params, model, phase):
             name = model.layers[i].name
             with b.scope(f"{phase}/{name}"):
-                rule = local_gradient(b, xin, z, act, model, i, batch, phase)
+                rule = local_gradient(b, xin, z, act, model, i, batch, phase, y_is_relu=True)
             grads[f"{name}.weight"], grads[f"{name}.bias"] = rule.weight, rule.bias
             metrics[f"loss.{name}"] = rule.loss
             if rule.goodness_pos is not None:

@@ -208,7 +208,8 @@ def test_rewrites_keep_results(fuse, monkeypatch):
     bodies = [n for node in model.graph.node for a in node.attribute if a.type == onnx.AttributeProto.GRAPH for n in a.g.node]
     # copies remain only for the input-as-output and the second name of m_new (maybe inside the Scan)
     assert ops.count("Identity") + [n.op_type for n in bodies].count("Identity") == 2
-    assert any(n.op_type == "Gemm" and len(n.input) == 3 for n in model.graph.node)  # bias folded in as C
+    # bias folded in as C (with the ReLU after it too, when fused)
+    assert any(n.op_type in ("Gemm", "FusedGemm") and len(n.input) == 3 for n in model.graph.node)
     if fuse:
         scans = [n for n in model.graph.node if n.op_type == "Scan"]
         assert len(scans) == 1
@@ -299,3 +300,51 @@ def test_tiling_two_interleaved_recurrent_chains(monkeypatch):
     feeds = {k: _uniform(rng, s) for k, s in (("a", (rows, cols)), ("c", (rows, cols)), ("w", (cols, cols)), ("v", (cols, cols)))}
     model = _check(b.build(), feeds, fuse=True)
     assert any(n.op_type == "Scan" for n in model.graph.node)  # still tiled where it is safe
+
+
+def test_shipped_train_step_leaves_updates_in_tile_layout(monkeypatch):
+    """The ONNX a bundle ships for a train step writes each updated parameter and optimizer slot
+    straight from the tiled chain (no full-size copy into the program's shape first), computes
+    each weight gradient tile by tile inside that chain, and never stores a layer's
+    pre-activation or squared activities; OrtProgram returns the outputs in the program's
+    shapes, equal to the plain graph's up to fp32 rounding (the per-tile products and one-pass
+    sums of squares round differently)."""
+    import json
+    from pathlib import Path
+
+    from ffcompile.core.spec import load_model
+    from ffcompile.lowering import build_program, init_state
+
+    monkeypatch.setattr(onnx_backend, "FUSE_MIN_ELEMS", 4096)
+    monkeypatch.setattr(onnx_backend, "TILE_ELEMS", 2048)
+    model = load_model(Path(__file__).parents[1] / "bundle" / "tiny.toml")
+    program = build_program(model, "train_step", 20)
+    shipped = onnx_backend.shipped_onnx(program)
+    tiled = json.loads({p.key: p.value for p in shipped.metadata_props}[onnx_backend.TILED_SHAPES_KEY])
+    assert {"new.h1.weight", "new.h1.weight.m", "new.h1.weight.v"} <= set(tiled)  # h2 is below FUSE_MIN_ELEMS
+    params, state = init_state(model, 0)
+    rng = np.random.default_rng(0)
+    feeds = {**params, **state, "x": rng.random((20, 784), dtype=np.float32),
+             "y": rng.integers(0, 10, 20), "u": rng.random(20, dtype=np.float32), "lr": np.float32(1e-3),
+             "step": np.float32(1)}
+    ops = [n.op_type for n in shipped.graph.node]
+    assert "FusedGemm" in ops and "ReduceSumSquare" in ops
+    scans = [n for n in shipped.graph.node if n.op_type == "Scan"]
+    pulled = [n for n in scans if any(a.name == "scan_input_axes" and 1 in a.ints for a in n.attribute)]
+    assert pulled and all(any(m.op_type == "Gemm" for m in n.attribute[0].g.node) for n in pulled)
+    gradient = next(n for n in program.nodes if n.op == "matmul" and n.output.shape == (32, 784))
+    assert gradient.output.name not in {o for n in shipped.graph.node for o in n.output}  # never whole
+    shipped_out = OrtProgram(shipped.SerializeToString(), threads=1).run(feeds)
+    plain_out = OrtProgram(to_onnx(program, fuse=False).SerializeToString(), threads=1).run(feeds)
+    assert_outputs_match(shipped_out, plain_out, atol=1e-6, rtol=1e-5)
+
+
+def test_shipped_inference_program_keeps_plain_output_shapes():
+    from pathlib import Path
+
+    from ffcompile.core.spec import load_model
+    from ffcompile.lowering import build_program
+
+    model = load_model(Path(__file__).parents[1] / "bundle" / "tiny.toml")
+    shipped = onnx_backend.shipped_onnx(build_program(model, "infer_goodness", 50))
+    assert onnx_backend.TILED_SHAPES_KEY not in {p.key for p in shipped.metadata_props}

@@ -90,6 +90,32 @@ def test_goodness_and_loss_by_hand(kind, want_loss, want_g):
     np.testing.assert_allclose(out["bias"], d_pos * 2 * y[0] + d_neg * 2 * y[1], rtol=1e-6, atol=1e-7)
 
 
+
+@pytest.mark.parametrize("kind", ["ssq", "neg_ssq"])
+def test_rule_for_relu_activities_drops_the_step_with_the_same_bits(kind):
+    """With y = relu(z), the rule computes dz as (2 dlogit) y instead of dlogit (2 y) step(z):
+    the same bits, zeros and signed zeros included, in fewer full-size passes."""
+    model = Model(name="m", input=SMALL.input, layers=(DenseLayer("h1", 64),), goodness=Goodness(kind=kind, threshold_per_unit=1.0))
+    rng = np.random.default_rng(3)
+    z = rng.normal(size=(2 * 8, 64)).astype(np.float32)
+    z[0, :4] = [0.0, -0.0, 1e-40, -1e-40]
+    x = rng.normal(size=(2 * 8, 16)).astype(np.float32)
+
+    def build(y_is_relu):
+        def build_rule(b):
+            xv, zv = b.input("x", x.shape), b.input("z", z.shape)
+            rule = local_gradient(b, xv, zv, b.relu(zv), model, 0, batch=8, y_is_relu=y_is_relu)
+            b.output("dz", rule.dz)
+            b.output("weight", rule.weight)
+            b.output("bias", rule.bias)
+        return build_rule
+
+    general, short = run(build(False), {"x": x, "z": z}), run(build(True), {"x": x, "z": z})
+    for name in ("dz", "weight", "bias"):
+        np.testing.assert_array_equal(np.signbit(short[name]), np.signbit(general[name]), err_msg=name)
+        np.testing.assert_array_equal(short[name], general[name], err_msg=name)
+
+
 def sample(probs, labels, u, min_prob=1e-6):
     n, c = probs.shape
 
