@@ -506,13 +506,30 @@ def onnx_liveness(model) -> dict:
         return names
 
     def body_bytes(node):
+        """The peak of a Scan body's own values while it runs one tile: its inputs (the tile's
+        slices) and node outputs, each live until its last use in the body (its outputs: until
+        the end). Values without a known shape count as the largest known one."""
         total = 0
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
                 body = attr.g
                 known = {vi.name: size_of(vi) for vi in [*body.input, *body.output, *body.value_info]}
                 tile = max(known.values()) if known else 0
-                total += sum(known.get(o, tile) for n in body.node for o in n.output)
+                done = {o.name for o in body.output}
+                last_use: dict[str, int] = {}
+                for pos, n in enumerate(body.node):
+                    for x in n.input:
+                        last_use[x] = pos
+                live = {i.name: known.get(i.name, tile) for i in body.input}
+                peak = sum(live.values())
+                for pos, n in enumerate(body.node):
+                    for o in n.output:
+                        live[o] = known.get(o, tile)
+                    peak = max(peak, sum(live.values()))
+                    for x in list(live):
+                        if x not in done and last_use.get(x, -1) <= pos:
+                            del live[x]
+                total += peak
         return total
 
     last: dict[str, int] = {}

@@ -317,6 +317,7 @@ def test_shipped_train_step_leaves_updates_in_tile_layout(monkeypatch):
 
     monkeypatch.setattr(onnx_backend, "FUSE_MIN_ELEMS", 4096)
     monkeypatch.setattr(onnx_backend, "TILE_ELEMS", 2048)
+    monkeypatch.setattr(onnx_backend, "GRADIENT_TILE_ELEMS", 8192)
     model = load_model(Path(__file__).parents[1] / "bundle" / "tiny.toml")
     program = build_program(model, "train_step", 20)
     shipped = onnx_backend.shipped_onnx(program)
