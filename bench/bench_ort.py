@@ -243,11 +243,12 @@ def state_bytes(prog) -> int:
 class Runners:
     """ORT (bound outputs / plain) and torch eager callables for one program."""
 
-    def __init__(self, prog, feeds, threads, profile_prefix=None, **emit):
-        from ffcompile.compiler.onnx_emit import to_onnx
+    def __init__(self, prog, feeds, threads, profile_prefix=None, shipped=False, **emit):
+        """``shipped``: the ONNX a bundle ships (``shipped_onnx``); else ``to_onnx(prog, **emit)``."""
+        from ffcompile.compiler.onnx_emit import shipped_onnx, to_onnx
         from ffcompile.runtime.ort import OrtProgram
         self.prog, self.feeds = prog, feeds
-        self.model_bytes = to_onnx(prog, **emit).SerializeToString()
+        self.model_bytes = (shipped_onnx(prog) if shipped else to_onnx(prog, **emit)).SerializeToString()
         self.ort = OrtProgram(self.model_bytes, threads=threads, name=prog.name, profile_prefix=profile_prefix)
         self.out = self.ort.output_buffers()
         self._torch = None

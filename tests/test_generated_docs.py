@@ -14,6 +14,7 @@ REPO = Path(__file__).parents[1]
     ["bench/results_page.py", "--check"],
     ["bench/bench_distributed.py", "--report", "docs/results/distributed.json", "--page", "docs/distributed.md", "--check"],
     ["bench/dtypes_page.py", "--check"],
+    ["bench/report_step.py", "docs/results/step.json", "--epoch", "docs/results/train-epoch.json", "--check"],
 ])
 def test_page_is_what_its_json_makes(command):
     result = subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True, text=True)
