@@ -27,6 +27,11 @@ def load_line(load: dict) -> str:
     return ", ".join(f"{x:.2f}" for x in load["loadavg_1_5_15"])
 
 
+def against_torch(row: dict) -> tuple[str, float, str, float, float]:
+    """(best compiled variant, its ms, fastest PyTorch variant, its ms, hand-written eager ms)."""
+    return (*fastest(row, COMPILED), *fastest(row, TORCH), row["variants"]["torch_hand"]["median_ms"])
+
+
 def load_verdict(d: dict) -> str:
     """Whether other processes shared the cores: the 1-minute load during a size above the run's
     own threads (plus a margin for the load average's lag)."""
@@ -77,9 +82,7 @@ def step_tables(d: dict) -> list[str]:
             "% of SGEMM peak (best compiled) | bandwidth bound | best compiled ÷ bound |",
             "|---|---|---|---|---|---|---|---|"]
     for row in d["sizes"]:
-        ck, cms = fastest(row, COMPILED)
-        tk, tms = fastest(row, TORCH)
-        hand = row["variants"]["torch_hand"]["median_ms"]
+        ck, cms, tk, tms, hand = against_torch(row)
         v = row["variants"][ck]
         out.append(f"| {row['layers']}, batch {row['batch']} | {ck} {cms:.2f} ms | {tk} {tms:.2f} ms | "
                    f"{tms / cms:.2f}x {'faster' if cms <= tms else '**slower**'} | {hand / cms:.2f}x | "
@@ -112,9 +115,7 @@ def step_tables(d: dict) -> list[str]:
 def goal_lines(d: dict) -> list[str]:
     out = []
     for row in d["sizes"]:
-        ck, cms = fastest(row, COMPILED)
-        tk, tms = fastest(row, TORCH)
-        hand = row["variants"]["torch_hand"]["median_ms"]
+        ck, cms, tk, tms, hand = against_torch(row)
         where = f"{row['layers']}, batch {row['batch']}"
         verdict = []
         verdict.append(f"never slower than the fastest PyTorch: {'yes' if cms <= tms else f'**no** ({tk} is {cms / tms:.2f}x faster)'}")
@@ -207,9 +208,7 @@ def readme_table(d: dict, command: str) -> list[str]:
            "| network, batch | best compiled | fastest PyTorch | hand-written PyTorch | compiled ÷ fastest PyTorch | % of SGEMM peak |",
            "|---|---|---|---|---|---|"]
     for row in d["sizes"]:
-        ck, cms = fastest(row, COMPILED)
-        tk, tms = fastest(row, TORCH)
-        hand = row["variants"]["torch_hand"]["median_ms"]
+        ck, cms, tk, tms, hand = against_torch(row)
         ratio = f"{tms / cms:.2f}x " + ("faster" if cms <= tms else "**slower**")
         out.append(f"| {row['model']} ({row['layers']}), {row['batch']} | {NAMES[ck]} {cms:.3g} | {NAMES[tk]} {tms:.3g} | {hand:.3g} | "
                    f"{ratio} | {row['variants'][ck]['percent_of_sgemm_peak']:.0f} % |")
