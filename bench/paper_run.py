@@ -61,6 +61,13 @@ def commit() -> dict:
     return {"sha": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 
+def built_at(work: Path) -> dict:
+    """The commit the run's bundle was built from, recorded when it was built (None for a work
+    folder without that record: the report then names the commit it was made at)."""
+    path = work / "built_at.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", type=Path, help="model spec (models/*.toml)")
@@ -87,6 +94,7 @@ def main() -> None:
                  "--no-progress"]]
     with open(args.work / "log.txt", "a") as log:
         if not (bundle / "manifest.json").exists() and not args.report_only:
+            (args.work / "built_at.json").write_text(json.dumps(commit()) + "\n")
             ffcompile(commands[0], log)
         done = json.loads((run / "metrics.json").read_text())["epochs"] if (run / "metrics.json").exists() else []
         if not done and args.report_only:
@@ -106,7 +114,8 @@ def main() -> None:
     goal, goal_source = GOALS.get(model.name, ({}, None))
     result = {
         "model": model.name, "spec": str(args.model), "spec_json": model.to_json(), "target": args.target,
-        "commit": commit(), "date": datetime.date.today().isoformat(),
+        "commit": built_at(args.work) or commit(), "commit_when": "build" if built_at(args.work) else "report",
+        "date": datetime.date.today().isoformat(),
         "commands": ["ffcompile " + shlex.join(c) for c in commands],
         "epochs": epochs, "epochs_done": len(history),
         "val_error_percent": {r: history[-1].get(f"val_error.{r}") for r in test},

@@ -82,7 +82,8 @@ def page(results: list[dict]) -> str:
     for r in results:
         hw = r["hardware"]
         lines += [f"## {r['model']}", "", f"![{r['model']} learning curve](results/{r['model']}.png)", "",
-                  f"- spec: `{r['spec']}`; commit `{r['commit']['sha'][:10]}`{' (with local changes)' if r['commit']['dirty'] else ''}; "
+                  f"- spec: `{r['spec']}`; commit `{r['commit']['sha'][:10]}`{' (with local changes)' if r['commit']['dirty'] else ''}"
+                  f"{' (when the result was reported)' if r.get('commit_when') == 'report' else ''}; "
                   f"measured {r['date']}",
                   f"- {r['epochs_done']} of {r['epochs']} epochs, {hours(r['train_seconds'])} of training on "
                   f"{hw['cores']} × {hw['cpu'] or hw['machine']} through the `{r['target']}` bundle",
