@@ -36,8 +36,8 @@ changing what it computes (every output still matches the torch reference to fp3
   gradient, a whole dz or a copy of an updated tensor.
 - **No full-size temporaries that a fused op avoids** (``fuse=True``): ``relu(x @ W^T + b)`` is one
   ``FusedGemm`` (onnxruntime's contrib op; the pre-activation is never stored),
-  ``reduce_sum(x * x)`` is ``ReduceSumSquare``, and the softmax readout's features are never
-  concatenated (``[f1 | f2] @ W^T`` becomes a sum of per-feature products).
+  ``reduce_sum(x * x)`` squares and sums a tile of rows at a time, and the softmax readout's
+  features are never concatenated (``[f1 | f2] @ W^T`` becomes a sum of per-feature products).
 - **Memory-aware node order.** Nodes are emitted in program order except that small nodes and
   the optimizer updates run as soon as they can, so each layer's gradient is consumed by its
   update before the next layer runs (``OrtProgram`` makes onnxruntime follow this order).
@@ -108,13 +108,39 @@ def _lower(g: _Graph, node: Node) -> None:
         g.fused_shapes[out] = list(node.output.shape)
     elif node.op == "gemm":  # emitter-internal: matmul + bias
         g.node("Gemm", ins, out, transA=int(a["trans_a"]), transB=int(a["trans_b"]))
-    elif node.op == "reduce_sum_square":  # emitter-internal: reduce_sum(x * x) without x * x
-        g.node("ReduceSumSquare", [ins[0], g.const(f"{out}/axes", np.array(a["axes"], np.int64))], out,
-               keepdims=int(a["keepdims"]))
+    elif node.op == "reduce_sum_square":  # emitter-internal: reduce_sum(x * x), see _sum_of_squares
+        _sum_of_squares(g, ins[0], tuple(a["in_shape"]), tuple(a["axes"]), bool(a["keepdims"]), node.output)
     elif node.op in PRIMITIVES and PRIMITIVES[node.op].onnx is not None:
         PRIMITIVES[node.op].onnx(g, ins, out, **a)
     else:
         raise NotImplementedError(f"ONNX emitter: no lowering for primitive {node.op!r}")
+
+
+def _sum_of_squares(g: _Graph, x: str, shape: tuple, axes: tuple, keepdims: bool, out: Value) -> None:
+    """Row sums of x * x over the last axis of a large [rows, n] x, without x * x at full size:
+    one Scan over row tiles, each tile squared and summed by the same Mul and ReduceSum as the
+    plain graph's (onnxruntime's ReduceSumSquare would save the tiles, but it accumulates in one
+    running sum and loses about an order of magnitude of precision over 2000 terms)."""
+    axes_const = g.const(f"{out.name}/axes", np.array([1], np.int64))
+    rows = shape[0]
+    tile = _tile_rows(rows, _numel(shape[1:]), TILE_ELEMS) if len(shape) == 2 and axes in ((1,), (-1,)) else rows
+    if tile == rows or _numel(shape) < FUSE_MIN_ELEMS:
+        square = g.node("Mul", [x, x], f"{out.name}/square")
+        g.node("ReduceSum", [square, g.const(f"{out.name}/all_axes", np.array(axes, np.int64))], out.name,
+               keepdims=int(keepdims))
+        return
+    tag = f"{out.name}/tiled"
+    body = _Graph()
+    square = body.node("Mul", [f"{tag}/x", f"{tag}/x"], f"{tag}/square")
+    body.node("ReduceSum", [square, axes_const], f"{tag}/sum", keepdims=int(keepdims))
+    tile_out = [tile, 1] if keepdims else [tile]
+    body_graph = helper.make_graph(body.nodes, f"{tag}_body",
+                                   [helper.make_tensor_value_info(f"{tag}/x", TensorProto.FLOAT, [tile, shape[1]])],
+                                   [helper.make_tensor_value_info(f"{tag}/sum", TensorProto.FLOAT, tile_out)])
+    tiles = g.node("Reshape", [x, g.const(f"{tag}/tiles_shape", np.array([rows // tile, tile, shape[1]], np.int64))],
+                   f"{tag}/tiles")
+    g.nodes.append(helper.make_node("Scan", [tiles], [f"{tag}/sums"], name=tag, body=body_graph, num_scan_inputs=1))
+    g.node("Reshape", [f"{tag}/sums", g.const(f"{tag}/shape", np.array(out.shape, np.int64))], out.name)
 
 
 # -- rewrites on the program's node list ------------------------------------------------------
@@ -197,9 +223,10 @@ def _peephole(nodes: list[Node], inputs: list[Value], outputs: set[str], weights
 
 def _fewer_full_size(nodes: list[Node], outputs: set[str]) -> list[Node]:
     """Rewrites that keep full-size temporaries from existing at all (the step's working memory):
-    ``relu(x @ W^T + b)`` as one FusedGemm (the pre-activation never stored), and
-    ``reduce_sum(x * x)`` as ReduceSumSquare (the squares never stored; a length normalization
-    and the goodness of the same activities each read them once)."""
+    ``relu(x @ W^T + b)`` as one FusedGemm (the pre-activation never stored), ``reduce_sum(x * x)``
+    squared and summed tile by tile (the squares never stored whole; a length normalization and
+    the goodness of the same activities each read x once), and the softmax readout's features
+    never concatenated."""
     producers = {n.output.name: n for n in nodes}
     users = _consumers(nodes)
     replaced: dict[str, Node] = {}
@@ -214,7 +241,8 @@ def _fewer_full_size(nodes: list[Node], outputs: set[str]) -> list[Node]:
             dropped.add(src.output.name)
         elif n.op == "reduce_sum" and src.op == "mul" and src.inputs[0] == src.inputs[1] and all(
                 nodes[u].op == "reduce_sum" for u in users[src.output.name]):
-            replaced[n.output.name] = dataclasses.replace(n, op="reduce_sum_square", inputs=(src.inputs[0],))
+            replaced[n.output.name] = dataclasses.replace(n, op="reduce_sum_square", inputs=(src.inputs[0],),
+                                                          attrs={**n.attrs, "in_shape": src.output.shape})
             dropped.add(src.output.name)
     nodes = [replaced.get(n.output.name, n) for n in nodes if n.output.name not in dropped]
     return _split_concatenated_features(nodes, outputs)
