@@ -57,8 +57,8 @@ from ffcompile.reference.hand_step import hand_step  # noqa: E402
 
 log = B.log
 MiB = 1 << 20
-# The hand-written PyTorch step implements Adam: the 4x2000 net is timed with mnist-supervised-adam.toml
-# (the paper network; Adam moves more optimizer state per step than the recipe's SGD). Working
+# The 4x2000 rows time the paper network with Adam (mnist-supervised-adam.toml): it moves twice the
+# optimizer state of the recipe's SGD per step, the harder case for a compiled update. Working
 # memory is measured on mnist-supervised.toml itself.
 MODELS = {"4x2000": REPO / "models" / "mnist-supervised-adam.toml", "2x500": REPO / "models" / "mnist-small.toml"}
 MEMORY_MODEL = REPO / "models" / "mnist-supervised.toml"

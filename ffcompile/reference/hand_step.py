@@ -1,12 +1,15 @@
 """The FF train step written by hand in PyTorch, the way a user who knows the math writes it: a
-few ``addmm``s per layer, the local gradients in closed form, Adam as ``torch._foreach_*`` over the
-parameter list (torch.optim's foreach path), parameters and optimizer state updated in place.
+few ``addmm``s per layer, the local gradients in closed form, the optimizer as ``torch._foreach_*``
+over the parameter list (torch.optim's foreach path), parameters and optimizer state updated in
+place.
 
 Same math as the lowered ``train_step`` of a supervised dense model with rms normalization,
 sum-of-squares goodness, hard negative labels from a neutral-label softmax pass, peer
-normalization and Adam with coupled weight decay: the neutral pass, the softmax readout's
-gradient, the sampling of wrong labels, positive and negative rows through every layer and each
-layer's own gradient. It leaves out the metrics the lowered step also returns (losses, goodness).
+normalization (either form) and either Adam with coupled weight decay or SGD with momentum and
+dampening, weight decay coupled or decoupled, per-group learning rates and decay (Hinton's
+recipe): the neutral pass, the softmax readout's gradient, the sampling of wrong labels, positive
+and negative rows through every layer and each layer's own gradient. It leaves out the metrics the
+lowered step also returns (losses, goodness).
 """
 
 from __future__ import annotations
@@ -16,20 +19,21 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..lowering.optimizers import group_settings
+
 
 def supported(model) -> str | None:
     """None if ``hand_step`` covers ``model``, else what it lacks."""
     checks = {"normalization.kind": (model.normalization.kind, "rms"), "goodness.kind": (model.goodness.kind, "ssq"),
-              "negatives.kind": (model.negatives.kind, "hard_label"), "optimizer.kind": (model.optimizer.kind, "adam"),
+              "negatives.kind": (model.negatives.kind, "hard_label"),
               "input.label.kind": (model.input.label.kind, "first_pixels")}
     bad = [f"{k} = {got!r} (needs {want!r})" for k, (got, want) in checks.items() if got != want]
     if model.recurrent is not None or any(layer.kind != "dense" for layer in model.layers):
         bad.append("dense feed-forward layers only")
-    peer = model.regularizers.peer_norm
-    if getattr(model.regularizers, "decoupled_weight_decay", False) or getattr(model.optimizer, "groups", ()):
-        bad.append("coupled weight decay, one optimizer group")
-    if peer is not None and getattr(peer, "form", "loss") != "loss":
-        bad.append("peer normalization as a loss")
+    if model.optimizer.kind == "adam" and (model.regularizers.decoupled_weight_decay or model.optimizer.groups):
+        bad.append("Adam with coupled weight decay and one optimizer group")
+    elif model.optimizer.kind == "sgd" and model.optimizer.momentum == 0:
+        bad.append("SGD with momentum")
     return "; ".join(bad) or None
 
 
@@ -65,6 +69,23 @@ def hand_step(model):
         torch._foreach_add_(denom, opt.eps)
         torch._foreach_addcdiv_(p, m, denom, value=-lr / correction1)
 
+    groups = {}  # (lr factor, weight decay) -> parameter names, as the lowering groups them
+    for name in [f"{n}.{part}" for n in [*names, "softmax"] for part in ("weight", "bias")]:
+        groups.setdefault(group_settings(model, name), []).append(name)
+
+    def sgd(P, S, grads, lr):
+        for (factor, decay), keys in groups.items():
+            p, g = [P[k] for k in keys], [grads[k] for k in keys]
+            if decay and not model.regularizers.decoupled_weight_decay:
+                torch._foreach_add_(g, p, alpha=decay)
+            velocity = [S[f"{k}.velocity"] for k in keys]
+            torch._foreach_mul_(velocity, opt.momentum)
+            torch._foreach_add_(velocity, g, alpha=1 - opt.dampening)
+            direction = velocity
+            if decay and model.regularizers.decoupled_weight_decay:
+                direction = torch._foreach_add(velocity, p, alpha=decay)
+            torch._foreach_add_(p, direction, alpha=-lr * factor)
+
     def step_fn(P, S, x, y, u, lr: float, step: float):
         batch = x.shape[0]
         onehot = F.one_hot(y, classes).to(x.dtype)
@@ -94,12 +115,17 @@ def hand_step(model):
             dz = a * dgoodness[:, None]
             if peer is not None:
                 mean = peer.momentum * S[f"{name}.peer_mean"] + (1 - peer.momentum) * a[:batch].mean(0)
-                dz[:batch] += (mean - mean.mean()) * (2 * peer.weight * (1 - peer.momentum) / (widths[i] * batch))
+                pull = peer.weight / batch if peer.form == "direct" else \
+                    2 * peer.weight * (1 - peer.momentum) / (widths[i] * batch)
+                dz[:batch] += (mean - mean.mean()) * pull
                 S[f"{name}.peer_mean"].copy_(mean)
             grads[f"{name}.weight"] = dz.t() @ rows
             grads[f"{name}.bias"] = dz.sum(0)
             rows = norm(a)
-        adam(P, S, grads, lr, step)
+        if opt.kind == "adam":
+            adam(P, S, grads, lr, step)
+        else:
+            sgd(P, S, grads, lr)
         return negative
 
     return step_fn
