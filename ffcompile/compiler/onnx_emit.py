@@ -33,9 +33,11 @@ changing what it computes (every output still matches the torch reference to fp3
 - **Weight gradients tile by tile.** A chain over a weight's [units, fan_in] rows (its optimizer
   update) computes the weight gradient ``dz^T x`` itself, one tile of units per Scan step, and
   with it the local rule's dz and the bias gradient's column sums: no step holds a whole
-  gradient, a whole dz or a copy of an updated tensor.
+  gradient, a whole dz or a copy of an updated tensor. The per-tile products round like any
+  other GEMM blocking: equal to the plain graph's to fp32 rounding, not bitwise.
 - **No full-size temporaries that a fused op avoids** (``fuse=True``): ``relu(x @ W^T + b)`` is one
-  ``FusedGemm`` (onnxruntime's contrib op; the pre-activation is never stored),
+  ``FusedGemm`` (onnxruntime's contrib op; the pre-activation is never stored, whatever graph
+  optimization level the session runs at, and the emitted node order stays the one planned),
   ``reduce_sum(x * x)`` squares and sums a tile of rows at a time, and the softmax readout's
   features are never concatenated (``[f1 | f2] @ W^T`` becomes a sum of per-feature products).
 - **Memory-aware node order.** Nodes are emitted in program order except that small nodes and
@@ -55,7 +57,8 @@ from ..core.primitives import PRIMITIVES
 from ..core.program import Node, Program, Value
 
 OPSET = 18
-CONTRIB = "com.microsoft"  # onnxruntime's contrib ops (FusedGemm), in every onnxruntime build
+CONTRIB = "com.microsoft"  # onnxruntime's contrib ops (FusedGemm): in its released packages, not in
+                           # builds made with --disable_contrib_ops or minimal builds
 _TYPES = {"float32": TensorProto.FLOAT, "int64": TensorProto.INT64, "bool": TensorProto.BOOL}
 # Primitives computed independently per element (with numpy broadcasting): safe to tile.
 _ELEMENTWISE = frozenset(p.name for p in PRIMITIVES.values() if p.elementwise)
@@ -121,10 +124,9 @@ def _sum_of_squares(g: _Graph, x: str, shape: tuple, axes: tuple, keepdims: bool
     one Scan over row tiles, each tile squared and summed by the same Mul and ReduceSum as the
     plain graph's (onnxruntime's ReduceSumSquare would save the tiles, but it accumulates in one
     running sum and loses about an order of magnitude of precision over 2000 terms)."""
-    axes_const = g.const(f"{out.name}/axes", np.array([1], np.int64))
-    rows = shape[0]
-    tile = _tile_rows(rows, _numel(shape[1:]), TILE_ELEMS) if len(shape) == 2 and axes in ((1,), (-1,)) else rows
-    if tile == rows or _numel(shape) < FUSE_MIN_ELEMS:
+    rows, row_elems = shape[0], _numel(shape[1:])
+    tile = _tile_rows(rows, row_elems, TILE_ELEMS) if len(shape) == 2 and axes in ((1,), (-1,)) else rows
+    if tile == rows or _numel(shape) < FUSE_MIN_ELEMS or tile * row_elems * 8 < TILE_ELEMS:  # (thin: see _find_tiled_groups)
         square = g.node("Mul", [x, x], f"{out.name}/square")
         g.node("ReduceSum", [square, g.const(f"{out.name}/all_axes", np.array(axes, np.int64))], out.name,
                keepdims=int(keepdims))
@@ -132,11 +134,13 @@ def _sum_of_squares(g: _Graph, x: str, shape: tuple, axes: tuple, keepdims: bool
     tag = f"{out.name}/tiled"
     body = _Graph()
     square = body.node("Mul", [f"{tag}/x", f"{tag}/x"], f"{tag}/square")
-    body.node("ReduceSum", [square, axes_const], f"{tag}/sum", keepdims=int(keepdims))
+    body.node("ReduceSum", [square, body.const(f"{tag}/axes", np.array([1], np.int64))], f"{tag}/sum",
+              keepdims=int(keepdims))
     tile_out = [tile, 1] if keepdims else [tile]
     body_graph = helper.make_graph(body.nodes, f"{tag}_body",
                                    [helper.make_tensor_value_info(f"{tag}/x", TensorProto.FLOAT, [tile, shape[1]])],
-                                   [helper.make_tensor_value_info(f"{tag}/sum", TensorProto.FLOAT, tile_out)])
+                                   [helper.make_tensor_value_info(f"{tag}/sum", TensorProto.FLOAT, tile_out)],
+                                   initializer=body.initializers)
     tiles = g.node("Reshape", [x, g.const(f"{tag}/tiles_shape", np.array([rows // tile, tile, shape[1]], np.int64))],
                    f"{tag}/tiles")
     g.nodes.append(helper.make_node("Scan", [tiles], [f"{tag}/sums"], name=tag, body=body_graph, num_scan_inputs=1))
@@ -221,7 +225,7 @@ def _peephole(nodes: list[Node], inputs: list[Value], outputs: set[str], weights
     return out
 
 
-def _fewer_full_size(nodes: list[Node], outputs: set[str]) -> list[Node]:
+def _fewer_full_size(nodes: list[Node], inputs: list[Value], outputs: set[str]) -> list[Node]:
     """Rewrites that keep full-size temporaries from existing at all (the step's working memory):
     ``relu(x @ W^T + b)`` as one FusedGemm (the pre-activation never stored), ``reduce_sum(x * x)``
     squared and summed tile by tile (the squares never stored whole; a length normalization and
@@ -245,15 +249,16 @@ def _fewer_full_size(nodes: list[Node], outputs: set[str]) -> list[Node]:
                                                           attrs={**n.attrs, "in_shape": src.output.shape})
             dropped.add(src.output.name)
     nodes = [replaced.get(n.output.name, n) for n in nodes if n.output.name not in dropped]
-    return _split_concatenated_features(nodes, outputs)
+    return _split_concatenated_features(nodes, inputs, outputs)
 
 
-def _split_concatenated_features(nodes: list[Node], outputs: set[str]) -> list[Node]:
+def _split_concatenated_features(nodes: list[Node], inputs: list[Value], outputs: set[str]) -> list[Node]:
     """A concatenation [f1 | f2 | ...] (the softmax readout's features) read only by products
     with it - ``[f1 | f2] @ W^T (+ b)`` and ``d^T [f1 | f2]`` - is never built: the first becomes
     ``f1 @ W[:, block 1]^T + f2 @ W[:, block 2]^T (+ b)``, the second ``[d^T f1 | d^T f2]``, whose
     blocks are small. Saves a copy of every feature at full size."""
     users = _consumers(nodes)
+    shapes = {v.name: v.shape for v in inputs} | {n.output.name: n.output.shape for n in nodes}
     out: list[Node] = []
     split: dict[str, Node] = {}
     for n in nodes:
@@ -270,7 +275,7 @@ def _split_concatenated_features(nodes: list[Node], outputs: set[str]) -> list[N
         if c is None:
             out.append(n)
             continue
-        widths = [(name, w) for name, w in zip(c.inputs, _widths(c, nodes))]
+        widths = [(f, shapes[f][1]) for f in c.inputs]
         name = n.output.name
         if n.attrs["trans_a"]:  # d^T [f1 | f2]: one [rows, width] block per feature
             d = n.inputs[0]
@@ -303,14 +308,9 @@ def _split_concatenated_features(nodes: list[Node], outputs: set[str]) -> list[N
 def _reads_features(n: Node, concat: str) -> bool:
     if n.op not in ("matmul", "gemm") or n.attrs.get("weights_first") or n.attrs.get("relu"):
         return False
-    if n.attrs["trans_a"]:  # d^T F
-        return n.inputs[1] == concat and n.inputs[0] != concat and not n.attrs["trans_b"]
-    return n.inputs[0] == concat and n.inputs[1] != concat and n.attrs["trans_b"]  # F W^T
-
-
-def _widths(concat: Node, nodes: list[Node]) -> list[int]:
-    shapes = {n.output.name: n.output.shape for n in nodes}
-    return [shapes[x][1] for x in concat.inputs]
+    if n.attrs["trans_a"]:  # d^T F (a plain matmul: the split has no bias to add)
+        return n.op == "matmul" and n.inputs[1] == concat and n.inputs[0] != concat and not n.attrs["trans_b"]
+    return n.inputs[0] == concat and n.inputs[1] != concat and n.attrs["trans_b"]  # F W^T (+ b)
 
 
 SKINNY_MIN_ROWS = 2       # (one row: onnxruntime's matrix-vector path is faster as is)
@@ -373,6 +373,7 @@ class _Tiled:
     # two that onnxruntime would fuse into a new node, which its priority order runs last)
     column_inputs: list[Value] = dataclasses.field(default_factory=list)  # [R, rows] values cut
     # into column tiles [R, tile_rows], read by a weight gradient computed tile by tile (_pull_gradients)
+    gradient_tiles: set[str] = dataclasses.field(default_factory=set)  # those gradients' matmuls
 
     def reads(self) -> set[str]:
         local = {n.output.name for n in self.nodes}
@@ -457,11 +458,12 @@ def _find_tiled_groups(nodes: list[Node], program_inputs: dict[str, Value], outp
         groups.setdefault(find(g), []).append(i)
 
     tiled = []
+    grouped = {i for members in groups.values() if len(members) >= 2 for i in members}
     for members in groups.values():
         if len(members) < 2:
             continue  # one op over a whole tensor gains nothing from tiling
         rank, rows = group_key[find(group_of[members[0]])]
-        pulled, column_inputs = _pull_gradients(members, nodes, values, producer, users, outputs, rank, rows)
+        pulled, column_inputs = _pull_gradients(members, nodes, values, producer, users, outputs, rank, rows, grouped)
         members = sorted(set(members) | pulled)
         member_set = set(members)
         tiled_inputs, seen = [], {v.name for v in column_inputs}
@@ -477,6 +479,8 @@ def _find_tiled_groups(nodes: list[Node], program_inputs: dict[str, Value], outp
             continue
         outs = [nodes[i].output for i in members
                 if nodes[i].output.name in outputs or any(u not in member_set for u in users.get(nodes[i].output.name, []))]
+        # (the tile size counts a tile's [rows, ...] values only, not the [R, tile_rows] column
+        # tiles a pulled gradient reads: GRADIENT_TILE_ELEMS was measured with them included)
         row_elems = max(_numel(nodes[i].output.shape[1:]) for i in members)
         tile_rows = _tile_rows(rows, row_elems, GRADIENT_TILE_ELEMS if pulled else TILE_ELEMS)
         if tile_rows == rows or tile_rows * row_elems * 8 < TILE_ELEMS:
@@ -488,19 +492,22 @@ def _find_tiled_groups(nodes: list[Node], program_inputs: dict[str, Value], outp
                     u in member_set for u in users.get(v.name, [])):
                 sources[v.name] = nodes[j].inputs[0]
         tiled.append(_Tiled(len(tiled), [nodes[i] for i in sorted(members)], rows, rank, tile_rows, tiled_inputs, outs,
-                            sources, column_inputs))
+                            sources, column_inputs, {nodes[i].output.name for i in pulled if nodes[i].op == "matmul"}))
     return tiled
 
 
 def _pull_gradients(members: list[int], nodes: list[Node], values: dict[str, Value], producer: dict[str, int],
-                    users: dict[str, list[int]], outputs: set[str], rank: int, rows: int) -> tuple[set[int], list[Value]]:
+                    users: dict[str, list[int]], outputs: set[str], rank: int, rows: int,
+                    grouped: set[int]) -> tuple[set[int], list[Value]]:
     """Weight gradients a group of [units, fan_in] rows reads, computed inside its Scan instead of
     whole: ``dW = dz^T x`` becomes, per tile of units, ``dz[:, tile]^T x``, so no step holds a
     full-size gradient. Where dz is itself an elementwise product of [R, units] values and
     per-row or scalar factors (the local rule's ``(2 dlogit) y``), read only by that product and
-    by column sums (the bias gradient), it is made per tile too, and so are the sums: then
-    neither dz nor dW exists at full size. Returns the indices of the nodes to compute in the
-    Scan and the [R, units] values it cuts into column tiles."""
+    by column sums (the bias gradient), and not already part of another tiled group
+    (``grouped``), it is made per tile too, and so are the sums: then neither dz nor dW exists at
+    full size. x is read whole from the outer scope, so it must be made outside the group and
+    read by nothing else in it. Returns the indices of the nodes to compute in the Scan and the
+    [R, units] values it cuts into column tiles."""
     if rank != 2:
         return set(), []
     member_set, pulled, columns = set(members), set(), {}
@@ -514,22 +521,20 @@ def _pull_gradients(members: list[int], nodes: list[Node], values: dict[str, Val
                     or node.output.shape[0] != rows or not all(u in member_set for u in users.get(name, [])):
                 continue
             dz, x = (values[n] for n in node.inputs)
-            if dz.name in outputs or x.name == dz.name:
+            if dz.name in outputs or x.name == dz.name or any(u in member_set for u in users.get(x.name, [])) \
+                    or producer.get(x.name) in member_set | pulled or x.name in columns:
                 continue
-            pulled.add(m)
             e = producer.get(dz.name)
             sums = [u for u in users.get(dz.name, []) if u != m]
-            make_dz = (e is not None and nodes[e].op in _ELEMENTWISE and all(
+            make_dz = (e is not None and e not in grouped and nodes[e].op in _ELEMENTWISE and all(
                 nodes[u].op == "reduce_sum" and tuple(nodes[u].attrs.get("axes", ())) == (0,)
                 and not nodes[u].attrs.get("keepdims") for u in sums)
                 and all(_column_tileable(values[n], dz.shape) for n in nodes[e].inputs))
-            if not make_dz:
-                columns[dz.name] = dz
-                continue
-            pulled |= {e, *sums}
-            for n in nodes[e].inputs:
-                if values[n].shape == dz.shape:
-                    columns[n] = values[n]
+            cut = [values[n] for n in nodes[e].inputs if values[n].shape == dz.shape] if make_dz else [dz]
+            if any(u in member_set for v in cut for u in users.get(v.name, [])):
+                continue  # a member reads it whole or by rows: it cannot also come in by columns
+            pulled |= {m, e, *sums} if make_dz else {m}
+            columns.update({v.name: v for v in cut})
     return pulled, list(columns.values())
 
 
@@ -612,38 +617,45 @@ def _emit_tiled(g: _Graph, group: _Tiled, direct: set[str] = frozenset()) -> dic
     tag = f"tiled{group.index}"
     local = {n.output.name for n in group.nodes}
 
+    cut = {v.name for v in group.tiled_inputs} | {v.name for v in group.column_inputs}
+
     def inner(name: str) -> str:
-        cut = {v.name for v in group.tiled_inputs} | {v.name for v in group.column_inputs}
         return f"{name}/{tag}" if name in local or name in cut else name
 
-    columns = {v.name for v in group.column_inputs}
-
     def tile_shape(v: Value):
-        return [v.shape[0], group.tile_rows] if v.name in columns else [group.tile_rows, *v.shape[1:]]
+        return [group.tile_rows, *v.shape[1:]]
 
     body = _Graph()
+    if group.column_inputs:
+        # Column tiles are sliced from the outer-scope value inside the body: a Scan input
+        # scanned along axis 1 would make onnxruntime transpose the whole value first.
+        start = f"{tag}/column_start"
+        stop = body.node("Add", [start, body.const(f"{tag}/column_width", np.array([group.tile_rows], np.int64))],
+                         f"{tag}/column_stop")
+        axis = body.const(f"{tag}/column_axis", np.array([1], np.int64))
+        for v in group.column_inputs:
+            body.node("Slice", [v.name, start, stop, axis], inner(v.name))
     for n in group.nodes:
-        if n.op == "matmul" and n.inputs[0] in columns | local:
+        if n.output.name in group.gradient_tiles:
             n = dataclasses.replace(n, attrs={**n.attrs, "tile_of_gradient": True})
         _lower(body, dataclasses.replace(n, inputs=tuple(inner(x) for x in n.inputs),
                                          output=dataclasses.replace(n.output, name=inner(n.output.name))))
-    body_graph = helper.make_graph(
-        body.nodes, f"{tag}_body",
-        [helper.make_tensor_value_info(inner(v.name), _TYPES[v.dtype], tile_shape(v))
-         for v in [*group.tiled_inputs, *group.column_inputs]],
-        [helper.make_tensor_value_info(inner(v.name), _TYPES[v.dtype], tile_shape(v)) for v in group.outputs],
-        initializer=body.initializers)
+    body_inputs = [helper.make_tensor_value_info(inner(v.name), _TYPES[v.dtype], tile_shape(v)) for v in group.tiled_inputs]
     scan_inputs = []
     for v in group.tiled_inputs:
         shape = g.const(f"{v.name}/{tag}/tiles_shape", np.array([tiles, group.tile_rows, *v.shape[1:]], np.int64))
         scan_inputs.append(g.node("Reshape", [group.sources.get(v.name, v.name), shape], f"{v.name}/{tag}/tiles"))
-    for v in group.column_inputs:  # [R, units] as [R, tiles, tile_rows], scanned along axis 1
-        shape = g.const(f"{v.name}/{tag}/column_tiles_shape", np.array([v.shape[0], tiles, group.tile_rows], np.int64))
-        scan_inputs.append(g.node("Reshape", [v.name, shape], f"{v.name}/{tag}/column_tiles"))
+    if group.column_inputs:  # each step's first column: [tiles, 1], scanned to [1]
+        body_inputs.append(helper.make_tensor_value_info(f"{tag}/column_start", TensorProto.INT64, [1]))
+        scan_inputs.append(g.const(f"{tag}/column_starts",
+                                   np.arange(0, group.rows, group.tile_rows, dtype=np.int64).reshape(tiles, 1)))
+    body_graph = helper.make_graph(
+        body.nodes, f"{tag}_body", body_inputs,
+        [helper.make_tensor_value_info(inner(v.name), _TYPES[v.dtype], tile_shape(v)) for v in group.outputs],
+        initializer=body.initializers)
     scan_outputs = [v.name if v.name in direct else f"{v.name}/{tag}/tiles" for v in group.outputs]
-    axes = {"scan_input_axes": [0] * len(group.tiled_inputs) + [1] * len(group.column_inputs)} if group.column_inputs else {}
     g.nodes.append(helper.make_node("Scan", scan_inputs, scan_outputs, name=tag, body=body_graph,
-                                    num_scan_inputs=len(scan_inputs), **axes))
+                                    num_scan_inputs=len(scan_inputs)))
     for v, tiled in zip(group.outputs, scan_outputs):
         if v.name not in direct:
             g.node("Reshape", [tiled, g.const(f"{v.name}/{tag}/shape", np.array(v.shape, np.int64))], v.name)
@@ -668,7 +680,7 @@ def to_onnx(program: Program, doc: str = "", *, fuse: bool = True, tiled_outputs
     nodes = _drop_output_copies(program, list(program.nodes))
     nodes = _peephole(nodes, program.inputs, output_names, weights_first)
     if fuse:
-        nodes = _fewer_full_size(nodes, output_names)
+        nodes = _fewer_full_size(nodes, program.inputs, output_names)
     g = _Graph()
     for n in nodes:
         if n.op == "constant":

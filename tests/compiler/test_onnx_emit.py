@@ -330,8 +330,10 @@ def test_shipped_train_step_leaves_updates_in_tile_layout(monkeypatch):
     ops = [n.op_type for n in shipped.graph.node]
     assert "FusedGemm" in ops
     scans = [n for n in shipped.graph.node if n.op_type == "Scan"]
-    pulled = [n for n in scans if any(a.name == "scan_input_axes" and 1 in a.ints for a in n.attribute)]
-    assert pulled and all(any(m.op_type == "Gemm" for m in n.attribute[0].g.node) for n in pulled)
+    pulled = [n for n in scans if any(m.op_type == "Gemm" for m in n.attribute[0].g.node)]
+    # column tiles are sliced inside the body (an axis-1 scan input would be transposed whole first)
+    assert pulled and all(any(m.op_type == "Slice" for m in n.attribute[0].g.node) for n in pulled)
+    assert not any(a.name == "scan_input_axes" for n in scans for a in n.attribute)
     gradient = next(n for n in program.nodes if n.op == "matmul" and n.output.shape == (32, 784))
     assert gradient.output.name not in {o for n in shipped.graph.node for o in n.output}  # never whole
     shipped_out = OrtProgram(shipped.SerializeToString(), threads=1).run(feeds)
@@ -369,3 +371,31 @@ def test_sums_of_squares_run_tile_by_tile_with_the_plain_graphs_bits(keepdims, m
     tiled = OrtProgram(model.SerializeToString(), threads=1).run(feeds)["ssq"]
     plain = OrtProgram(to_onnx(program, fuse=False).SerializeToString(), threads=1).run(feeds)["ssq"]
     np.testing.assert_array_equal(tiled, plain)
+
+
+def test_a_gradient_whose_dz_is_tiled_elsewhere_still_builds(monkeypatch):
+    """With the "sum" goodness, dz = dlogit * step(z) joins step(z) in a tiled chain of its own;
+    the weight update's chain then reads dz by columns instead of making it again (a node in two
+    Scans would read a value that exists in neither)."""
+    import dataclasses
+    from pathlib import Path
+
+    from ffcompile.core.spec import Goodness, Normalization, load_model
+    from ffcompile.lowering import build_program, init_state
+
+    monkeypatch.setattr(onnx_backend, "FUSE_MIN_ELEMS", 1024)
+    monkeypatch.setattr(onnx_backend, "TILE_ELEMS", 512)
+    monkeypatch.setattr(onnx_backend, "GRADIENT_TILE_ELEMS", 8192)
+    model = load_model(Path(__file__).parents[1] / "bundle" / "tiny.toml")
+    model = dataclasses.replace(model, goodness=Goodness(kind="sum", threshold_per_unit=0.5),
+                                normalization=Normalization(kind="l1"))
+    program = build_program(model, "train_step", 20)
+    shipped = onnx_backend.shipped_onnx(program)  # the full checker runs inside
+    params, state = init_state(model, 0)
+    rng = np.random.default_rng(1)
+    feeds = {**params, **state, "x": rng.random((20, 784), dtype=np.float32), "y": rng.integers(0, 10, 20),
+             "u": rng.random(20, dtype=np.float32), "lr": np.float32(1e-3), "step": np.float32(1)}
+    feeds = {k: v for k, v in feeds.items() if k in {i.name for i in program.inputs}}
+    got = OrtProgram(shipped.SerializeToString(), threads=1).run(feeds)
+    want = OrtProgram(to_onnx(program, fuse=False).SerializeToString(), threads=1).run(feeds)
+    assert_outputs_match(got, want, atol=1e-6, rtol=1e-5)
