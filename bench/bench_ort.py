@@ -97,6 +97,12 @@ def interleaved(fns: dict, repeats: int, sample_ms: float) -> dict[str, dict]:
     return {name: summarize(s, calls[name]) for name, s in samples.items()}
 
 
+def commit() -> dict:
+    """The checkout a benchmark ran from: its commit and whether tracked files had local changes."""
+    git = lambda *a: subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True).stdout.strip()
+    return {"sha": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
 def machine_load() -> dict:
     """Load average and, over half a second, how busy the CPUs are with other processes."""
     load = {"loadavg_1_5_15": list(os.getloadavg()), "cpus": os.cpu_count()}

@@ -286,7 +286,7 @@ def main() -> int:
     args = ap.parse_args()
     import torch
 
-    report = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "machine": B.cpu_info(),
+    report = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "commit": B.commit(), "machine": B.cpu_info(),
               "threads": args.threads, "torch": torch.__version__, "load_before": B.machine_load()}
     log(f"load before: {report['load_before']['loadavg_1_5_15']}")
     report["peak"] = measure_peak(args.threads, 5)

@@ -65,7 +65,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--backends", nargs="+", default=["torch", "tvm"])
     args = ap.parse_args()
-    report = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "machine": B.cpu_info(),
+    report = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "commit": B.commit(), "machine": B.cpu_info(),
               "threads": args.threads, "limit": args.limit, "load_before": B.machine_load(), "runs": []}
     with tempfile.TemporaryDirectory(prefix="bench-epoch-") as tmp, B.LoadMonitor() as monitor:
         for _ in range(args.rounds):

@@ -32,6 +32,11 @@ def against_torch(row: dict) -> tuple[str, float, str, float, float]:
     return (*fastest(row, COMPILED), *fastest(row, TORCH), row["variants"]["torch_hand"]["median_ms"])
 
 
+def at_commit(d: dict) -> str:
+    c = d.get("commit")
+    return f" at commit `{c['sha'][:10]}`{' with local changes' if c['dirty'] else ''}" if c else ""
+
+
 def load_verdict(d: dict) -> str:
     """Whether other processes shared the cores: the 1-minute load during a size above the run's
     own threads (plus a margin for the load average's lag)."""
@@ -53,7 +58,7 @@ def fastest(row: dict, keys) -> tuple[str, float]:
 
 def step_tables(d: dict) -> list[str]:
     peak = d["peak"]
-    out = [f"Command: `{d['command']}`  ",
+    out = [f"Command: `{d['command']}`{at_commit(d)}  ",
            f"Machine: {d['machine'].get('model', '?')}, {d['machine']['cpus']} CPUs, {d['threads']} threads, "
            f"torch {d['torch']}.  ",
            f"Load average (1, 5, 15 min) before: {load_line(d['load_before'])}; after: "
@@ -143,7 +148,7 @@ def goal_lines(d: dict) -> list[str]:
 
 def epoch_table(e: dict) -> list[str]:
     out = ["", "## One epoch of mnist-supervised with `ffcompile train`", "",
-           f"Command: `{e['command']}`; {e['threads']} threads; load average before {load_line(e['load_before'])}, "
+           f"Command: `{e['command']}`{at_commit(e)}; {e['threads']} threads; load average before {load_line(e['load_before'])}, "
            f"after {load_line(e['load_after'])}.", "",
            "| backend | training loop (s) | s per step | start-up, compile, parity, validation, plots (s) | one epoch (s) |",
            "|---|---|---|---|---|"]
