@@ -163,9 +163,9 @@ def epoch_table(e: dict) -> list[str]:
     notes = {s["extrapolated_note"] for s in e["summary"].values() if "extrapolated_note" in s}
     out += [""] + [f"{n}; one epoch = extrapolated training loop + the rest as measured." for n in notes]
     out += ["Validation (10k images, both readouts) runs in the torch reference for every backend. `--backend "
-            "torch` steps with the reference interpreter (TorchProgram), the only training step `ffcompile train` had "
-            "before the compiled backends; without `--backend`, `ffcompile train` picks tvm on x86-64 CPUs "
-            "(`ffcompile.compiler.compiled_train.default_backend`)."]
+            "torch` steps with the reference interpreter (TorchProgram); onnxruntime and tvm run the lowered step "
+            "compiled for this CPU, after a parity check. Without `--backend`, `ffcompile train` picks tvm on x86-64 "
+            "CPUs (`ffcompile.compiler.compiled_train.default_backend`)."]
     return out
 
 
