@@ -83,6 +83,7 @@ def main() -> None:
         sys.exit("paper_run: give --data-dir (or set FFCOMPILE_DATA_DIR): paper runs use the full MNIST")
 
     sys.path.insert(0, str(REPO))
+    from ffcompile.core.family import readouts_of
     from ffcompile.core.spec import load_model
 
     model = load_model(args.model)
@@ -102,7 +103,7 @@ def main() -> None:
         if len(done) < epochs and not args.report_only:
             ffcompile(commands[1] + (["--resume"] if done else []), log)
         test = {}
-        for readout in ("goodness", "softmax"):
+        for readout in readouts_of(model):  # an unsupervised net has the softmax readout only
             command = ["run", str(bundle), "--weights", str(run / "checkpoint.safetensors"), "--data-dir", args.data_dir,
                        "--split", "test", "--readout", readout, "--json"]
             report = ffcompile(command, log)
