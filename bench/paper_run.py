@@ -24,6 +24,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_ort import commit  # noqa: E402  (the checkout a result comes from)
 
 # Test error goals (percent) and where they come from; a readout without a goal is reported only.
 GOALS = {
@@ -54,11 +56,6 @@ def hardware() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
     return {"cpu": cpu, "cores": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version()}
-
-
-def commit() -> dict:
-    git = lambda *a: subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True).stdout.strip()
-    return {"sha": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 
 def built_at(work: Path) -> dict:
@@ -113,9 +110,10 @@ def main() -> None:
     metrics = json.loads((run / "metrics.json").read_text())
     history = metrics["epochs"]
     goal, goal_source = GOALS.get(model.name, ({}, None))
+    built = built_at(args.work)
     result = {
         "model": model.name, "spec": str(args.model), "spec_json": model.to_json(), "target": args.target,
-        "commit": built_at(args.work) or commit(), "commit_when": "build" if built_at(args.work) else "report",
+        "commit": built or commit(), "commit_when": "build" if built else "report",
         "date": datetime.date.today().isoformat(),
         "commands": ["ffcompile " + shlex.join(c) for c in commands],
         "epochs": epochs, "epochs_done": len(history),
