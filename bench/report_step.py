@@ -235,6 +235,9 @@ def main() -> int:
     ap.add_argument("--readme", default=str(REPO / "README.md"))
     ap.add_argument("--check", action="store_true", help="exit 1 if the page or the README differs from what it would write")
     args = ap.parse_args()
+    missing = [f for f in [*args.steps, args.epoch, args.readme] if f and not Path(f).is_file()]
+    if missing:
+        sys.exit(f"report_step: no such file: {', '.join(missing)}")
     shown = " ".join([*args.steps, *(["--epoch", args.epoch] if args.epoch else [])])
     command = f"python bench/report_step.py {shown}"  # where it writes does not change what it writes
     lines = ["# Performance", "",
