@@ -593,21 +593,46 @@ class _CPUScheduler:
         return _int(iv_i.dom.extent), _int(iv_j.dom.extent), _int(iv_k.dom.extent), layout, b_index[0]
 
     L2_BYTES = 256 * 1024  # B block kept in L2 (conservative: Zen3 512K, most ARM/Intel >= 512K)
-    MR_MAX = 8
+    # A micro-kernel keeps two FMA pipes of latency 4 busy only with >= 8 independent accumulators;
+    # it issues one load per B vector and per A element, two per cycle; what L1 cannot hold
+    # comes from L2 at about 24 bytes per cycle. (Current x86 and ARM cores are within a factor
+    # of these that does not change the choice.)
+    FMA_PIPES, FMA_LATENCY, LOADS_PER_CYCLE = 2, 4, 2
+    L1_BYTES, L2_BYTES_PER_CYCLE, LINE = 32 * 1024, 24, 64
 
-    def _pick_nr(self, N: int):
-        """Register-tile width: 2 vectors (4 on 128-bit SIMD with 32 registers, e.g. NEON) if
-        that divides N, else fewer (None: N needs padding)."""
-        wide = (4 * self.lanes,) if self.lanes == 4 and self.regs >= 32 else ()
-        for nr in (*wide, 2 * self.lanes, self.lanes):
-            if N % nr == 0:
-                return nr
-        return None
+    def _register_tile(self, M: int, N: int, K: int, layout: str):
+        """(MR, NR): the micro-kernel's rows and columns (NR whole vectors), accumulated in
+        registers over K. MR divides M and NR divides N. Of the tiles that fit the register file
+        (MR*nv accumulators + nv B vectors + 1 broadcast), the one with the fewest cycles per
+        FMA, then the most accumulators (less re-reading of A and B). Per step of K a tile pays
+        for its FMAs, its loads, the FMA latency, and L2 traffic for A's MR values (for
+        ``layout`` "KN", A is stored [K, M]: one line per k; else one value from each of MR
+        rows) and, for "KN" only, B's NR columns when the K x NR panel outgrows L1: B is read
+        in place there, from rows N apart, while the "NK" layout packs B's panels, which stream
+        from L2 in order (measured: a panel held in L1 matters only for the strided reads).
+        None: N needs padding."""
+        best, best_key = None, None
+        for nv in range(1, self.regs):
+            mr_cap = (self.regs - nv - 1) // nv
+            if mr_cap < 1:
+                break
+            if N % (nv * self.lanes):
+                continue
+            mr = _divisor_near(M, mr_cap)
+            acc = mr * nv
+            nr_bytes = nv * self.lanes * 4
+            l2 = ((nr_bytes if K * nr_bytes > self.L1_BYTES else 0) + self.LINE) if layout == "KN" else 4 * mr
+            cycles = max(acc / self.FMA_PIPES, (mr + nv) / self.LOADS_PER_CYCLE, self.FMA_LATENCY,
+                         l2 / self.L2_BYTES_PER_CYCLE)
+            key = (cycles / acc, -acc, -mr)
+            if best_key is None or key < best_key:
+                best, best_key = (mr, nv * self.lanes), key
+        return best
 
     def gemm(self, name, M, N, K, layout, b_index):
         """Register-tiled GEMM: C[i, j] += A(i, k) * B(k, j).
 
-        Micro-kernel MR x NR (NR = 1-2 vectors) accumulated in registers over the whole K,
+        Micro-kernel MR x NR (see _register_tile) accumulated in registers over the whole K,
         B columns blocked by JB micro-panels so a K x (JB*NR) block stays in L2; threads split
         the (column block, row tile) space. B in [N, K] layout (x @ W^T) is packed per column
         block into [JB, K, NR] so the micro-kernel reads it contiguously.
@@ -616,7 +641,7 @@ class _CPUScheduler:
         lanes = self.lanes
         blk = sch.get_sblock(name)
         padded = False
-        if self._pick_nr(N) is None:
+        if self._register_tile(M, N, K, layout) is None:
             if N < lanes:
                 raise ValueError(f"N={N} too narrow for the vector width")
             # pad the j axis to whole vectors (zero-filled B copy, trimmed output)
@@ -624,10 +649,7 @@ class _CPUScheduler:
             sch.pad_einsum(blk, [1] * (n_iters - 2) + [2 * lanes if N >= 8 * lanes else lanes, 1])
             M, N, K, layout, b_index = self._gemm_operands(name)
             padded = True
-        NR = self._pick_nr(N)
-        nv = -(-NR // lanes)  # vector registers per row of the tile
-        mr_max = max(1, (self.regs - nv - 1) // nv)
-        MR = _divisor_near(M, min(mr_max, self.MR_MAX))
+        MR, NR = self._register_tile(M, N, K, layout)
         jn = N // NR
         jb_cap = max(1, self.L2_BYTES // (NR * K * 4))
         if layout == "NK" and self.threads > 1:
@@ -647,8 +669,8 @@ class _CPUScheduler:
         loops = sch.get_loops(blk)
         li, lj, lk = loops[-3:]
         io, ii = sch.split(li, [None, MR])
-        jo, jb, jl = sch.split(lj, [None, JB, NR])
-        sch.reorder(jo, io, jb, lk, ii, jl)
+        jo, jb, jv, jl = sch.split(lj, [None, JB, NR // lanes, lanes])
+        sch.reorder(jo, io, jb, lk, ii, jv, jl)
         outer = loops[:-3]
         wb = sch.cache_write(blk, 0, "local")
         # fuse elementwise epilogues into the write-back. Not when padded: the write-back then
@@ -670,22 +692,40 @@ class _CPUScheduler:
         sch.reverse_compute_at(wb, jb, preserve_unit_loops=True)
         if pack is not None:
             sch.compute_at(pack, jo, preserve_unit_loops=True)
+            self._transpose_in_blocks(pack)
             par = sch.fuse(*outer, jo) if outer else jo
         else:
             par = sch.fuse(*outer, jo, io) if outer else sch.fuse(jo, io)
         if M * N >= self.PAR_MIN_WORK and self.threads > 1:
             sch.parallel(par)
-        # the NR-wide loop becomes one LLVM vector (split into registers by the backend)
+        # one register per (row, vector) of the tile: LLVM splits a wider vector well only at
+        # power-of-two widths
         sch.unroll(ii)
+        sch.unroll(jv)
         sch.vectorize(jl)
         init = sch.decompose_reduction(blk, lk)
+        _, wb_j = sch.get_loops(wb)[-2:]
+        sch.split(wb_j, [None, lanes])
         for b in (init, wb):
             ls = sch.get_loops(b)
-            # the two innermost loops are (MR, NR)
+            # the three innermost loops are (MR, vectors, lanes)
+            sch.unroll(ls[-3])
             sch.unroll(ls[-2])
             sch.vectorize(ls[-1])
         self.log.append(f"gemm {name}: {layout} M={M} N={N}{' (padded)' if padded else ''} K={K} "
                         f"MR={MR} NR={NR} JB={JB}")
+
+    def _transpose_in_blocks(self, pack):
+        """Pack B's [NR, K] rows into [K, NR] a [NR, lanes] block at a time: each row's lanes
+        come from one cache line and every written line stays in L1 until it is full (packing
+        row by row writes a new line per element, which makes packing cost as much as the
+        GEMM itself at batch 100)."""
+        sch = self.sch
+        lj, lk = sch.get_loops(pack)[-2:]
+        kb = _divisor_near(_int(sch.get(lk).extent), self.lanes)
+        ko, ki = sch.split(lk, [None, kb])
+        sch.reorder(ko, lj, ki)
+        sch.unroll(ki)
 
     def _loop_nest(self, name):
         """(block, statement, iter vars, loops, static extents) of a block whose loops map one to

@@ -134,3 +134,60 @@ def test_cross_compile_aarch64_object(tmp_path):
     else:
         out = tc.compile_onnx(model, target, tmp_path / "a64.tar")
         assert out.stat().st_size > 0
+
+
+class _Registers(tc._CPUScheduler):
+    """The tile chooser alone, for a CPU with ``lanes`` fp32 lanes and ``regs`` vector registers."""
+
+    def __init__(self, lanes: int, regs: int):
+        self.lanes, self.regs = lanes, regs
+
+
+@pytest.mark.parametrize("lanes, regs", [(16, 32), (8, 16), (4, 32)])
+@pytest.mark.parametrize("M, N, K, layout", [(100, 2000, 2000, "NK"), (100, 2000, 784, "NK"), (2000, 2000, 200, "KN"),
+                                             (2000, 784, 200, "KN"), (8, 512, 500, "NK"), (200, 2000, 2000, "NK")])
+def test_register_tile_fits_the_registers_and_hides_fma_latency(lanes, regs, M, N, K, layout):
+    MR, NR = _Registers(lanes, regs)._register_tile(M, N, K, layout)
+    nv = NR // lanes
+    assert NR % lanes == 0 and N % NR == 0 and M % MR == 0
+    assert MR * nv + nv + 1 <= regs  # accumulators, B vectors, one broadcast
+    # two FMA pipes of latency 4 need 8 independent accumulators; every shape here allows them
+    assert MR * nv >= 8, (MR, NR)
+
+
+def test_register_tile_for_strided_b_keeps_its_panel_in_l1():
+    # x^T dz (the weight gradient) reads B in place, rows N apart: a K x NR panel that stays in L1
+    # beats a wider one streamed from L2 for every row tile
+    chooser = _Registers(16, 32)
+    MR, NR = chooser._register_tile(2000, 784, 200, "KN")
+    assert 200 * NR * 4 <= chooser.L1_BYTES
+    assert MR * NR // 16 >= 16
+
+
+@pytest.mark.parametrize("M, N, K, trans_a, trans_b", [
+    (100, 160, 50, 0, 1),   # x @ W^T: packed B, K not a multiple of the vector width
+    (20, 400, 64, 0, 1),    # several vectors per tile row
+    (64, 80, 30, 1, 0),     # dz^T x: B read in place
+    (3, 48, 17, 0, 1),      # one row tile, odd K
+])
+def test_gemm_tiles_on_the_build_hosts_cpu_match_numpy(tmp_path, M, N, K, trans_a, trans_b):
+    """The widest tiles this host's vector ISA allows (mcpu as the native target resolves it)."""
+    from onnx import TensorProto, helper
+
+    from ffcompile.compiler.targets import find_target
+
+    native = find_target("x86-cpu-tvm-native").tvm if tc.host_arch() == "x86_64" else _host_target()
+    a_shape, b_shape = ([K, M] if trans_a else [M, K]), ([N, K] if trans_b else [K, N])
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["a", "b"], ["c"], transA=trans_a, transB=trans_b)], "gemm",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, a_shape),
+         helper.make_tensor_value_info("b", TensorProto.FLOAT, b_shape)],
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [M, N])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    out = tmp_path / "gemm.so"
+    tc.compile_onnx(model, {**native, "num-cores": 2}, out)
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal(a_shape, dtype=np.float32), rng.standard_normal(b_shape, dtype=np.float32)
+    got = tvm_runtime.load(out).run({"a": a, "b": b})["c"]
+    want = (a.T if trans_a else a).astype(np.float64) @ (b.T if trans_b else b).astype(np.float64)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
