@@ -187,7 +187,7 @@ def relax_pipeline(target, schedule: str = "hand", tuning_records=None):
             seq = tvm.transform.Sequential(
                 _pre_passes(schedule)
                 + cpu.library_dispatch_passes(target)
-                + cpu.legalize_passes(target)
+                + _legalize_passes(target, schedule)
                 + _schedule_passes(target, schedule, tuning_records)
                 + cpu.dataflow_lower_passes(target)
                 + cpu.finalize_passes(target)
@@ -206,6 +206,202 @@ def _pre_passes(schedule: str) -> list:
         # separate, memory-bound transpose of every weight matrix
         return [relax.transform.FuseTransposeMatmul()]
     return []
+
+
+def _legalize_passes(target, schedule: str) -> list:
+    """The stock CPU legalization and fusion, with each parameter's optimizer update grouped into
+    one kernel before FuseOps (for our schedule rules, which fuse the group's loops)."""
+    from tvm import relax
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    passes = cpu.legalize_passes(target)
+    if schedule != "hand":
+        return passes
+    at = next(i for i, p in enumerate(passes) if p.info.name == "FuseOps")
+    return passes[:at] + [_group_state_updates_pass()] + passes[at:]
+
+
+_ELEMWISE_PATTERNS = (0, 1)  # relax OpPatternKind: kElemWise, kBroadcast
+
+
+def _group_state_updates_pass():
+    """Make each parameter's new state (the parameter, its optimizer moments) one fused function.
+
+    The update reads the gradient g and the old state and writes the new state: in Adam, m' and
+    v' from g, then p' from m' and v'. FuseOps fuses only where a value's uses meet again inside
+    the group; m' and v' are also step outputs, so it leaves three kernels that write and re-read
+    every state tensor. Here, for every step output, the elementwise kernels of the output's shape
+    that produce it (back to the first kernel of another kind, e.g. the gradient GEMM) are
+    collected; outputs whose sets share a kernel form one group, which becomes a function marked
+    Primitive that FuseTIR turns into one kernel with several outputs. A group that a value
+    outside it would both read from and feed is left alone."""
+    import tvm
+    from tvm import relax
+
+    @tvm.transform.module_pass(opt_level=0, name="FFCGroupStateUpdates")
+    def _pass(mod, _ctx):
+        gv_main = mod.get_global_var("main")
+        main = mod[gv_main]
+        if len(main.body.blocks) != 1 or not isinstance(main.body.blocks[0], relax.DataflowBlock):
+            return mod
+        bindings = list(main.body.blocks[0].bindings)
+        groups = _state_update_groups(mod, bindings, main.body.body)
+        if not groups:
+            return mod
+        bb = relax.BlockBuilder(mod)
+        member_of = {b.var: gi for gi, members in enumerate(groups) for b in members}
+        # (bindings to emit, values they read, values they define), in program order; a group
+        # stands where its last member stood
+        items = []
+        for b in bindings:
+            gi = member_of.get(b.var)
+            if gi is None:
+                items.append(([b], set(_uses(b.value)), {b.var}))
+            elif b.var.same_as(groups[gi][-1].var):
+                members = groups[gi]
+                inside = {m.var for m in members}
+                reads = {u for m in members for u in _uses(m.value)} - inside
+                items.append((_extract_group(bb, members, bindings, main.body.body, gi), reads, inside))
+        # emit each item once what it reads is defined: a binding that read a member's value
+        # before the group's place moves after the group
+        bound = {b.var for b in bindings}
+        defined: set = set()
+        new_bindings, pending = [], []
+        for item in items:
+            pending.append(item)
+            progress = True
+            while progress:
+                progress = False
+                for it in list(pending):
+                    if all(u in defined or u not in bound for u in it[1]):
+                        pending.remove(it)
+                        new_bindings.extend(it[0])
+                        defined |= it[2]
+                        progress = True
+        if pending:  # not expected: a convex group always leaves an order
+            return mod
+        new_main = relax.Function(main.params, relax.SeqExpr([relax.DataflowBlock(new_bindings)], main.body.body),
+                                  main.ret_ty, main.is_pure, main.attrs)
+        funcs = {gv: (new_main if gv.same_as(gv_main) else f) for gv, f in bb.get().functions_items()}
+        return tvm.IRModule(funcs, attrs=mod.attrs)
+
+    return _pass
+
+
+def _uses(expr) -> list:
+    from tvm import relax
+
+    return list(relax.analysis.free_vars(expr))
+
+
+def _state_update_groups(mod, bindings, result) -> list[list]:
+    """Groups of bindings (in program order) as described in :func:`_group_state_updates_pass`."""
+    import tvm
+    from tvm import relax
+
+    by_var = {b.var: b for b in bindings}
+    position = {b.var: i for i, b in enumerate(bindings)}
+
+    def elementwise(b) -> bool:
+        v = b.value
+        if not (isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.Op) and v.op.name == "relax.call_tir"):
+            return False
+        func = mod[v.args[0]]
+        return func.attrs is not None and int(func.attrs.get("op_pattern", 99)) in _ELEMWISE_PATTERNS
+
+    outputs = list(result.fields) if isinstance(result, relax.Tuple) else [result]
+    if isinstance(result, relax.Var) and result in by_var and isinstance(by_var[result].value, relax.Tuple):
+        outputs = list(by_var[result].value.fields)
+    parent: dict = {}
+
+    def find(x):
+        while not (up := parent.setdefault(x, x)).same_as(x):
+            x = up
+        return x
+
+    members: set = set()
+    for out in outputs:
+        if not isinstance(out, relax.Var) or out not in by_var or not elementwise(by_var[out]):
+            continue
+        shape = _shape_of(out)
+        if not shape:
+            continue
+        stack, seen = [out], set()
+        while stack:
+            v = stack.pop()
+            if v in seen:
+                continue
+            seen.add(v)
+            members.add(v)
+            parent[find(v)] = find(out)
+            for u in _uses(by_var[v].value):
+                if u in by_var and elementwise(by_var[u]) and _shape_of(u) == shape:
+                    stack.append(u)
+    groups: dict = {}
+    for v in members:
+        groups.setdefault(find(v), []).append(v)
+    out = []
+    for vs in groups.values():
+        if len(vs) < 2 or not _is_convex(set(vs), bindings):
+            continue
+        out.append([by_var[v] for v in sorted(vs, key=position.get)])
+    return out
+
+
+def _shape_of(var):
+    try:
+        return tuple(int(d) for d in var.ty.shape)
+    except Exception:  # noqa: BLE001 - not a tensor of static shape
+        return None
+
+
+def _is_convex(group: set, bindings) -> bool:
+    """No value outside ``group`` both depends on a member and feeds one."""
+    tainted: set = set()  # values outside the group computed from a member
+    for b in bindings:
+        if b.var not in group and any(u in group or u in tainted for u in _uses(b.value)):
+            tainted.add(b.var)
+    return not any(u in tainted for b in bindings if b.var in group for u in _uses(b.value))
+
+
+def _extract_group(bb, members, bindings, result, index: int) -> list:
+    """Add a Primitive function computing ``members``; return the bindings that call it and
+    rebind the members that are used outside the group."""
+    from tvm import relax
+
+    inside = {b.var for b in members}
+    external = []  # values from outside, constants included (FuseTIR takes no constants inside)
+    for b in members:
+        for a in b.value.args[1].fields:
+            if a not in inside and not any(a.same_as(e) for e in external):
+                external.append(a)
+    used_outside = set()
+    for b in bindings:
+        if b.var not in inside:
+            used_outside.update(u for u in _uses(b.value) if u in inside)
+    used_outside.update(u for u in _uses(result) if u in inside)
+    results = [b.var for b in members if b.var in used_outside]
+    params = [relax.Var(f"in{i}", v.ty) for i, v in enumerate(external)]
+
+    def param_for(a):
+        return next(p for e, p in zip(external, params) if a.same_as(e))
+
+    remap: dict = {}
+    with bb.function(f"ffc_state_update{index}", params, attrs={"Primitive": 1}, private=True):
+        with bb.dataflow():
+            for b in members:
+                call = b.value
+                args = [remap[a] if a in remap else param_for(a) for a in call.args[1].fields]
+                remap[b.var] = bb.emit(relax.Call(call.op, [call.args[0], relax.Tuple(args), *call.args[2:]],
+                                                  call.attrs, call.ty_args), name_hint=b.var.name)
+            out = bb.emit_output(relax.Tuple([remap[v] for v in results]) if len(results) > 1 else remap[results[0]])
+        gv = bb.emit_func_output(out)
+    call = bb.normalize(relax.Call(gv, external))
+    if len(results) == 1:
+        return [relax.VarBinding(results[0], call)]
+    call_var = relax.DataflowVar(f"state_update{index}", call.ty)
+    return [relax.VarBinding(call_var, call),
+            *(relax.VarBinding(v, bb.normalize(relax.TupleGetItem(call_var, k))) for k, v in enumerate(results))]
 
 
 def _gpu_schedule_pass(target):
@@ -283,7 +479,7 @@ def lower_for_tuning(model, target, schedule: str = "hand"):
     mod, _ = _import_onnx(model)
     with target:
         return tvm.transform.Sequential(
-            _pre_passes(schedule) + cpu.library_dispatch_passes(target) + cpu.legalize_passes(target))(mod)
+            _pre_passes(schedule) + cpu.library_dispatch_passes(target) + _legalize_passes(target, schedule))(mod)
 
 
 def tune(model, target, work_dir: str | Path, *, trials: int = 64, max_trials_per_task: int | None = None,
@@ -849,8 +1045,40 @@ class _CPUScheduler:
             sch.vectorize(v)
         self.log.append(f"spatial {name}")
 
+    def _one_pass_domain(self):
+        """The common loop extents if every block is elementwise over one domain (and there are
+        several), else None."""
+        sch = self.sch
+        names = self._blocks()
+        if len(names) < 2 or any(self._is_reduction(n) for n in names):
+            return None
+        domains = {tuple(_int(iv.dom.extent) for iv in sch.get(sch.get_sblock(n)).iter_vars) for n in names}
+        return list(domains.pop()) if len(domains) == 1 else None
+
+    def one_pass(self, exts):
+        """Several elementwise outputs over one domain (a parameter's update: m', v', then p'
+        from them) computed in one loop nest, so what a later block reads back of an earlier
+        one's output is still in registers or L1: the blocks' loops are merged level by level,
+        then split, parallelized and vectorized as one."""
+        sch = self.sch
+        names = self._blocks()
+        for level in range(len(exts)):
+            sch.merge(*[sch.get_loops(sch.get_sblock(n))[level] for n in names])
+        loops = sch.get_loops(sch.get_sblock(names[-1]))
+        vec = next((v for v in (2 * self.lanes, self.lanes, 4) if exts[-1] % v == 0 and exts[-1] >= v), 1)
+        o, v = sch.split(loops[-1], [None, vec])
+        par = sch.fuse(*loops[:-1], o) if len(loops) > 1 else o
+        if _prod(exts) >= self.PAR_MIN_WORK and self.threads > 1:
+            sch.parallel(par)
+        if vec > 1:
+            sch.vectorize(v)
+        self.log.append(f"one pass {', '.join(names)}")
+
     def run(self):
         self._try(self.inline)
+        exts = self._one_pass_domain()
+        if exts is not None and self._try(self.one_pass, exts):
+            return self.sch.mod["main"]
         done = set()
         # GEMMs first: they absorb their epilogues
         for name in self._blocks():
