@@ -632,6 +632,7 @@ class _CPUScheduler:
     reductions and elementwise loops. Each step is tried on a copy and skipped on failure."""
 
     PAR_MIN_WORK = 1 << 14  # elements below which we do not bother with threads
+    GEMV_ROWS = 4  # x @ W^T with at most this many rows is a row reduction, W read in place
     # Inlining a producer read at several points (a stencil such as the hybrid masks' blur) copies
     # its expression into each; repeated, that grows exponentially (12 blur passes: 3^12 terms).
     MAX_BODY_CHARS = 4000
@@ -968,8 +969,9 @@ class _CPUScheduler:
             if par is not None and total >= self.PAR_MIN_WORK and self.threads > 1:
                 sch.parallel(par)
             R = r_ext[0]
-            if R % lanes == 0 and R >= 4 * lanes and _store_dtype(stmt) == "float32":
-                ro, rl = sch.split(r_loops[0], [None, lanes])
+            vl = next((v for v in (lanes, 8, 4) if v <= lanes and R % v == 0 and R >= 4 * v), None)
+            if vl is not None and _store_dtype(stmt) == "float32":
+                ro, rl = sch.split(r_loops[0], [None, vl])
                 rf = sch.rfactor(rl, factor_axis=len(stmt.writes[0].region))
                 # rf block loops: par, ro, rl -> move rl innermost & vectorize (already innermost)
                 rls = sch.get_loops(rf)
@@ -1085,6 +1087,8 @@ class _CPUScheduler:
             if name in done or not self._exists(name) or not self._is_reduction(name):
                 continue
             g = self._gemm_operands(name)
+            if g is not None and g[3] == "NK" and g[0] <= self.GEMV_ROWS:
+                continue  # a few rows of x @ W^T: dot products along W's rows beat packing W
             if g is not None and self._try(self.gemm, name, *g):
                 done.add(name)
         for name in self._blocks():
