@@ -182,13 +182,17 @@ writing p, m, v once: 8 fp32 accesses per weight.
 
 **TVM.** The Relax module after legalization and fusion
 (`ffcompile.compiler.tvm_build.lower_for_tuning`, its `main` listed) makes about a hundred kernel
-calls for the same step. Each weight's gradient GEMM carries the weight decay in its epilogue,
-then three elementwise kernels update v, m and the parameter: 12 fp32 accesses per weight. Relax's
-FuseOps fuses along single-consumer chains, and m and v are both step outputs and inputs of the
-parameter update, so the three stay apart. At batch 1-16, where a step does little arithmetic,
-the extra memory traffic and the per-kernel launch cost (a VM call and a thread-pool launch each)
-are most of the step; at 4x2000 our hand-written TensorIR GEMM schedules reach a smaller share
-of the SGEMM peak than MKL.
+calls for the same step. Each parameter's update is one kernel, as in inductor's code: a Relax
+pass groups the elementwise producers of each parameter's new state before FuseOps (which alone
+leaves m, v and the parameter in three kernels, since m and v are both step outputs and inputs
+of the parameter's update), and the CPU rules compute the group in one loop nest, reading the
+gradient and the old state once: 8 fp32 accesses per weight, counting the gradient GEMM's write.
+The GEMM rule picks its register tile with a cost model (enough accumulators to hide the FMA
+latency, loads per FMA, an L1-resident panel where B is read in place) and packs W a
+cache-sized block at a time; `x @ W^T` with at most 4 rows reads W in place as dot products.
+What is left: at batch 1-16 the per-kernel launch cost (a VM call, and a thread-pool launch for
+the larger kernels) is much of the step; at 4x2000 our TensorIR GEMMs still reach a smaller
+share of the SGEMM peak than MKL, and every forward GEMM packs its W again.
 
 **onnxruntime.** Its CPU provider runs one kernel per node. The GEMMs are MLAS's (the forward ones
 as `FusedGemm` with the ReLU), but an optimizer update is a chain of about fifteen elementwise
@@ -197,9 +201,10 @@ inside a Scan so it stays in cache, yet the per-node passes over each tile still
 much as the GEMMs at 4x2000, batch 100 (onnxruntime's own profile of the step:
 `bench.bench_ort.ort_profile`).
 
-The way forward in both: one pass per weight for its whole update, fused with its gradient GEMM
-or over one flat parameter buffer, and fewer, larger kernels for the per-row work of the small
-layers.
+The way forward: for onnxruntime, the update as one kernel (a custom operator shipped in the
+bundle, or a contrib optimizer op where the runtime has one); for TVM, W packed once per step for
+all its forward GEMMs, the update fused into the gradient GEMM's write-back, and fewer, larger
+kernels for the per-row work of the small layers.
 """
 
 
