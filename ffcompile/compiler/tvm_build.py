@@ -797,17 +797,15 @@ class _CPUScheduler:
     FMA_PIPES, FMA_LATENCY, LOADS_PER_CYCLE = 2, 4, 2
     L1_BYTES, L2_BYTES_PER_CYCLE, LINE = 32 * 1024, 24, 64
 
-    def _register_tile(self, M: int, N: int, K: int, layout: str):
+    def _register_tile(self, M: int, N: int, K: int, packed: bool):
         """(MR, NR): the micro-kernel's rows and columns (NR whole vectors), accumulated in
         registers over K. MR divides M and NR divides N. Of the tiles that fit the register file
         (MR*nv accumulators + nv B vectors + 1 broadcast), the one with the fewest cycles per
         FMA, then the most accumulators (less re-reading of A and B). Per step of K a tile pays
-        for its FMAs, its loads, the FMA latency, and L2 traffic for A's MR values (for
-        ``layout`` "KN", A is stored [K, M]: one line per k; else one value from each of MR
-        rows) and, for "KN" only, B's NR columns when the K x NR panel outgrows L1: B is read
-        in place there, from rows N apart, while the "NK" layout packs B's panels, which stream
-        from L2 in order (measured: a panel held in L1 matters only for the strided reads).
-        None: N needs padding."""
+        for its FMAs, its loads, the FMA latency, and L2 traffic: A's MR values and, where B is
+        read in place (not ``packed``), from rows N apart, B's NR columns when the K x NR panel
+        outgrows L1. Packed panels stream from L2 in order (measured: a panel held in L1
+        matters only for the strided reads). None: N needs padding."""
         best, best_key = None, None
         for nv in range(1, self.regs):
             mr_cap = (self.regs - nv - 1) // nv
@@ -818,7 +816,7 @@ class _CPUScheduler:
             mr = _divisor_near(M, mr_cap)
             acc = mr * nv
             nr_bytes = nv * self.lanes * 4
-            l2 = ((nr_bytes if K * nr_bytes > self.L1_BYTES else 0) + self.LINE) if layout == "KN" else 4 * mr
+            l2 = (nr_bytes if not packed and K * nr_bytes > self.L1_BYTES else 0) + 4 * mr
             cycles = max(acc / self.FMA_PIPES, (mr + nv) / self.LOADS_PER_CYCLE, self.FMA_LATENCY,
                          l2 / self.L2_BYTES_PER_CYCLE)
             key = (cycles / acc, -acc, -mr)
@@ -831,14 +829,17 @@ class _CPUScheduler:
 
         Micro-kernel MR x NR (see _register_tile) accumulated in registers over the whole K,
         B columns blocked by JB micro-panels so a K x (JB*NR) block stays in L2; threads split
-        the (column block, row tile) space. B in [N, K] layout (x @ W^T) is packed per column
-        block into [JB, K, NR] so the micro-kernel reads it contiguously.
+        the (column block, row tile) space. B is packed per column block into [JB, K, NR] so the
+        micro-kernel reads it contiguously when it is stored [N, K] (x @ W^T), or [K, N] with
+        even the narrowest panel (K x one vector) too big for L1: read in place, such a panel
+        touches a new page for every k.
         """
         sch = self.sch
         lanes = self.lanes
         blk = sch.get_sblock(name)
+        packed = layout == "NK" or K * lanes * 4 > self.L1_BYTES
         padded = False
-        if self._register_tile(M, N, K, layout) is None:
+        if self._register_tile(M, N, K, packed) is None:
             if N < lanes:
                 raise ValueError(f"N={N} too narrow for the vector width")
             # pad the j axis to whole vectors (zero-filled B copy, trimmed output)
@@ -846,17 +847,18 @@ class _CPUScheduler:
             sch.pad_einsum(blk, [1] * (n_iters - 2) + [2 * lanes if N >= 8 * lanes else lanes, 1])
             M, N, K, layout, b_index = self._gemm_operands(name)
             padded = True
-        MR, NR = self._register_tile(M, N, K, layout)
+        MR, NR = self._register_tile(M, N, K, packed)
         jn = N // NR
         jb_cap = max(1, self.L2_BYTES // (NR * K * 4))
-        if layout == "NK" and self.threads > 1:
+        if packed and self.threads > 1:
             # only the column-block loop is parallel: keep >= 2 blocks per thread when possible
             jb_cap = max(1, min(jb_cap, jn // (2 * self.threads)))
         JB = _divisor_near(jn, jb_cap)
         pack = None
-        if layout == "NK":
+        if packed:
             pack = sch.cache_read(blk, b_index, "global")
-            sch.transform_layout(pack, ("write", 0), lambda j, k: (j // NR, k, j % NR))
+            sch.transform_layout(pack, ("write", 0), (lambda j, k: (j // NR, k, j % NR)) if layout == "NK"
+                                 else (lambda k, j: (j // NR, k, j % NR)))
             if padded:  # read W straight into the packed, zero-padded panels
                 for p in sch.get_producers(pack):
                     try:
@@ -889,7 +891,12 @@ class _CPUScheduler:
         sch.reverse_compute_at(wb, jb, preserve_unit_loops=True)
         if pack is not None:
             sch.compute_at(pack, jo, preserve_unit_loops=True)
-            self._transpose_in_blocks(pack)
+            if layout == "NK":
+                self._transpose_in_blocks(pack)
+            else:  # rows of NR contiguous values: a plain copy
+                _, row = sch.get_loops(pack)[-2:]
+                _, lane = sch.split(row, [None, lanes])
+                sch.vectorize(lane)
             par = sch.fuse(*outer, jo) if outer else jo
         else:
             par = sch.fuse(*outer, jo, io) if outer else sch.fuse(jo, io)

@@ -144,10 +144,10 @@ class _Registers(tc._CPUScheduler):
 
 
 @pytest.mark.parametrize("lanes, regs", [(16, 32), (8, 16), (4, 32)])
-@pytest.mark.parametrize("M, N, K, layout", [(100, 2000, 2000, "NK"), (100, 2000, 784, "NK"), (2000, 2000, 200, "KN"),
-                                             (2000, 784, 200, "KN"), (8, 512, 500, "NK"), (200, 2000, 2000, "NK")])
-def test_register_tile_fits_the_registers_and_hides_fma_latency(lanes, regs, M, N, K, layout):
-    MR, NR = _Registers(lanes, regs)._register_tile(M, N, K, layout)
+@pytest.mark.parametrize("M, N, K, packed", [(100, 2000, 2000, True), (100, 2000, 784, True), (2000, 2000, 200, False),
+                                             (2000, 784, 200, False), (8, 512, 500, True), (200, 2000, 2000, True)])
+def test_register_tile_fits_the_registers_and_hides_fma_latency(lanes, regs, M, N, K, packed):
+    MR, NR = _Registers(lanes, regs)._register_tile(M, N, K, packed)
     nv = NR // lanes
     assert NR % lanes == 0 and N % NR == 0 and M % MR == 0
     assert MR * nv + nv + 1 <= regs  # accumulators, B vectors, one broadcast
@@ -159,7 +159,7 @@ def test_register_tile_for_strided_b_keeps_its_panel_in_l1():
     # x^T dz (the weight gradient) reads B in place, rows N apart: a K x NR panel that stays in L1
     # beats a wider one streamed from L2 for every row tile
     chooser = _Registers(16, 32)
-    MR, NR = chooser._register_tile(2000, 784, 200, "KN")
+    MR, NR = chooser._register_tile(2000, 784, 200, packed=False)
     assert 200 * NR * 4 <= chooser.L1_BYTES
     assert MR * NR // 16 >= 16
 
@@ -168,6 +168,7 @@ def test_register_tile_for_strided_b_keeps_its_panel_in_l1():
     (100, 160, 50, 0, 1),   # x @ W^T: packed B, K not a multiple of the vector width
     (20, 400, 64, 0, 1),    # several vectors per tile row
     (64, 80, 30, 1, 0),     # dz^T x: B read in place
+    (40, 48, 1100, 1, 0),   # dz^T x over many rows: B packed (a panel of K rows would not fit L1)
     (3, 48, 17, 0, 1),      # one row tile, odd K
 ])
 def test_gemm_tiles_on_the_build_hosts_cpu_match_numpy(tmp_path, M, N, K, trans_a, trans_b):
