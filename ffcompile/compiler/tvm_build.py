@@ -222,6 +222,7 @@ def _legalize_passes(target, schedule: str) -> list:
 
 
 _ELEMWISE_PATTERNS = (0, 1)  # relax OpPatternKind: kElemWise, kBroadcast
+_OUT_ELEMWISE_FUSABLE = 4  # kOutEWiseFusable: a matmul
 
 
 def _group_state_updates_pass():
@@ -296,18 +297,13 @@ def _uses(expr) -> list:
 
 def _state_update_groups(mod, bindings, result) -> list[list]:
     """Groups of bindings (in program order) as described in :func:`_group_state_updates_pass`."""
-    import tvm
     from tvm import relax
 
     by_var = {b.var: b for b in bindings}
     position = {b.var: i for i, b in enumerate(bindings)}
 
     def elementwise(b) -> bool:
-        v = b.value
-        if not (isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.Op) and v.op.name == "relax.call_tir"):
-            return False
-        func = mod[v.args[0]]
-        return func.attrs is not None and int(func.attrs.get("op_pattern", 99)) in _ELEMWISE_PATTERNS
+        return _op_pattern(mod, b) in _ELEMWISE_PATTERNS
 
     outputs = list(result.fields) if isinstance(result, relax.Tuple) else [result]
     if isinstance(result, relax.Var) and result in by_var and isinstance(by_var[result].value, relax.Tuple):
@@ -340,12 +336,36 @@ def _state_update_groups(mod, bindings, result) -> list[list]:
     groups: dict = {}
     for v in members:
         groups.setdefault(find(v), []).append(v)
+    readers: dict = {}
+    for b in bindings:
+        for u in _uses(b.value):
+            readers.setdefault(u, set()).add(b.var)
     out = []
     for vs in groups.values():
-        if len(vs) < 2 or not _is_convex(set(vs), bindings):
+        # the GEMM that computes the gradient, when only the group reads it: the group's kernel
+        # then updates each tile of the gradient as it leaves the GEMM's registers
+        inside = set(vs)
+        for v in list(vs):
+            for u in _uses(by_var[v].value):
+                if (u in by_var and u not in inside and _op_pattern(mod, by_var[u]) == _OUT_ELEMWISE_FUSABLE
+                        and _shape_of(u) == _shape_of(v) and readers.get(u, set()) <= inside):
+                    inside.add(u)
+        if len(inside) < 2 or not _is_convex(inside, bindings):
             continue
-        out.append([by_var[v] for v in sorted(vs, key=position.get)])
+        out.append([by_var[v] for v in sorted(inside, key=position.get)])
     return out
+
+
+def _op_pattern(mod, binding) -> int | None:
+    """The relax OpPatternKind of a binding's call_tir kernel (None for anything else)."""
+    import tvm
+    from tvm import relax
+
+    v = binding.value
+    if not (isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.Op) and v.op.name == "relax.call_tir"):
+        return None
+    func = mod[v.args[0]]
+    return None if func.attrs is None or "op_pattern" not in func.attrs else int(func.attrs["op_pattern"])
 
 
 def _shape_of(var):
@@ -638,6 +658,10 @@ class _CPUScheduler:
 
     PAR_MIN_WORK = 1 << 14  # elements below which we do not bother with threads
     GEMV_ROWS = 4  # x @ W^T with at most this many rows is a row reduction, W read in place
+    # A GEMM over at most this many k mostly writes its output: downstream elementwise work (an
+    # optimizer update) then runs on each tile as it leaves the registers. Over more k the
+    # update streams faster as a loop of its own (measured: 4x2000 and 2x500 at batch 100).
+    EPILOGUE_MAX_K = 64
     # Inlining a producer read at several points (a stencil such as the hybrid masks' blur) copies
     # its expression into each; repeated, that grows exponentially (12 blur passes: 3^12 terms).
     MAX_BODY_CHARS = 4000
@@ -880,20 +904,24 @@ class _CPUScheduler:
         # fuse elementwise epilogues into the write-back. Not when padded: the write-back then
         # covers the padded columns (reverse_compute_inline would happily write past the end of
         # the real output), so epilogues are fused into the trimming block instead.
+        # A value read by several blocks (a gradient that m and v both read) stays in its buffer:
+        # inlining one reader would leave the others reading a buffer nobody writes.
         progress = True
         while progress:
             progress = False
-            targets = sch.get_consumers(wb)
-            if padded:
-                targets = [c2 for c in targets for c2 in sch.get_consumers(c)]
-            for c in targets:
+            for prod in (sch.get_consumers(wb) if padded else [wb]):
+                readers = sch.get_consumers(prod)
+                if len(readers) != 1:
+                    continue
                 try:
-                    sch.reverse_compute_inline(c)
+                    sch.reverse_compute_inline(readers[0])
                     progress = True
                     break
                 except Exception:  # noqa: BLE001
                     pass
         sch.reverse_compute_at(wb, jb, preserve_unit_loops=True)
+        if not padded and K <= self.EPILOGUE_MAX_K:
+            self._epilogue_per_tile(wb, jb)
         if pack is not None:
             sch.compute_at(pack, jo, preserve_unit_loops=True)
             if layout == "NK":
@@ -923,6 +951,36 @@ class _CPUScheduler:
             sch.vectorize(ls[-1])
         self.log.append(f"gemm {name}: {layout} M={M} N={N}{' (padded)' if padded else ''} K={K} "
                         f"MR={MR} NR={NR} JB={JB}")
+
+    def _epilogue_per_tile(self, wb, jb):
+        """Compute the elementwise blocks downstream of the GEMM's write-back (an optimizer update
+        grouped with its gradient GEMM) tile by tile, right after each tile leaves the registers:
+        the product then never travels to memory and back, and TVM shrinks its buffer to one
+        tile. Left as separate loops if any of them cannot move."""
+        sch = self.sch
+        downstream, frontier = set(), [wb]
+        while frontier:
+            for c in sch.get_consumers(frontier.pop()):
+                name = sch.get(c).name_hint
+                if name not in downstream and not self._is_reduction(name):
+                    downstream.add(name)
+                    frontier.append(c)
+        if not downstream:
+            return
+        saved = sch.copy()
+        try:
+            for name in [n for n in self._blocks() if n in downstream]:
+                blk = sch.get_sblock(name)
+                sch.reverse_compute_at(blk, jb, preserve_unit_loops=True)
+                last = sch.get_loops(blk)[-1]
+                if (_int(sch.get(last).extent) or 0) % self.lanes == 0:
+                    _, lane = sch.split(last, [None, self.lanes])
+                    sch.vectorize(lane)
+        except Exception as e:  # noqa: BLE001
+            self.sch = saved
+            self.log.append(f"epilogue per tile: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+            return
+        self.log.append(f"epilogue per tile: {', '.join(sorted(downstream))}")
 
     def _transpose_in_blocks(self, pack):
         """Pack B's [NR, K] rows into [K, NR] a [NR, lanes] block at a time: each row's lanes
@@ -1059,23 +1117,55 @@ class _CPUScheduler:
             sch.vectorize(v)
         self.log.append(f"spatial {name}")
 
-    def _one_pass_domain(self):
-        """The common loop extents if every block is elementwise over one domain (and there are
-        several), else None."""
-        sch = self.sch
-        names = self._blocks()
-        if len(names) < 2 or any(self._is_reduction(n) for n in names):
-            return None
-        domains = {tuple(_int(iv.dom.extent) for iv in sch.get(sch.get_sblock(n)).iter_vars) for n in names}
-        return list(domains.pop()) if len(domains) == 1 else None
+    def _domain(self, name):
+        return tuple(_int(iv.dom.extent) for iv in self.sch.get(self.sch.get_sblock(name)).iter_vars)
 
-    def one_pass(self, exts):
+    def _unscheduled(self, name) -> bool:
+        """Still one loop per iterator (not placed under another block's loops by a rule)."""
+        blk = self.sch.get_sblock(name)
+        return len(self.sch.get_loops(blk)) == len(self.sch.get(blk).iter_vars)
+
+    def _pointwise(self, name) -> bool:
+        """Does the block read every buffer at one element given by its own iterators or
+        constants (its output position, or a broadcast of it), with no branches? Only such
+        blocks share a loop nest: a block that reads a neighbour (a stencil such as a blur, or a
+        concatenation's shifted read) may need values a merged loop has not computed yet."""
+        from tvm import tirx
+
+        stmt = self.sch.get(self.sch.get_sblock(name))
+        if "if_then_else" in str(stmt.body):
+            return False
+        own = [iv.var for iv in stmt.iter_vars]
+        for r in stmt.reads:
+            for rg in r.region:
+                if _int(rg.extent) != 1:
+                    return False
+                if not (isinstance(rg.min, tirx.IntImm) or any(rg.min.same_as(v) for v in own)):
+                    return False
+        return True
+
+    def _elementwise_runs(self) -> list[list[str]]:
+        """Runs of two or more adjacent unscheduled pointwise blocks over one domain."""
+        runs, run = [], []
+        for name in self._blocks():
+            ok = not self._is_reduction(name) and self._unscheduled(name) and self._pointwise(name)
+            if ok and run and self._domain(run[-1]) == self._domain(name):
+                run.append(name)
+                continue
+            if len(run) >= 2:
+                runs.append(run)
+            run = [name] if ok else []
+        if len(run) >= 2:
+            runs.append(run)
+        return runs
+
+    def one_pass(self, names):
         """Several elementwise outputs over one domain (a parameter's update: m', v', then p'
         from them) computed in one loop nest, so what a later block reads back of an earlier
         one's output is still in registers or L1: the blocks' loops are merged level by level,
         then split, parallelized and vectorized as one."""
         sch = self.sch
-        names = self._blocks()
+        exts = self._domain(names[0])
         for level in range(len(exts)):
             sch.merge(*[sch.get_loops(sch.get_sblock(n))[level] for n in names])
         loops = sch.get_loops(sch.get_sblock(names[-1]))
@@ -1090,9 +1180,6 @@ class _CPUScheduler:
 
     def run(self):
         self._try(self.inline)
-        exts = self._one_pass_domain()
-        if exts is not None and self._try(self.one_pass, exts):
-            return self.sch.mod["main"]
         done = set()
         # GEMMs first: they absorb their epilogues
         for name in self._blocks():
@@ -1103,11 +1190,14 @@ class _CPUScheduler:
                 continue  # a few rows of x @ W^T: dot products along W's rows beat packing W
             if g is not None and self._try(self.gemm, name, *g):
                 done.add(name)
+        for run in self._elementwise_runs():
+            if self._try(self.one_pass, run):
+                done.update(run)
         for name in self._blocks():
             if name in done or not self._exists(name):
                 continue
             # blocks created by the gemm rule are under its loops already
-            if len(self.sch.get_loops(self.sch.get_sblock(name))) != len(self.sch.get(self.sch.get_sblock(name)).iter_vars):
+            if not self._unscheduled(name):
                 continue
             if self._is_reduction(name):
                 self._try(self.reduction, name)

@@ -238,8 +238,8 @@ def test_state_update_group_keeps_the_order_of_values_read_between_its_members(t
 
 
 def test_adam_update_of_each_parameter_is_one_pass(tmp_path):
-    """m', v' and the new value of every parameter come out of one kernel that reads the gradient
-    and the old state once (8 fp32 accesses per weight with the gradient GEMM's write, not 12)."""
+    """m', v' and the new value of every parameter come out of one loop nest that reads the old
+    state once; a weight's gradient GEMM is in the same kernel."""
     from tvm import relax
 
     model = model_from_dict({"name": "adam-test", "input": {"size": 49, "image_shape": [7, 7]},
@@ -253,7 +253,14 @@ def test_adam_update_of_each_parameter_is_one_pass(tmp_path):
         mod, _ = tc._import_onnx(onnx_model)
         mod = tvm.transform.Sequential(tc._legalize_passes(target, "hand")
                                        + [tc._hand_schedule_pass(_host_target(), log)])(mod)
-    three_in_one = {e["func"] for e in log if any(line.startswith("one pass") and line.count(",") == 2 for line in e["log"])}
+
+    def fused_update(lines) -> bool:  # m', v' and the parameter (and the GEMM's tile) in one loop nest
+        return any((line.startswith("one pass") and line.count(",") >= 2)
+                   or (line.startswith("epilogue per tile:") and line.count(",") == 2) for line in lines)
+
+    updates = {e["func"]: e["log"] for e in log if fused_update(e["log"])}
     calls = [b.value.args[0].name_hint for b in mod["main"].body.blocks[0].bindings
              if isinstance(b.value, relax.Call) and getattr(b.value.op, "name", "") == "relax.call_tir"]
-    assert sum(c in three_in_one for c in calls) == 4, log  # h1 and h2, weight and bias
+    assert sum(c in updates for c in calls) == 4, log  # h1 and h2, weight and bias
+    with_gemm = [c for c in calls if c in updates and any(line.startswith("gemm") for line in updates[c])]
+    assert len(with_gemm) == 2, log  # the weights' gradients
