@@ -342,18 +342,26 @@ def _state_update_groups(mod, bindings, result) -> list[list]:
             readers.setdefault(u, set()).add(b.var)
     out = []
     for vs in groups.values():
-        # the GEMM that computes the gradient, when only the group reads it: the group's kernel
-        # then updates each tile of the gradient as it leaves the GEMM's registers
+        # the GEMM that computes the gradient, when only the group reads it and it sums over few
+        # k (see _CPUScheduler.EPILOGUE_MAX_K): the kernel then updates each tile of the gradient
+        # as it leaves the GEMM's registers
         inside = set(vs)
         for v in list(vs):
             for u in _uses(by_var[v].value):
                 if (u in by_var and u not in inside and _op_pattern(mod, by_var[u]) == _OUT_ELEMWISE_FUSABLE
-                        and _shape_of(u) == _shape_of(v) and readers.get(u, set()) <= inside):
+                        and _shape_of(u) == _shape_of(v) and readers.get(u, set()) <= inside
+                        and _contraction(by_var[u]) <= _CPUScheduler.EPILOGUE_MAX_K):
                     inside.add(u)
         if len(inside) < 2 or not _is_convex(inside, bindings):
             continue
         out.append([by_var[v] for v in sorted(inside, key=position.get)])
     return out
+
+
+def _contraction(binding) -> int:
+    """K of a legalized matmul kernel's call (its first operand is [.., M, K])."""
+    shape = _shape_of(binding.value.args[1].fields[0])
+    return shape[-1] if shape else 1 << 30
 
 
 def _op_pattern(mod, binding) -> int | None:
@@ -660,7 +668,7 @@ class _CPUScheduler:
     GEMV_ROWS = 4  # x @ W^T with at most this many rows is a row reduction, W read in place
     # A GEMM over at most this many k mostly writes its output: downstream elementwise work (an
     # optimizer update) then runs on each tile as it leaves the registers. Over more k the
-    # update streams faster as a loop of its own (measured: 4x2000 and 2x500 at batch 100).
+    # update streams faster as a kernel of its own (measured: 4x2000 and 2x500 at batch 100).
     EPILOGUE_MAX_K = 64
     # Inlining a producer read at several points (a stencil such as the hybrid masks' blur) copies
     # its expression into each; repeated, that grows exponentially (12 blur passes: 3^12 terms).
