@@ -232,10 +232,12 @@ def _group_state_updates_pass():
     v' from g, then p' from m' and v'. FuseOps fuses only where a value's uses meet again inside
     the group; m' and v' are also step outputs, so it leaves three kernels that write and re-read
     every state tensor. Here, for every step output, the elementwise kernels of the output's shape
-    that produce it (back to the first kernel of another kind, e.g. the gradient GEMM) are
-    collected; outputs whose sets share a kernel form one group, which becomes a function marked
-    Primitive that FuseTIR turns into one kernel with several outputs. A group that a value
-    outside it would both read from and feed is left alone."""
+    that produce it (back to the first kernel of another kind) are collected; outputs whose sets
+    share a kernel form one group, joined by the gradient GEMM that feeds it when the GEMM sums
+    over few k. A group becomes a function marked Primitive that FuseTIR turns into one kernel with
+    several outputs. A group that a value outside it would both read from and feed is left alone.
+    (Other outputs computed by an elementwise chain, e.g. the step's negative labels, are grouped
+    the same way.)"""
     import tvm
     from tvm import relax
 
@@ -279,7 +281,7 @@ def _group_state_updates_pass():
                         new_bindings.extend(it[0])
                         defined |= it[2]
                         progress = True
-        if pending:  # not expected: a convex group always leaves an order
+        if pending:  # groups that read each other's results (through values outside both): leave all
             return mod
         new_main = relax.Function(main.params, relax.SeqExpr([relax.DataflowBlock(new_bindings)], main.body.body),
                                   main.ret_ty, main.is_pure, main.attrs)
@@ -340,8 +342,8 @@ def _state_update_groups(mod, bindings, result) -> list[list]:
     for b in bindings:
         for u in _uses(b.value):
             readers.setdefault(u, set()).add(b.var)
-    out = []
-    for vs in groups.values():
+    found = []
+    for vs in sorted(groups.values(), key=lambda vs: min(position[v] for v in vs)):
         # the GEMM that computes the gradient, when only the group reads it and it sums over few
         # k (see _CPUScheduler.EPILOGUE_MAX_K): the kernel then updates each tile of the gradient
         # as it leaves the GEMM's registers
@@ -354,8 +356,8 @@ def _state_update_groups(mod, bindings, result) -> list[list]:
                     inside.add(u)
         if len(inside) < 2 or not _is_convex(inside, bindings):
             continue
-        out.append([by_var[v] for v in sorted(inside, key=position.get)])
-    return out
+        found.append([by_var[v] for v in sorted(inside, key=position.get)])
+    return found
 
 
 def _contraction(binding) -> int:
@@ -726,8 +728,11 @@ class _CPUScheduler:
         return _is_cheap(self.sch.get(blk)) or all(_block_size(self.sch, c) <= size for c in consumers)
 
     def _may_inline_into_producer(self, blk) -> bool:
+        # only the producer's one reader: inlining one of several leaves the others reading a
+        # buffer nobody writes (TVM does not refuse)
         prods = self.sch.get_producers(blk)
-        return len(prods) == 1 and not any(self._is_reduction(self.sch.get(p).name_hint) for p in prods)
+        return (len(prods) == 1 and not self._is_reduction(self.sch.get(prods[0]).name_hint)
+                and len(self.sch.get_consumers(prods[0])) == 1)
 
     def _inline_to_fixpoint(self, primitive: str, eligible) -> None:
         """Apply the schedule primitive ``primitive`` to one eligible non-reduction block at a time
@@ -832,7 +837,7 @@ class _CPUScheduler:
     # comes from L2 at about 24 bytes per cycle. (Current x86 and ARM cores are within a factor
     # of these that does not change the choice.)
     FMA_PIPES, FMA_LATENCY, LOADS_PER_CYCLE = 2, 4, 2
-    L1_BYTES, L2_BYTES_PER_CYCLE, LINE = 32 * 1024, 24, 64
+    L1_BYTES, L2_BYTES_PER_CYCLE = 32 * 1024, 24
 
     def _register_tile(self, M: int, N: int, K: int, packed: bool):
         """(MR, NR): the micro-kernel's rows and columns (NR whole vectors), accumulated in
@@ -930,6 +935,7 @@ class _CPUScheduler:
         sch.reverse_compute_at(wb, jb, preserve_unit_loops=True)
         if not padded and K <= self.EPILOGUE_MAX_K:
             self._epilogue_per_tile(wb, jb)
+            sch = self.sch  # a failed attempt restores a copy (the handles stay valid)
         if pack is not None:
             sch.compute_at(pack, jo, preserve_unit_loops=True)
             if layout == "NK":
@@ -1134,13 +1140,17 @@ class _CPUScheduler:
         return len(self.sch.get_loops(blk)) == len(self.sch.get(blk).iter_vars)
 
     def _pointwise(self, name) -> bool:
-        """Does the block read every buffer at one element given by its own iterators or
-        constants (its output position, or a broadcast of it), with no branches? Only such
-        blocks share a loop nest: a block that reads a neighbour (a stencil such as a blur, or a
-        concatenation's shifted read) may need values a merged loop has not computed yet."""
+        """May the block share a loop nest with others? It writes one of the kernel's outputs
+        (merged with their readers, intermediate buffers came out wrong after TVM's lowering:
+        a padded GEMM's trimmed result, the hybrid mask's concatenations), has no branches, and
+        reads every buffer at one element named by its own iterators or constants."""
         from tvm import tirx
 
-        stmt = self.sch.get(self.sch.get_sblock(name))
+        sch = self.sch
+        stmt = sch.get(sch.get_sblock(name))
+        intermediates = list(sch.get(sch.get_sblock("root")).alloc_buffers)
+        if any(w.source.same_as(b) for w in stmt.writes for b in intermediates):
+            return False
         if "if_then_else" in str(stmt.body):
             return False
         own = [iv.var for iv in stmt.iter_vars]
@@ -1152,19 +1162,31 @@ class _CPUScheduler:
                     return False
         return True
 
+    def _reads_own_position(self, name, buffers) -> bool:
+        """Does the block read each of ``buffers`` exactly where it writes its own output?"""
+        stmt = self.sch.get(self.sch.get_sblock(name))
+        out = stmt.writes[0].region
+        for r in stmt.reads:
+            if any(r.source.same_as(b) for b in buffers) and (
+                    len(r.region) != len(out) or not all(a.min.same_as(w.min) for a, w in zip(r.region, out))):
+                return False
+        return True
+
     def _elementwise_runs(self) -> list[list[str]]:
-        """Runs of two or more adjacent unscheduled pointwise blocks over one domain."""
-        runs, run = [], []
+        """Runs of two or more adjacent unscheduled pointwise blocks over one domain, each
+        reading what the run's earlier blocks wrote only at its own output position."""
+        runs, current = [], []
         for name in self._blocks():
             ok = not self._is_reduction(name) and self._unscheduled(name) and self._pointwise(name)
-            if ok and run and self._domain(run[-1]) == self._domain(name):
-                run.append(name)
+            if ok and current and self._domain(current[-1]) == self._domain(name) and self._reads_own_position(
+                    name, [w.source for n in current for w in self.sch.get(self.sch.get_sblock(n)).writes]):
+                current.append(name)
                 continue
-            if len(run) >= 2:
-                runs.append(run)
-            run = [name] if ok else []
-        if len(run) >= 2:
-            runs.append(run)
+            if len(current) >= 2:
+                runs.append(current)
+            current = [name] if ok else []
+        if len(current) >= 2:
+            runs.append(current)
         return runs
 
     def one_pass(self, names):
@@ -1198,9 +1220,9 @@ class _CPUScheduler:
                 continue  # a few rows of x @ W^T: dot products along W's rows beat packing W
             if g is not None and self._try(self.gemm, name, *g):
                 done.add(name)
-        for run in self._elementwise_runs():
-            if self._try(self.one_pass, run):
-                done.update(run)
+        for names in self._elementwise_runs():
+            if self._try(self.one_pass, names):
+                done.update(names)
         for name in self._blocks():
             if name in done or not self._exists(name):
                 continue

@@ -169,7 +169,7 @@ def test_register_tile_for_strided_b_keeps_its_panel_in_l1():
     (20, 400, 64, 0, 1),    # several vectors per tile row
     (64, 80, 30, 1, 0),     # dz^T x: B read in place
     (40, 48, 1100, 1, 0),   # dz^T x over many rows: B packed (a panel of K rows would not fit L1)
-    (3, 48, 17, 0, 1),      # one row tile, odd K
+    (5, 48, 17, 0, 1),      # one row tile, odd K
 ])
 def test_gemm_tiles_on_the_build_hosts_cpu_match_numpy(tmp_path, M, N, K, trans_a, trans_b):
     """The widest tiles this host's vector ISA allows (mcpu as the native target resolves it)."""
@@ -264,3 +264,47 @@ def test_adam_update_of_each_parameter_is_one_pass(tmp_path):
     assert sum(c in updates for c in calls) == 4, log  # h1 and h2, weight and bias
     with_gemm = [c for c in calls if c in updates and any(line.startswith("gemm") for line in updates[c])]
     assert len(with_gemm) == 2, log  # the weights' gradients
+
+
+def _run_against_onnxruntime(tmp_path, nodes, inputs, outputs, feeds, target=None):
+    from onnx import helper
+
+    graph = helper.make_graph(nodes, "g", inputs, outputs)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    out = tmp_path / "g.so"
+    tc.compile_onnx(model, target or _host_target(), out)
+    got, want = tvm_runtime.load(out).run(feeds), _ort_outputs(model, feeds)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=0, atol=ATOL, err_msg=name)
+
+
+@pytest.mark.parametrize("n", [22, 24, 40])
+def test_gradient_gemm_and_adam_update_in_one_kernel_match_onnxruntime(tmp_path, n):
+    """g = A^T X over few k, then m', v' and p' from g: one kernel, with the gradient's columns
+    padded to whole vectors or not, on this host's widest vectors."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from ffcompile.compiler.targets import find_target
+
+    vi = lambda name, shape: helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)  # noqa: E731
+    nodes = [helper.make_node("Gemm", ["a", "x"], ["g"], transA=1),
+             helper.make_node("Mul", ["m", "b1"], ["m_old"]), helper.make_node("Mul", ["g", "one_minus_b1"], ["m_new"]),
+             helper.make_node("Add", ["m_old", "m_new"], ["new_m"]),
+             helper.make_node("Mul", ["g", "g"], ["g2"]), helper.make_node("Mul", ["v", "b2"], ["v_old"]),
+             helper.make_node("Mul", ["g2", "one_minus_b2"], ["v_new"]), helper.make_node("Add", ["v_old", "v_new"], ["new_v"]),
+             helper.make_node("Sqrt", ["new_v"], ["root"]), helper.make_node("Add", ["root", "eps"], ["den"]),
+             helper.make_node("Div", ["new_m", "den"], ["ratio"]), helper.make_node("Mul", ["ratio", "lr"], ["step"]),
+             helper.make_node("Sub", ["p", "step"], ["new_p"])]
+    consts = {"b1": 0.9, "one_minus_b1": 0.1, "b2": 0.999, "one_minus_b2": 0.001, "eps": 1e-8, "lr": 0.01}
+    m, k = 10, 20
+    graph_inputs = [vi("a", [k, m]), vi("x", [k, n]), vi("p", [m, n]), vi("m", [m, n]), vi("v", [m, n])]
+    nodes = [helper.make_node("Constant", [], [c], value=numpy_helper.from_array(np.array(val, np.float32)))
+             for c, val in consts.items()] + nodes
+    rng = np.random.default_rng(0)
+    feeds = {"a": rng.standard_normal((k, m), dtype=np.float32), "x": rng.standard_normal((k, n), dtype=np.float32),
+             "p": rng.standard_normal((m, n), dtype=np.float32), "m": rng.standard_normal((m, n), dtype=np.float32) * 0.1,
+             "v": rng.random((m, n), dtype=np.float32)}
+    target = find_target("x86-cpu-tvm-native").tvm if tc.host_arch() == "x86_64" else _host_target()
+    _run_against_onnxruntime(tmp_path, nodes, graph_inputs, [vi("new_p", [m, n]), vi("new_m", [m, n]), vi("new_v", [m, n])],
+                             feeds, {**target, "num-cores": 2})
+
