@@ -9,7 +9,7 @@ the mean of enough back-to-back calls to last ``--sample-ms``, all with ``--thre
 
 - ``tvm``: the compiled ``train_step`` (targets/x86-cpu-tvm.toml, portable x86-64-v3);
   ``tvm_native``: the same for targets/x86-cpu-tvm-native.toml (the build host's own CPU). Both get
-  their inputs in aligned buffers, as in training, where a step's inputs are the previous outputs.
+  their state in aligned buffers, as in training, where a step's state is the previous outputs.
 - ``ort``: the compiled ``train_step`` in onnxruntime as a bundle ships it (``shipped_onnx``), outputs
   bound to preallocated arrays.
 - ``torch_hand``: the step written by hand in PyTorch (ffcompile/reference/hand_step.py: addmm, closed-form local
@@ -115,14 +115,16 @@ def tensors(feeds: dict):
 
 
 def aligned(feeds: dict) -> dict:
-    """The feeds in 64-byte aligned buffers: what a compiled TVM step gets in training, where each
-    step's inputs are the previous step's outputs, which ``TVMProgram`` passes without a copy (an
-    unaligned array is first copied into a staging buffer: 163 MB per step at 4x2000 with Adam)."""
+    """The parameters and optimizer state in 64-byte aligned buffers, as a compiled TVM step gets
+    them in training, where each step's state is the previous step's output, which ``TVMProgram``
+    passes without a copy (an unaligned array is first copied into a staging buffer: 163 MB per
+    step at 4x2000 with Adam). The batch stays as given, as the training loop hands it over."""
     from ffcompile.runtime.tvm import _aligned_empty
-    out = {}
+    out = dict(feeds)
     for name, value in feeds.items():
-        out[name] = _aligned_empty(value.shape, value.dtype)
-        out[name][...] = value
+        if "." in name:  # parameters and optimizer state (as in bench_ort.state_bytes)
+            out[name] = _aligned_empty(value.shape, value.dtype)
+            out[name][...] = value
     return out
 
 
