@@ -550,12 +550,9 @@ def compile_onnx(model, target: dict, out_path: str | Path, *, cc: str | None = 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tgt = _as_target(target)
     mod, inputs = _import_onnx(model)
-    from tvm import relax
-
-    # on CPUs the step's kernel calls are compiled code, not bytecode the VM interprets call by
-    # call (a few microseconds each, across a hundred calls a step)
-    ex = relax.build(mod, target=tgt, relax_pipeline=relax_pipeline(tgt, schedule, tuning_records),
-                     exec_mode="compiled" if tgt.kind.name == "llvm" else "bytecode")
+    # (the Relax VM's "compiled" exec mode saves 2-3 % of a small step's time, but LLVM takes
+    # minutes on a program of thousands of calls, e.g. a locally connected CIFAR net)
+    ex = tvm.compile(mod, target=tgt, relax_pipeline=relax_pipeline(tgt, schedule, tuning_records))
     kw = {}
     if cc is not None:
         kw["cc"] = cc
