@@ -1114,19 +1114,24 @@ class _CPUScheduler:
                 sch.vectorize(b_i)
             self.log.append(f"transpose {name}")
             return
-        # vectorize within the innermost axis (no vectors straddling rows: those need gathers)
-        vec = next((v for v in (2 * lanes, lanes, 4) if exts[-1] % v == 0 and exts[-1] >= v), 1)
+        self._flat_parallel_vectorized(loops, exts)
+        self.log.append(f"spatial {name}")
+
+    def _flat_parallel_vectorized(self, loops, exts):
+        """One parallel loop over everything but a vector of the innermost axis (no vectors
+        straddling rows: those need gathers)."""
+        sch = self.sch
+        vec = next((v for v in (2 * self.lanes, self.lanes, 4) if exts[-1] % v == 0 and exts[-1] >= v), 1)
         if vec > 1:
             o, v = sch.split(loops[-1], [None, vec])
             o = sch.fuse(*loops[:-1], o) if len(loops) > 1 else o
         else:
             o = sch.fuse(*loops) if len(loops) > 1 else loops[0]
             v = None
-        if total >= self.PAR_MIN_WORK and self.threads > 1:
+        if _prod(exts) >= self.PAR_MIN_WORK and self.threads > 1:
             sch.parallel(o)
         if v is not None:
             sch.vectorize(v)
-        self.log.append(f"spatial {name}")
 
     def _domain(self, name):
         return tuple(_int(iv.dom.extent) for iv in self.sch.get(self.sch.get_sblock(name)).iter_vars)
@@ -1195,14 +1200,7 @@ class _CPUScheduler:
         exts = self._domain(names[0])
         for level in range(len(exts)):
             sch.merge(*[sch.get_loops(sch.get_sblock(n))[level] for n in names])
-        loops = sch.get_loops(sch.get_sblock(names[-1]))
-        vec = next((v for v in (2 * self.lanes, self.lanes, 4) if exts[-1] % v == 0 and exts[-1] >= v), 1)
-        o, v = sch.split(loops[-1], [None, vec])
-        par = sch.fuse(*loops[:-1], o) if len(loops) > 1 else o
-        if _prod(exts) >= self.PAR_MIN_WORK and self.threads > 1:
-            sch.parallel(par)
-        if vec > 1:
-            sch.vectorize(v)
+        self._flat_parallel_vectorized(sch.get_loops(sch.get_sblock(names[-1])), exts)
         self.log.append(f"one pass {', '.join(names)}")
 
     def run(self):
