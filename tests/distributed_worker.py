@@ -77,9 +77,10 @@ def main() -> None:
     except FFCompileError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    finally:  # leaving the job before exit, as the CLI does: a process group torn down at exit can abort
+        distributed.stop()
     if rank == 0:
         np.savez(args.out, **{k: v.numpy() for k, v in {**params, **state}.items()})
-    distributed.stop()
 
 
 if __name__ == "__main__":
