@@ -155,6 +155,25 @@ def test_register_tile_fits_the_registers_and_hides_fma_latency(lanes, regs, M, 
     assert MR * nv >= 8, (MR, NR)
 
 
+def test_register_tile_streams_no_wider_panel_from_l2_than_l2_delivers():
+    # a packed 200 x 112 panel outgrows L1: two rows of seven vectors then need more L2 bytes per
+    # cycle than their FMAs take (measured 1.3x slower than 25 x 16 on the weight gradient)
+    chooser = _Registers(16, 32)
+    assert chooser._register_tile(2000, 784, 200, packed=True) == (25, 16)
+    # ... while a 5 x 80 tile streaming its packed panel keeps up, with fewer loads per FMA
+    assert chooser._register_tile(200, 2000, 2000, packed=True) == (5, 80)
+
+
+@pytest.mark.parametrize("M, K, layout, packs", [
+    (200, 2000, "NK", True),     # x @ W^T: always
+    (2000, 200, "KN", True),     # the weight gradient: many row tiles share each panel
+    (32, 200, "KN", False),      # few rows, a panel of one vector fits L1: read in place
+    (32, 1100, "KN", True),      # a panel of one vector outgrows L1
+])
+def test_b_is_packed_where_the_copy_pays(M, K, layout, packs):
+    assert _Registers(16, 32)._packs_b(M, K, layout) is packs
+
+
 def test_register_tile_for_strided_b_keeps_its_panel_in_l1():
     # x^T dz (the weight gradient) reads B in place, rows N apart: a K x NR panel that stays in L1
     # beats a wider one streamed from L2 for every row tile
@@ -167,7 +186,8 @@ def test_register_tile_for_strided_b_keeps_its_panel_in_l1():
 @pytest.mark.parametrize("M, N, K, trans_a, trans_b", [
     (100, 160, 50, 0, 1),   # x @ W^T: packed B, K not a multiple of the vector width
     (20, 400, 64, 0, 1),    # several vectors per tile row
-    (64, 80, 30, 1, 0),     # dz^T x: B read in place
+    (40, 80, 30, 1, 0),     # dz^T x: B read in place
+    (200, 96, 30, 1, 0),    # dz^T x over many rows: B packed
     (40, 48, 1100, 1, 0),   # dz^T x over many rows: B packed (a panel of K rows would not fit L1)
     (5, 48, 17, 0, 1),      # one row tile, odd K
 ])
