@@ -77,8 +77,17 @@ def summarize(samples_s: list[float], calls_per_sample: int) -> dict:
             "all_ms": [round(float(x), 4) for x in ms]}
 
 
+# Worker threads spin for a while after their work (libgomp's behind torch, TVM's pool) and stall
+# the next framework's threads on the same cores: timed right after a torch call, a TVM GEMM took
+# 1.3x, and a torch GEMM 4-8x (after a 5-20 ms pause), its time in a loop of its own calls
+# (bench/bench_step.py sizes, 2 cores). Before each sample of a function other than the one timed
+# last, the interleaved timing waits this long and makes one untimed call.
+SETTLE_S = 0.05
+
+
 def interleaved(fns: dict, repeats: int, sample_ms: float) -> dict[str, dict]:
-    """Time every function ``repeats`` times, round-robin; each sample averages k calls."""
+    """Time every function ``repeats`` times, round-robin; each sample averages k calls and
+    measures the function as a loop of its own calls runs it (see SETTLE_S)."""
     calls = {}
     for name, fn in fns.items():
         fn()  # warm-up: first-run allocation, onnxruntime's memory-pattern planning, caches
@@ -89,6 +98,9 @@ def interleaved(fns: dict, repeats: int, sample_ms: float) -> dict[str, dict]:
     samples = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            if len(fns) > 1:
+                time.sleep(SETTLE_S)
+                fn()
             k = calls[name]
             t = time.perf_counter()
             for _ in range(k):
