@@ -188,7 +188,8 @@ def bench_size(size: str, args, peak: dict, work: Path) -> dict:
         tvm_prog, seconds, tgt = compile_tvm(prog, target, args.threads, work)
         row["compile_s"][key] = round(seconds, 1)
         row["notes"][key] = f"TVM target {json.dumps(tgt)}"
-        fns[key] = (lambda p: lambda: p.run(state_in_place))(tvm_prog)
+        # as the training loop runs it: each step's new state written over the state it was given
+        fns[key] = (lambda p: lambda: p.run(state_in_place, donate=True))(tvm_prog)
         log(f"  TVM {target} compile {seconds:.0f} s")
     runners = B.Runners(prog, feeds, args.threads, shipped=True)
     fns["ort"] = runners.ort_bound

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from ..runtime.machine import ALIASES, host_arch
 from ..runtime.tvm import sidecar_path, usable_cores
+from .tvm_in_place import InPlacePlan, candidates, in_place_pass
 
 _FORMAT = "ffcompile.tvm/1"
 
@@ -172,8 +173,9 @@ def _schedule_passes(target, schedule: str, tuning_records):
 _SCHED_LOG: list | None = None  # set to a list to collect what the hand schedule did (debugging)
 
 
-def relax_pipeline(target, schedule: str = "hand", tuning_records=None):
-    """The Relax pipeline we compile with: the stock CPU pipeline plus TIR scheduling."""
+def relax_pipeline(target, schedule: str = "hand", tuning_records=None, in_place=None):
+    """The Relax pipeline we compile with: the stock CPU pipeline plus TIR scheduling, and, given
+    an ``InPlacePlan`` (``tvm_in_place``), state updates written over the old state."""
     import tvm
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
@@ -191,6 +193,7 @@ def relax_pipeline(target, schedule: str = "hand", tuning_records=None):
                 + _schedule_passes(target, schedule, tuning_records)
                 + cpu.dataflow_lower_passes(target)
                 + cpu.finalize_passes(target)
+                + ([in_place_pass(in_place)] if in_place is not None else [])
             )
             return seq(mod)
 
@@ -550,9 +553,10 @@ def compile_onnx(model, target: dict, out_path: str | Path, *, cc: str | None = 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tgt = _as_target(target)
     mod, inputs = _import_onnx(model)
+    in_place = InPlacePlan(candidates(model, inputs)) if schedule == "hand" and tgt.kind.name == "llvm" else None
     # (the Relax VM's "compiled" exec mode saves 2-3 % of a small step's time, but LLVM takes
     # minutes on a program of thousands of calls, e.g. a locally connected CIFAR net)
-    ex = tvm.compile(mod, target=tgt, relax_pipeline=relax_pipeline(tgt, schedule, tuning_records))
+    ex = tvm.compile(mod, target=tgt, relax_pipeline=relax_pipeline(tgt, schedule, tuning_records, in_place))
     kw = {}
     if cc is not None:
         kw["cc"] = cc
@@ -560,8 +564,10 @@ def compile_onnx(model, target: dict, out_path: str | Path, *, cc: str | None = 
           and not _host_triple_matches(str(tgt.attrs["mtriple"]))):
         raise ValueError(f"cross-compiling for {tgt.attrs['mtriple']}: pass cc= (e.g. aarch64-linux-gnu-gcc)")
     ex.export_library(str(out_path), **kw)
-    _write_meta(out_path, model, inputs, tgt, {"schedule": schedule,
-                                               "tuned": tuning_records is not None})
+    applied = in_place.applied if in_place is not None else {}
+    _write_meta(out_path, model, inputs, tgt, {
+        "schedule": schedule, "tuned": tuning_records is not None,
+        "in_place": {model.graph.output[o].name: inputs[i].name for o, i in sorted(applied.items())}})
     return out_path
 
 

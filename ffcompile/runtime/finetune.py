@@ -39,11 +39,21 @@ class CompiledTrainStep:
         unknown = sorted(names - set(FEEDS) - set(carried))
         if unknown:
             raise FFCompileError(f"train_step takes inputs the training loop does not provide: {', '.join(unknown)}")
+        self._returned: dict = {}  # the state arrays the last call returned
 
     def __call__(self, params, state, feeds):
-        out = self.program.run({**params, **state, **{k: feeds[k] for k in self.feed_names}})
+        carried = {**params, **state}
+        # the program may write the new state over the old only where the old is what the last
+        # call returned (the loop has replaced it), never over arrays of the caller's (a bundle's
+        # weights, a checkpoint being resumed)
+        inputs = {**carried, **{k: feeds[k] for k in self.feed_names}}
+        if getattr(self.program, "in_place", None) and all(v is self._returned.get(k) for k, v in carried.items()):
+            out = self.program.run(inputs, donate=True)  # (TVMProgram)
+        else:
+            out = self.program.run(inputs)
         new_params = {k: out[f"new.{k}"] for k in params}
         new_state = {k: out[f"new.{k}"] for k in state}
+        self._returned = {**new_params, **new_state}
         metrics = {k: float(v) for k, v in out.items() if not k.startswith("new.") and np.ndim(v) == 0}
         return new_params, new_state, metrics
 

@@ -18,6 +18,9 @@ from ..core.errors import FFCompileError
 
 
 class Runnable(Protocol):
+    """A loaded program. One that writes its new state over its inputs (``TVMProgram.in_place``)
+    also takes ``run(feeds, donate=True)``."""
+
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 

@@ -102,6 +102,9 @@ class TVMProgram:
         self._staging: dict[str, np.ndarray] = {}
         copy = set(meta.get("copy_outputs", self.output_names))
         self._copy = [n in copy for n in self.output_names]
+        # {output: input} written over the input (compiler.tvm_in_place); empty for older builds
+        self.in_place: dict[str, str] = dict(meta.get("in_place", {}))
+        self._overwritten = set(self.in_place.values())
         self.device = tvm.runtime.device(device, device_id)
         lib = _load_library(self.path)
         from tvm.runtime.vm import VirtualMachine  # (not imported by `import tvm` in runtime-only mode)
@@ -109,29 +112,37 @@ class TVMProgram:
         self._vm = VirtualMachine(lib, self.device)
         self._fn = self._vm[meta["function"]]
 
-    def _to_tvm(self, name: str, arr, dtype: np.dtype):
+    def _to_tvm(self, name: str, arr, dtype: np.dtype, donate: bool = False):
         """numpy -> tvm tensor. On CPU, a C-contiguous, 64-byte aligned array of the right dtype
-        (e.g. an output of the previous ``run``) is passed without a copy; anything else is
-        copied into a persistent aligned staging buffer (``tvm.runtime.tensor`` is ~8x slower
-        than a plain memcpy for large arrays). Not thread-safe (neither is the VM)."""
+        (e.g. an output of the previous ``run``) is passed without a copy, except an input the
+        program writes over (``in_place``) that is not ``donate``d; anything else is copied into
+        an aligned buffer: a persistent staging buffer, or a fresh one for an input the program
+        writes over, as it becomes an output (``tvm.runtime.tensor`` is ~8x slower than a plain
+        memcpy for large arrays). Not thread-safe (neither is the VM)."""
         import tvm
 
         if self.device.dlpack_device_type() != 1:
             return tvm.runtime.tensor(np.asarray(arr, dtype=dtype), self.device)
         a = np.asarray(arr)
-        if (a.dtype == dtype and a.flags.c_contiguous and a.flags.writeable and a.ctypes.data % 64 == 0):
+        overwritten = name in self._overwritten
+        if (a.dtype == dtype and a.flags.c_contiguous and a.flags.writeable and a.ctypes.data % 64 == 0
+                and (donate or not overwritten)):
             try:
                 return tvm.runtime.from_dlpack(a)
             except Exception:  # pragma: no cover - fall back to a copy
                 pass
-        buf = self._staging.get(name)
-        if buf is None or buf.shape != a.shape:
-            buf = self._staging[name] = _aligned_empty(a.shape, dtype)
+        if overwritten:
+            buf = _aligned_empty(a.shape, dtype)
+        else:
+            buf = self._staging.get(name)
+            if buf is None or buf.shape != a.shape:
+                buf = self._staging[name] = _aligned_empty(a.shape, dtype)
         np.copyto(buf, a, casting="same_kind")
         return tvm.runtime.from_dlpack(buf)
 
-    def run_tvm(self, feeds: dict):
-        """Run with numpy arrays or tvm tensors; returns the VM's output tensors (no copies)."""
+    def run_tvm(self, feeds: dict, donate: bool = False):
+        """Run with numpy arrays or tvm tensors; returns the VM's output tensors (no copies). A
+        tvm tensor fed for an input the program writes over is overwritten whatever ``donate``."""
         import tvm
 
         missing = [n for n in self.input_names if n not in feeds]
@@ -140,17 +151,20 @@ class TVMProgram:
         args = []
         for n, dt in zip(self.input_names, self._in_dtypes):
             v = feeds[n]
-            args.append(v if isinstance(v, tvm.runtime.Tensor) else self._to_tvm(n, v, dt))
+            args.append(v if isinstance(v, tvm.runtime.Tensor) else self._to_tvm(n, v, dt, donate))
         res = self._fn(*args)
         outs = [res] if self._single else list(res)
         return dict(zip(self.output_names, outs))
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, feeds: dict[str, np.ndarray], donate: bool = False) -> dict[str, np.ndarray]:
         """Run one step. Inputs that are 64-byte aligned C-contiguous arrays (e.g. outputs of a
         previous ``run``) are passed without a copy; outputs are returned as numpy arrays that
         own the VM's fresh output buffers (no copy), except outputs that could alias inputs or
-        constants, which are copied."""
-        outs = self.run_tvm(feeds)
+        constants, which are copied. A train step computes most of its new state over the old
+        (``in_place``: output -> input): with ``donate``, the caller gives up those input arrays,
+        which then hold the new values (the outputs share their memory); without, the program
+        works on copies and the caller's arrays stay as they were."""
+        outs = self.run_tvm(feeds, donate)
         result = {}
         for (n, o), copy in zip(outs.items(), self._copy):
             if copy or self.device.dlpack_device_type() != 1:
