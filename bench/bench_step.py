@@ -182,6 +182,10 @@ def bench_size(size: str, args, peak: dict, work: Path) -> dict:
     row["hand_step_check"] = check_hand_step(model, prog, feeds)
     log(f"  hand-written step vs train_step: max rel diff {row['hand_step_check']['max_relative_difference']:.2e}")
 
+    # Every variant repeats the step from the same weights: lr 0 (a step costs the same at any lr).
+    # Repeated on one batch at the real lr, the net saturates within tens of calls and denormal
+    # gradients make every backend's GEMMs several times slower, at a different call for each.
+    feeds = {**feeds, "lr": np.zeros_like(np.asarray(feeds["lr"]))}
     fns = {}
     state_in_place = aligned(feeds)
     for key, target in (("tvm", "x86-cpu-tvm"), ("tvm_native", "x86-cpu-tvm-native")):
@@ -304,7 +308,10 @@ def main() -> int:
     import torch
 
     report = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "commit": B.commit(), "machine": B.cpu_info(),
-              "threads": args.threads, "torch": torch.__version__, "load_before": B.machine_load()}
+              "threads": args.threads, "torch": torch.__version__, "load_before": B.machine_load(),
+              "timing": (f"variants interleaved; each sample after a {B.SETTLE_S * 1e3:.0f} ms pause and one untimed "
+                         "call; every variant repeats the step on one batch from the same weights (lr 0); the torch "
+                         "steps and the TVM steps (donate=True) write their new state over the old, as in training")}
     log(f"load before: {report['load_before']['loadavg_1_5_15']}")
     report["peak"] = measure_peak(args.threads, 5)
     report["sizes"] = []

@@ -259,6 +259,9 @@ def main() -> int:
              "oversubscribed machine torch's per-op thread barriers can cost more than a second thread gains); "
              "the compiled programs run with the run's thread count only.", ""]
     steps = [json.load(open(path)) for path in args.steps]
+    timing = {d["timing"] for d in steps if "timing" in d}
+    if timing:
+        lines += [f"Timing: {'; '.join(sorted(timing))}.", ""]
     for d in steps:
         lines += ["", f"## {d['threads']} thread{'s' if d['threads'] > 1 else ''}", ""] + step_tables(d)
     if args.epoch:
