@@ -104,8 +104,8 @@ def _rewrite(mod, plan: InPlacePlan):
     for i, b in enumerate(bindings):
         for v in relax.analysis.free_vars(b.value):
             users.setdefault(v, []).append(i)
-    returned = [f for f in ret.fields]
-    replace, drop, unsafe_funcs = {}, set(), set()
+    returned = list(ret.fields)
+    replace, drop, aliased_funcs = {}, set(), set()
     for out_pos, in_pos in sorted(plan.pairs.items()):
         if out_pos >= len(returned) or in_pos >= len(main.params):
             continue
@@ -138,7 +138,7 @@ def _rewrite(mod, plan: InPlacePlan):
             drop.add(defined_at[storage])
             drop.update(i for i in users[storage] if i != defined_at[new])
         drop.update(i for i in users[new] if _is_op(bindings[i].value, "relax.vm.kill_object"))
-        unsafe_funcs.add(call.op)
+        aliased_funcs.add(call.op)
         plan.applied[out_pos] = in_pos
     if not replace:
         return mod
@@ -167,7 +167,7 @@ def _rewrite(mod, plan: InPlacePlan):
     for gv, f in mod.functions_items():
         if gv.name_hint == "main":
             f = new_main
-        elif any(gv.same_as(u) for u in unsafe_funcs):
+        elif any(gv.same_as(u) for u in aliased_funcs):
             f = f.with_attr("tirx.noalias", False)  # one of its outputs is one of its inputs now
         funcs[gv] = f
     return tvm.IRModule(funcs, attrs=mod.attrs)

@@ -174,6 +174,12 @@ def test_b_is_packed_where_the_copy_pays(M, K, layout, packs):
     assert _Registers(16, 32)._packs_b(M, K, layout) is packs
 
 
+@pytest.mark.parametrize("lanes, N, want", [(16, 2000, 16), (16, 8, 8), (16, 12, 4), (16, 10, 16), (8, 4, 4), (4, 2, 4)])
+def test_fewer_columns_than_a_vector_run_on_narrower_vectors(lanes, N, want):
+    # 10 columns: no narrower width divides them; the GEMM rule then declines (a row reduction)
+    assert _Registers(lanes, 32)._vector_lanes(N) == want
+
+
 def test_register_tile_for_strided_b_keeps_its_panel_in_l1():
     # x^T dz (the weight gradient) reads B in place, rows N apart: a K x NR panel that stays in L1
     # beats a wider one streamed from L2 for every row tile
@@ -190,6 +196,7 @@ def test_register_tile_for_strided_b_keeps_its_panel_in_l1():
     (200, 96, 30, 1, 0),    # dz^T x over many rows: B packed
     (40, 48, 1100, 1, 0),   # dz^T x over many rows: B packed (a panel of K rows would not fit L1)
     (5, 48, 17, 0, 1),      # one row tile, odd K
+    (60, 8, 50, 0, 1),      # 8 columns: half-width vectors on AVX-512
 ])
 def test_gemm_tiles_on_the_build_hosts_cpu_match_numpy(tmp_path, M, N, K, trans_a, trans_b):
     """The widest tiles this host's vector ISA allows (mcpu as the native target resolves it)."""
