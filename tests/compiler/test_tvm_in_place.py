@@ -27,7 +27,7 @@ SHAPE = [8, 40]
 TARGET = {"kind": "llvm", "num-cores": 2}
 
 
-def _graph(nodes, outputs, extra_outputs=()):
+def _graph(nodes, extra_outputs=()):
     """Inputs w, w.m, g ([8, 40]); momentum m' = 0.9 m + 0.1 g as new.w.m; the given nodes and
     outputs on top."""
     vi = lambda n, s=SHAPE: helper.make_tensor_value_info(n, TensorProto.FLOAT, s)  # noqa: E731
@@ -62,12 +62,20 @@ def _reference(model, feeds):
     return dict(zip([o.name for o in model.graph.output], sess.run(None, {k: np.array(v) for k, v in feeds.items()})))
 
 
+def _donated_run_matches_reference(program, model):
+    feeds = _feeds()
+    want = _reference(model, feeds)
+    got = program.run(feeds, donate=True)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=0, atol=1e-6, err_msg=name)
+
+
 def _step_nodes():
     return [helper.make_node("Mul", ["new.w.m", "lr"], ["step"]), helper.make_node("Sub", ["w", "step"], ["new.w"])]
 
 
 def test_an_update_is_written_over_the_state_only_for_a_caller_that_donates_it(tmp_path):
-    model = _graph(_step_nodes(), [])
+    model = _graph(_step_nodes())
     program, in_place = _compile(model, tmp_path)
     assert in_place == {"new.w": "w", "new.w.m": "w.m"}
     feeds = _feeds()
@@ -86,28 +94,20 @@ def test_an_update_is_written_over_the_state_only_for_a_caller_that_donates_it(t
 
 def test_an_old_value_read_after_its_update_keeps_its_own_buffer(tmp_path):
     # "change" = new.w - w needs the old w after new.w is computed
-    model = _graph([*_step_nodes(), helper.make_node("Sub", ["new.w", "w"], ["change"])], [], ["change"])
+    model = _graph([*_step_nodes(), helper.make_node("Sub", ["new.w", "w"], ["change"])], ["change"])
     program, in_place = _compile(model, tmp_path)
     assert "new.w" not in in_place and in_place == {"new.w.m": "w.m"}
-    feeds = _feeds()
-    want = _reference(model, feeds)
-    got = program.run(feeds, donate=True)
-    for name in want:
-        np.testing.assert_allclose(got[name], want[name], rtol=0, atol=1e-6, err_msg=name)
+    _donated_run_matches_reference(program, model)
 
 
 def test_an_update_that_reads_the_old_value_elsewhere_than_it_writes_keeps_its_own_buffer(tmp_path):
     # new.w = w + w with its columns reversed: the kernel reads w[i, 39 - j] when it writes w[i, j]
     nodes = [helper.make_node("Slice", ["w", "minus_one", "to_start", "axis_1", "minus_one"], ["flipped"]),
              helper.make_node("Add", ["w", "flipped"], ["new.w"])]
-    model = _graph(nodes, [])
+    model = _graph(nodes)
     program, in_place = _compile(model, tmp_path)
     assert "new.w" not in in_place
-    feeds = _feeds()
-    want = _reference(model, feeds)
-    got = program.run(feeds, donate=True)
-    for name in want:
-        np.testing.assert_allclose(got[name], want[name], rtol=0, atol=1e-6, err_msg=name)
+    _donated_run_matches_reference(program, model)
 
 
 def _tiny_adam_step(tmp_path):
