@@ -11,8 +11,11 @@ Pipeline (``compile_onnx``):
    into vector partial sums; column reductions vectorized along the contiguous axis; everything
    else fused, vectorized and parallelized. Optional MetaSchedule records (``tune``) take
    precedence for the kernels they cover. GPU targets get the dlight GPU rules instead.
-4. ``tvm.compile`` + ``export_library``; a JSON sidecar ``<lib>.json`` keeps the ONNX input /
-   output names, dtypes and shapes (the Relax VM function only knows positions).
+4. On CPU, last: each new parameter and optimizer state written over the old where the kernel
+   allows it (``tvm_in_place``).
+5. ``tvm.compile`` + ``export_library``; a JSON sidecar ``<lib>.json`` keeps the ONNX input /
+   output names, dtypes and shapes (the Relax VM function only knows positions), and which
+   outputs are written over which inputs.
 
 """
 
