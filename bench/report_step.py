@@ -188,11 +188,23 @@ leaves m, v and the parameter in three kernels, since m and v are both step outp
 of the parameter's update), and the CPU rules compute the group in one loop nest, reading the
 gradient and the old state once: 8 fp32 accesses per weight, counting the gradient GEMM's write.
 The GEMM rule picks its register tile with a cost model (enough accumulators to hide the FMA
-latency, loads per FMA, an L1-resident panel where B is read in place) and packs W a
-cache-sized block at a time; `x @ W^T` with at most 4 rows reads W in place as dot products.
-What is left: at batch 1-16 the per-kernel launch cost (a VM call, and a thread-pool launch for
-the larger kernels) is much of the step; at 4x2000 our TensorIR GEMMs still reach a smaller
-share of the SGEMM peak than MKL, and every forward GEMM packs its W again.
+latency, loads per FMA, the L2 bytes per cycle of a panel larger than L1), runs fewer columns
+than a vector on narrower vectors, and packs W a [16, 16] block at a time; `x @ W^T` with at most
+4 rows reads W in place as dot products. Last, each new parameter and optimizer state is written
+over the old (`compiler/tvm_in_place.py`), so the memory-bound update touches one copy of the
+state, as inductor's in-place loops do. What is left: at batch 1-16 the per-kernel launch cost (a
+VM call, and a thread-pool launch for the larger kernels) is much of the step; at 4x2000, batch
+100, the gradient GEMMs and the packing of W (twice per step, once per forward GEMM) stay below
+MKL's speed, and the Adam update, a kernel of its own there, streams 28 bytes per weight (the
+gradient, the weight, m and v in; the weight, m and v out).
+
+**Timing.** Worker threads spin for a while after their work (libgomp's behind torch, TVM's
+pool) and stall the threads of whatever runs next on the same cores, for either framework: a
+call timed right after the other framework's took longer than in a loop of its own calls. The
+interleaved timing therefore pauses and makes one untimed call before each sample
+(`bench_ort.SETTLE_S`). And a step repeated on one batch at the real learning rate drives the net
+into saturation within tens of calls, where denormal gradients slow every backend's GEMMs
+several-fold: every variant repeats the step from the same weights (lr 0).
 
 **onnxruntime.** Its CPU provider runs one kernel per node. The GEMMs are MLAS's (the forward ones
 as `FusedGemm` with the ReLU), but an optimizer update is a chain of about fifteen elementwise
@@ -203,8 +215,8 @@ much as the GEMMs at 4x2000, batch 100 (onnxruntime's own profile of the step:
 
 The way forward: for onnxruntime, the update as one kernel (a custom operator shipped in the
 bundle, or a contrib optimizer op where the runtime has one); for TVM, W packed once per step for
-all its forward GEMMs, the update fused into the gradient GEMM's write-back, and fewer, larger
-kernels for the per-row work of the small layers.
+all its forward GEMMs, the transposes before the gradient GEMMs folded into them, and fewer,
+larger kernels for the per-row work of the small layers.
 """
 
 
