@@ -78,10 +78,9 @@ def summarize(samples_s: list[float], calls_per_sample: int) -> dict:
 
 
 # Worker threads spin for a while after their work (libgomp's behind torch, TVM's pool) and stall
-# the next framework's threads on the same cores: timed right after a torch call, a TVM GEMM took
-# 1.3x, and a torch GEMM 4-8x (after a 5-20 ms pause), its time in a loop of its own calls
-# (bench/bench_step.py sizes, 2 cores). Before each sample of a function other than the one timed
-# last, the interleaved timing waits this long and makes one untimed call.
+# the next framework's threads on the same cores: a call timed right after another framework's
+# ran slower than in a loop of its own calls, a torch GEMM several times slower. Before each
+# sample, the interleaved timing waits this long and makes one untimed call.
 SETTLE_S = 0.05
 
 
