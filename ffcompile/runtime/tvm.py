@@ -105,7 +105,11 @@ class TVMProgram:
         # {output: input} written over the input (compiler.tvm_in_place); empty for older builds
         self.in_place: dict[str, str] = dict(meta.get("in_place", {}))
         self._overwritten = set(self.in_place.values())
+        # an input the program writes over, as wrapped for the last call: (array, tvm tensor); the
+        # array is also the output, so a loop that feeds it back is handed the same tensor
+        self._wrapped: dict[str, tuple] = {}
         self.device = tvm.runtime.device(device, device_id)
+        self._host = self.device.dlpack_device_type() == 1  # numpy shares its memory (a call per query)
         lib = _load_library(self.path)
         from tvm.runtime.vm import VirtualMachine  # (not imported by `import tvm` in runtime-only mode)
 
@@ -121,14 +125,18 @@ class TVMProgram:
         memcpy for large arrays). Not thread-safe (neither is the VM)."""
         import tvm
 
-        if self.device.dlpack_device_type() != 1:
+        if not self._host:
             return tvm.runtime.tensor(np.asarray(arr, dtype=dtype), self.device)
-        a = np.asarray(arr)
         overwritten = name in self._overwritten
+        if overwritten and donate:
+            last = self._wrapped.get(name)
+            if last is not None and last[0] is arr:  # the array the last call returned
+                return last[1]
+        a = np.asarray(arr)
         if (a.dtype == dtype and a.flags.c_contiguous and a.flags.writeable and a.ctypes.data % 64 == 0
                 and (donate or not overwritten)):
             try:
-                return tvm.runtime.from_dlpack(a)
+                return self._keep(name, a, tvm.runtime.from_dlpack(a))
             except Exception:  # pragma: no cover - fall back to a copy
                 pass
         if overwritten:
@@ -138,7 +146,12 @@ class TVMProgram:
             if buf is None or buf.shape != a.shape:
                 buf = self._staging[name] = _aligned_empty(a.shape, dtype)
         np.copyto(buf, a, casting="same_kind")
-        return tvm.runtime.from_dlpack(buf)
+        return self._keep(name, buf, tvm.runtime.from_dlpack(buf))
+
+    def _keep(self, name: str, array: np.ndarray, tensor):
+        if name in self._overwritten:
+            self._wrapped[name] = (array, tensor)
+        return tensor
 
     def run_tvm(self, feeds: dict, donate: bool = False):
         """Run with numpy arrays or tvm tensors; returns the VM's output tensors (no copies). A
@@ -151,7 +164,11 @@ class TVMProgram:
         args = []
         for n, dt in zip(self.input_names, self._in_dtypes):
             v = feeds[n]
-            args.append(v if isinstance(v, tvm.runtime.Tensor) else self._to_tvm(n, v, dt, donate))
+            if isinstance(v, tvm.runtime.Tensor):
+                self._wrapped.pop(n, None)
+                args.append(v)
+            else:
+                args.append(self._to_tvm(n, v, dt, donate))
         res = self._fn(*args)
         outs = [res] if self._single else list(res)
         return dict(zip(self.output_names, outs))
@@ -167,8 +184,11 @@ class TVMProgram:
         outs = self.run_tvm(feeds, donate)
         result = {}
         for (n, o), copy in zip(outs.items(), self._copy):
-            if copy or self.device.dlpack_device_type() != 1:
+            source = self.in_place.get(n)
+            if copy or not self._host:
                 result[n] = o.numpy()
+            elif source in self._wrapped:  # the output is the input's buffer: its array, as wrapped
+                result[n] = self._wrapped[source][0]
             else:
                 result[n] = np.from_dlpack(o)
         return result

@@ -88,8 +88,13 @@ def test_an_update_is_written_over_the_state_only_for_a_caller_that_donates_it(t
     for out, name in in_place.items():
         np.testing.assert_allclose(kept[out], want[out], rtol=0, atol=1e-6, err_msg=out)
         np.testing.assert_array_equal(donated[out], kept[out], err_msg=out)
-        assert np.shares_memory(donated[out], feeds[name]), out  # the new value now lives in the input's array
+        assert donated[out] is feeds[name], out  # the new value now lives in the input's array
     np.testing.assert_array_equal(feeds["g"], before["g"])  # an input nothing writes over: untouched
+    # fed back, the same arrays are updated again (the program reuses its wrapping of them)
+    again = program.run({**feeds, **{name: donated[out] for out, name in in_place.items()}}, donate=True)
+    want_again = _reference(model, {**feeds, **{name: kept[out] for out, name in in_place.items()}})
+    for out in in_place:
+        np.testing.assert_allclose(again[out], want_again[out], rtol=0, atol=1e-6, err_msg=out)
 
 
 def test_an_old_value_read_after_its_update_keeps_its_own_buffer(tmp_path):
