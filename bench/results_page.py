@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -33,6 +34,13 @@ def hours(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
 
 
+def training_time(r: dict) -> str:
+    """The sum of the epochs' wall times, which counts any time the run stood paused or shared the
+    cores, and the median epoch, which hardly does."""
+    median = statistics.median(h["seconds"] for h in r["history"])
+    return f"{hours(r['train_seconds'])} (median epoch {median:.0f} s)"
+
+
 def verdict(r: dict) -> str:
     if r["epochs_done"] < r["epochs"]:
         return f"partial: {r['epochs_done']} of {r['epochs']} epochs"
@@ -49,7 +57,7 @@ def table(results: list[dict], link: str) -> list[str]:
         test, val = r["test_error_percent"], r["val_error_percent"]
         lines.append(f"| [`{r['model']}`]({link}#{r['model']}) | {goal} | {percent(test.get('goodness'))} / "
                      f"{percent(test.get('softmax'))} | {percent(val.get('goodness'))} / {percent(val.get('softmax'))} | "
-                     f"{r['epochs_done']} | {hours(r['train_seconds'])} on {r['target']} | {verdict(r)} |")
+                     f"{r['epochs_done']} | {training_time(r)} on {r['target']} | {verdict(r)} |")
     return lines
 
 
@@ -85,7 +93,7 @@ def page(results: list[dict]) -> str:
                   f"- spec: `{r['spec']}`; commit `{r['commit']['sha'][:10]}`{' (with local changes)' if r['commit']['dirty'] else ''}"
                   f"{' (when the result was reported)' if r.get('commit_when') == 'report' else ''}; "
                   f"measured {r['date']}",
-                  f"- {r['epochs_done']} of {r['epochs']} epochs, {hours(r['train_seconds'])} of training on "
+                  f"- {r['epochs_done']} of {r['epochs']} epochs, {training_time(r)} of training on "
                   f"{hw['cores']} × {hw['cpu'] or hw['machine']} through the `{r['target']}` bundle",
                   f"- goal: {r['goal_source'] or 'none'}", "- commands:", "", "```", *r["commands"], "```", ""]
     return "\n".join(lines)
