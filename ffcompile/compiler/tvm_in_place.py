@@ -8,8 +8,10 @@ wherever that is safe:
 
 - ``X`` is an argument of that kernel's call and nothing after the call reads ``X``;
 - inside the kernel, the block that writes ``new.X`` reads ``X`` only at the element it writes,
-  and every other block that reads ``X`` runs before it, in no loop shared with it;
-- the kernel writes ``new.X`` with no reduction.
+  and every other block that reads ``X`` runs before it: in no loop shared with it, or, in each
+  iteration of the loops they share, reading exactly the elements the writer then writes (an
+  optimizer's blocks computed tile by tile inside the gradient GEMM);
+- the kernel writes ``new.X`` with no reduction; no view of ``X`` is taken.
 
 The program's main function then returns ``X``'s buffer as ``new.X``: a caller that hands the
 step its state gives it up (``TVMProgram.run``'s ``donate``); the sidecar lists the pairs.
