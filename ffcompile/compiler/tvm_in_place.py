@@ -72,18 +72,27 @@ def _kernel_call(value) -> bool:
 _INSPECTING = ("vm.builtin.check_tensor_info", "vm.builtin.match_shape")
 
 
-def _harmless_use(value, before_update: bool) -> bool:
-    """A use of the old value that an update written over it cannot disturb: a kernel that runs
-    no later than the update, the VM releasing its register, or a check of its shape. (A view,
-    e.g. a reshape, could be read after the update.)"""
+def _extern(value, names) -> bool:
     from tvm import relax
 
-    if _kernel_call(value):
-        return before_update
-    if _is_op(value, "relax.vm.kill_object"):
-        return True
-    return (isinstance(value, relax.Call) and isinstance(value.op, relax.ExternFunc)
-            and value.op.global_symbol in _INSPECTING)
+    return isinstance(value, relax.Call) and isinstance(value.op, relax.ExternFunc) and value.op.global_symbol in names
+
+
+def _only_read_before(var, call_at: int, bindings, users) -> bool:
+    """Whether an update at binding ``call_at`` written over ``var`` disturbs none of its uses:
+    kernels that run no later than the update, the VM releasing its register, checks of its
+    shape, and views of it (a reshape) used only so themselves."""
+    for i in users.get(var, []):
+        value = bindings[i].value
+        if _extern(value, ("vm.builtin.reshape",)):
+            if not _only_read_before(bindings[i].var, call_at, bindings, users):
+                return False
+        elif _kernel_call(value):
+            if i > call_at:
+                return False
+        elif not (_is_op(value, "relax.vm.kill_object") or _extern(value, _INSPECTING)):
+            return False
+    return True
 
 
 def _rewrite(mod, plan: InPlacePlan):
@@ -125,8 +134,8 @@ def _rewrite(mod, plan: InPlacePlan):
         args = list(call.args)
         if not any(a.same_as(old) for a in args) or sum(a.same_as(new) for a in args) != 1:
             continue
-        if not all(_harmless_use(bindings[i].value, i <= call_at) for i in users.get(old, [])):
-            continue  # the old value is read after the update, or through a view
+        if not _only_read_before(old, call_at, bindings, users):
+            continue  # the old value, or a view of it, is read after the update
         func = mod[call.op]
         in_arg = next(k for k, a in enumerate(args) if a.same_as(old))
         out_arg = next(k for k, a in enumerate(args) if a.same_as(new))

@@ -105,6 +105,21 @@ def test_an_old_value_read_after_its_update_keeps_its_own_buffer(tmp_path):
     _donated_run_matches_reference(program, model)
 
 
+def test_an_old_value_read_through_a_view_after_its_update_keeps_its_own_buffer(tmp_path):
+    # the old w reshaped to [40, 8] (a view of its buffer, as a GEMM operand) is read after new.w
+    # is computed
+    rows, cols = SHAPE[1], SHAPE[0]
+    nodes = [*_step_nodes(), helper.make_node("Reshape", ["w", "as_40x8"], ["w_view"]),
+             helper.make_node("MatMul", ["w_view", "ones_8x4"], ["sums"])]
+    model = _graph(nodes)
+    model.graph.initializer.extend([numpy_helper.from_array(np.array([rows, cols], np.int64), "as_40x8"),
+                                    numpy_helper.from_array(np.ones((cols, 4), np.float32), "ones_8x4")])
+    model.graph.output.append(helper.make_tensor_value_info("sums", TensorProto.FLOAT, [rows, 4]))
+    program, in_place = _compile(model, tmp_path)
+    assert "new.w" not in in_place
+    _donated_run_matches_reference(program, model)
+
+
 def test_an_update_that_reads_the_old_value_elsewhere_than_it_writes_keeps_its_own_buffer(tmp_path):
     # new.w = w + w with its columns reversed: the kernel reads w[i, 39 - j] when it writes w[i, j]
     nodes = [helper.make_node("Slice", ["w", "minus_one", "to_start", "axis_1", "minus_one"], ["flipped"]),
@@ -128,11 +143,11 @@ def _tiny_adam_step(tmp_path):
     return model, program, tvm_runtime.load(lib), params, state, feeds
 
 
-def test_a_train_step_updates_every_weight_and_its_adam_state_in_place(tmp_path):
+def test_a_train_step_updates_every_parameter_and_its_adam_state_in_place(tmp_path):
     """Adam with weight decay: the update reads the old weight in the blocks of m' and v' too, all
     computed tile by tile with the weight gradient's GEMM."""
     _, program, compiled, params, state, feeds = _tiny_adam_step(tmp_path)
-    for name in ("h1.weight", "h2.weight"):
+    for name in ("h1.weight", "h2.weight", "h1.bias", "h2.bias"):  # (a bias is also read through a view)
         for suffix in ("", ".m", ".v"):
             assert compiled.in_place.get(f"new.{name}{suffix}") == f"{name}{suffix}"
     want = _reference(to_onnx(program, fuse=False), feeds)
