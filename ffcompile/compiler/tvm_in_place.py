@@ -131,15 +131,13 @@ def _rewrite(mod, plan: InPlacePlan):
             continue
         call_at = writers[0]  # the first kernel that takes it is the one that fills it
         call = bindings[call_at].value
-        args = list(call.args)
-        if not any(a.same_as(old) for a in args) or sum(a.same_as(new) for a in args) != 1:
+        in_args = [k for k, a in enumerate(call.args) if a.same_as(old)]
+        out_args = [k for k, a in enumerate(call.args) if a.same_as(new)]
+        if not in_args or len(out_args) != 1:
             continue
         if not _only_read_before(old, call_at, bindings, users):
             continue  # the old value, or a view of it, is read after the update
-        func = mod[call.op]
-        in_arg = next(k for k, a in enumerate(args) if a.same_as(old))
-        out_arg = next(k for k, a in enumerate(args) if a.same_as(new))
-        if not _kernel_may_write_over(func, in_arg, out_arg):
+        if not _kernel_may_write_over(mod[call.op], in_args[0], out_args[0]):
             continue
         replace[new] = old
         drop.add(defined_at[new])
@@ -256,8 +254,6 @@ def _read_before_written(sch, reader, read, writer, written) -> bool:
 def _elements(sch, block, region):
     """The element ``block`` touches in ``region``, as expressions of its loop variables, where each
     index is one of the block's own iteration variables; else None."""
-    from tvm import s_tir
-
     loops = sch.get_loops(block)
     stmt = sch.get(block)
     realize = _find_realize(sch.get(loops[-1]).body, stmt) if loops else None
@@ -270,7 +266,7 @@ def _elements(sch, block, region):
         if value is None or not _is_one(r.extent):
             return None
         out.append(value)
-    return out if isinstance(realize, s_tir.SBlockRealize) else None
+    return out
 
 
 def _find_realize(stmt, block):
