@@ -164,14 +164,16 @@ def test_register_tile_streams_no_wider_panel_from_l2_than_l2_delivers():
     assert chooser._register_tile(200, 2000, 2000, packed=True) == (5, 80)
 
 
-@pytest.mark.parametrize("M, K, layout, packs", [
-    (200, 2000, "NK", True),     # x @ W^T: always
-    (2000, 200, "KN", True),     # the weight gradient: many row tiles share each panel
-    (32, 200, "KN", False),      # few rows, a panel of one vector fits L1: read in place
-    (32, 1100, "KN", True),      # a panel of one vector outgrows L1
+@pytest.mark.parametrize("M, N, K, layout, packs", [
+    (200, 2000, 2000, "NK", True),  # x @ W^T: always
+    (2000, 2000, 200, "KN", True),  # the weight gradient: many row tiles share each panel
+    (32, 2000, 200, "KN", False),   # few rows, a panel of one vector fits L1: read in place
+    (32, 2000, 1100, "KN", True),   # a panel of one vector outgrows L1
+    (500, 784, 16, "KN", False),    # the batch-8 weight gradient: all of B stays in L2
+    (500, 784, 200, "KN", True),    # ... and at batch 100 it does not
 ])
-def test_b_is_packed_where_the_copy_pays(M, K, layout, packs):
-    assert _Registers(16, 32)._packs_b(M, K, layout) is packs
+def test_b_is_packed_where_the_copy_pays(M, N, K, layout, packs):
+    assert _Registers(16, 32)._packs_b(M, N, K, layout) is packs
 
 
 @pytest.mark.parametrize("lanes, N, want", [(16, 2000, 16), (16, 8, 8), (16, 12, 4), (16, 10, 16), (8, 4, 4), (4, 2, 4)])
