@@ -105,8 +105,9 @@ class TVMProgram:
         # {output: input} written over the input (compiler.tvm_in_place); empty for older builds
         self.in_place: dict[str, str] = dict(meta.get("in_place", {}))
         self._overwritten = set(self.in_place.values())
-        # an input the program writes over, as wrapped for the last call: (array, tvm tensor); the
-        # array is also the output, so a loop that feeds it back is handed the same tensor
+        # an input as wrapped for the last call, without a copy or (one the program writes over)
+        # into a fresh buffer: (array, tvm tensor). A loop that feeds the same array back is handed
+        # the same tensor; for an input written over, the array is also the output
         self._wrapped: dict[str, tuple] = {}
         self.device = tvm.runtime.device(device, device_id)
         self._host = self.device.dlpack_device_type() == 1  # numpy shares its memory (a call per query)
@@ -122,16 +123,16 @@ class TVMProgram:
         program writes over (``in_place``) that is not ``donate``d; anything else is copied into
         an aligned buffer: a persistent staging buffer, or a fresh one for an input the program
         writes over, as it becomes an output (``tvm.runtime.tensor`` is ~8x slower than a plain
-        memcpy for large arrays). Not thread-safe (neither is the VM)."""
+        memcpy for large arrays). The same array fed again is handed over as the tensor already
+        wrapped around it. Not thread-safe (neither is the VM)."""
         import tvm
 
         if not self._host:
             return tvm.runtime.tensor(np.asarray(arr, dtype=dtype), self.device)
         overwritten = name in self._overwritten
-        if overwritten and donate:
-            last = self._wrapped.get(name)
-            if last is not None and last[0] is arr:  # the array the last call returned
-                return last[1]
+        last = self._wrapped.get(name)
+        if last is not None and last[0] is arr and (donate or not overwritten):
+            return last[1]
         a = np.asarray(arr)
         if (a.dtype == dtype and a.flags.c_contiguous and a.flags.writeable and a.ctypes.data % 64 == 0
                 and (donate or not overwritten)):
@@ -146,16 +147,14 @@ class TVMProgram:
             if buf is None or buf.shape != a.shape:
                 buf = self._staging[name] = _aligned_empty(a.shape, dtype)
         np.copyto(buf, a, casting="same_kind")
-        return self._keep(name, buf, tvm.runtime.from_dlpack(buf))
+        tensor = tvm.runtime.from_dlpack(buf)
+        return self._keep(name, buf, tensor) if overwritten else tensor
 
     def _keep(self, name: str, array: np.ndarray, tensor):
-        if name in self._overwritten:
-            self._wrapped[name] = (array, tensor)
+        self._wrapped[name] = (array, tensor)
         return tensor
 
-    def run_tvm(self, feeds: dict, donate: bool = False):
-        """Run with numpy arrays or tvm tensors; returns the VM's output tensors (no copies). A
-        tvm tensor fed for an input the program writes over is overwritten whatever ``donate``."""
+    def _call(self, feeds: dict, donate: bool):
         import tvm
 
         missing = [n for n in self.input_names if n not in feeds]
@@ -169,9 +168,13 @@ class TVMProgram:
                 args.append(v)
             else:
                 args.append(self._to_tvm(n, v, dt, donate))
-        res = self._fn(*args)
-        outs = [res] if self._single else list(res)
-        return dict(zip(self.output_names, outs))
+        return self._fn(*args)
+
+    def run_tvm(self, feeds: dict, donate: bool = False):
+        """Run with numpy arrays or tvm tensors; returns the VM's output tensors (no copies). A
+        tvm tensor fed for an input the program writes over is overwritten whatever ``donate``."""
+        res = self._call(feeds, donate)
+        return dict(zip(self.output_names, [res] if self._single else list(res)))
 
     def run(self, feeds: dict[str, np.ndarray], donate: bool = False) -> dict[str, np.ndarray]:
         """Run one step. Inputs that are 64-byte aligned C-contiguous arrays (e.g. outputs of a
@@ -181,16 +184,15 @@ class TVMProgram:
         (``in_place``: output -> input): with ``donate``, the caller gives up those input arrays,
         which then hold the new values (the outputs share their memory); without, the program
         works on copies and the caller's arrays stay as they were."""
-        outs = self.run_tvm(feeds, donate)
+        res = self._call(feeds, donate)
         result = {}
-        for (n, o), copy in zip(outs.items(), self._copy):
+        for i, (n, copy) in enumerate(zip(self.output_names, self._copy)):
             source = self.in_place.get(n)
-            if copy or not self._host:
-                result[n] = o.numpy()
-            elif source in self._wrapped:  # the output is the input's buffer: its array, as wrapped
-                result[n] = self._wrapped[source][0]
-            else:
-                result[n] = np.from_dlpack(o)
+            if source in self._wrapped and self._host and not copy:
+                result[n] = self._wrapped[source][0]  # the output is the input's buffer, as wrapped
+                continue
+            o = res if self._single else res[i]
+            result[n] = o.numpy() if copy or not self._host else np.from_dlpack(o)
         return result
 
 

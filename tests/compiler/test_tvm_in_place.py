@@ -97,6 +97,18 @@ def test_an_update_is_written_over_the_state_only_for_a_caller_that_donates_it(t
         np.testing.assert_allclose(again[out], want_again[out], rtol=0, atol=1e-6, err_msg=out)
 
 
+def test_an_input_array_fed_again_is_read_as_it_is_now(tmp_path):
+    # the program keeps its wrapping of an array fed without a copy; the caller may have written
+    # into the array since
+    model = _graph(_step_nodes())
+    program, _ = _compile(model, tmp_path)
+    feeds = _feeds()
+    program.run(feeds)
+    feeds["g"][...] = 3.0
+    got = program.run(feeds)
+    np.testing.assert_allclose(got["new.w.m"], _reference(model, feeds)["new.w.m"], rtol=0, atol=1e-6)
+
+
 def test_an_old_value_read_after_its_update_keeps_its_own_buffer(tmp_path):
     # "change" = new.w - w needs the old w after new.w is computed
     model = _graph([*_step_nodes(), helper.make_node("Sub", ["new.w", "w"], ["change"])], ["change"])
