@@ -24,6 +24,7 @@ from __future__ import annotations
 import warnings
 
 import json
+import os
 from pathlib import Path
 
 from ..runtime.machine import ALIASES, host_arch
@@ -969,14 +970,23 @@ class _CPUScheduler:
         if not padded and K <= self.EPILOGUE_MAX_K:
             self._epilogue_per_tile(wb, jb, lanes)
             sch = self.sch  # a failed attempt restores a copy (the handles stay valid)
+        # the threads split the column blocks, each packing its own panels; where they cannot
+        # split them evenly (2000 columns: 25 blocks of 80), B is packed whole first, all threads
+        # together, and they split the (column block, row tile) space instead
+        whole_pack = (pack is not None and not outer and self.threads > 1
+                      and layout == "KN" and (jn // JB) % self.threads and M // MR >= self.threads)
         if pack is not None:
-            sch.compute_at(pack, jo, preserve_unit_loops=True)
+            if not whole_pack:
+                sch.compute_at(pack, jo, preserve_unit_loops=True)
             if layout == "NK":
                 self._transpose_in_blocks(pack)
             else:  # rows of NR contiguous values: a plain copy
                 _, row = sch.get_loops(pack)[-2:]
                 _, lane = sch.split(row, [None, lanes])
                 sch.vectorize(lane)
+            if whole_pack:
+                sch.parallel(sch.get_loops(pack)[0])
+        if pack is not None and not whole_pack:
             par = sch.fuse(*outer, jo) if outer else jo
         else:
             par = sch.fuse(*outer, jo, io) if outer else sch.fuse(jo, io)
