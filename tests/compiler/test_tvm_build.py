@@ -171,6 +171,7 @@ def test_register_tile_streams_no_wider_panel_from_l2_than_l2_delivers():
     (32, 2000, 1100, "KN", True),   # a panel of one vector outgrows L1
     (500, 784, 16, "KN", False),    # the batch-8 weight gradient: all of B stays in L2
     (500, 784, 200, "KN", True),    # ... and at batch 100 it does not
+    (2000, 200, 200, "KN", True),   # B fits in L2, but over 200 rows the tiles read packed panels faster
 ])
 def test_b_is_packed_where_the_copy_pays(M, N, K, layout, packs):
     assert _Registers(16, 32)._packs_b(M, N, K, layout) is packs
