@@ -24,7 +24,6 @@ from __future__ import annotations
 import warnings
 
 import json
-import os
 from pathlib import Path
 
 from ..runtime.machine import ALIASES, host_arch
