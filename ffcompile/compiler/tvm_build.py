@@ -1009,7 +1009,8 @@ class _CPUScheduler:
             sch.unroll(ls[-2])
             sch.vectorize(ls[-1])
         self.log.append(f"gemm {name}: {layout} M={M} N={N}{' (padded)' if padded else ''} K={K} "
-                        f"MR={MR} NR={NR} JB={JB}")
+                        f"MR={MR} NR={NR} JB={JB}{' B packed whole' if whole_pack else ''}"
+                        f"{' B in place' if pack is None else ''}")
 
     def _epilogue_per_tile(self, wb, jb, lanes: int):
         """Compute the elementwise blocks downstream of the GEMM's write-back (an optimizer update
@@ -1153,8 +1154,10 @@ class _CPUScheduler:
                 if inner in _var_set(rg.min) and d != len(r.region) - 1:
                     contiguous = False
         if not contiguous and len(loops) >= 2 and exts[-1] >= lanes and exts[-2] >= lanes:
-            # transpose-like: 2-D tiling so both sides stay in cache
-            t = 16 if exts[-1] % 16 == 0 and exts[-2] % 16 == 0 else lanes
+            # transpose-like: 2-D tiling so both sides stay in cache; vectors along the rows read
+            # (stores scattered down the columns: a 2000 x 2000 transpose 1.3 -> 0.8 ms, against
+            # vectors gathered down the columns read)
+            t = next((w for w in (16, 8) if exts[-1] % w == 0 and exts[-2] % w == 0), lanes)
             a_o, a_i = sch.split(loops[-2], [None, t])
             b_o, b_i = sch.split(loops[-1], [None, t])
             sch.reorder(*loops[:-2], a_o, b_o, a_i, b_i)
@@ -1162,8 +1165,9 @@ class _CPUScheduler:
             if total >= self.PAR_MIN_WORK and self.threads > 1:
                 sch.parallel(par)
             if exts[-1] % t == 0 and exts[-2] % t == 0:
-                sch.unroll(a_i)
-                sch.vectorize(b_i)
+                sch.reorder(b_i, a_i)
+                sch.unroll(b_i)
+                sch.vectorize(a_i)
             self.log.append(f"transpose {name}")
             return
         self._flat_parallel_vectorized(loops, exts)

@@ -200,6 +200,8 @@ def test_register_tile_for_strided_b_keeps_its_panel_in_l1():
     (40, 48, 1100, 1, 0),   # dz^T x over many rows: B packed (a panel of K rows would not fit L1)
     (5, 48, 17, 0, 1),      # one row tile, odd K
     (60, 8, 50, 0, 1),      # 8 columns: half-width vectors on AVX-512
+    (200, 784, 16, 1, 0),   # a gradient's few rows over many: B read in place, the threads split the rows
+    (200, 240, 100, 1, 0),  # B packed whole where the threads cannot split its column blocks evenly
 ])
 def test_gemm_tiles_on_the_build_hosts_cpu_match_numpy(tmp_path, M, N, K, trans_a, trans_b):
     """The widest tiles this host's vector ISA allows (mcpu as the native target resolves it)."""
@@ -222,6 +224,20 @@ def test_gemm_tiles_on_the_build_hosts_cpu_match_numpy(tmp_path, M, N, K, trans_
     got = tvm_runtime.load(out).run({"a": a, "b": b})["c"]
     want = (a.T if trans_a else a).astype(np.float64) @ (b.T if trans_b else b).astype(np.float64)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [[32, 48], [24, 40], [20, 36]])  # tiles of 16, of 8, and neither
+def test_transpose_tiles_match_numpy(tmp_path, shape):
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Transpose", ["a"], ["t"], perm=[1, 0]), helper.make_node("Relu", ["t"], ["c"])], "t",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, shape[::-1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    out = tc.compile_onnx(model, {"kind": "llvm", "num-cores": 2}, tmp_path / "t.so")
+    a = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+    np.testing.assert_array_equal(tvm_runtime.load(out).run({"a": a})["c"], np.maximum(a.T, 0))
 
 
 def _update_graph(nonconvex: bool):
