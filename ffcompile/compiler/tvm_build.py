@@ -1117,6 +1117,23 @@ class _CPUScheduler:
                     sch.reverse_compute_at(sch.get_sblock(name), par)
             self.log.append(f"row-reduction {name}")
             return
+        if (len(s_loops) == 1 and len(r_loops) == 1 and last_var is not None and last_var.same_as(s_vars[-1])
+                and s_ext[-1] % lanes == 0 and self.threads > 1 and r_ext[0] % self.threads == 0
+                and total >= self.PAR_MIN_WORK and _store_dtype(stmt) == "float32"):
+            # column reduction of one vector per row: each thread sums its share of the rows into
+            # a row of partial sums, reading whole rows in order, then one pass adds the partials
+            # (a walk down each column block, one line per row, ran at half the copy bandwidth)
+            ko, _ = sch.split(r_loops[0], [self.threads, None])
+            rf = sch.rfactor(ko, factor_axis=0)
+            j, t, k = sch.get_loops(rf)
+            sch.reorder(t, k, j)
+            sch.parallel(t)
+            _, jl = sch.split(j, [None, lanes])
+            sch.vectorize(jl)
+            init = sch.decompose_reduction(rf, k)
+            sch.vectorize(sch.split(sch.get_loops(init)[-1], [None, lanes])[1])
+            self.log.append(f"col-reduction {name}: rows split between the threads")
+            return
         if (len(s_loops) >= 1 and last_var is not None and last_var.same_as(s_vars[-1])
                 and s_ext[-1] % lanes == 0):
             # column reduction: keep the contiguous spatial axis innermost and vectorize it

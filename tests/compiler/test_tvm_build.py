@@ -240,6 +240,21 @@ def test_transpose_tiles_match_numpy(tmp_path, shape):
     np.testing.assert_array_equal(tvm_runtime.load(out).run({"a": a})["c"], np.maximum(a.T, 0))
 
 
+@pytest.mark.parametrize("rows", [256, 255])  # rows the threads share evenly, and not
+def test_column_sums_match_numpy(tmp_path, rows):
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("ReduceSum", ["a", "axes"], ["s"], keepdims=0)], "colsum",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [rows, 96])],
+        [helper.make_tensor_value_info("s", TensorProto.FLOAT, [96])],
+        [numpy_helper.from_array(np.array([0], np.int64), "axes")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    out = tc.compile_onnx(model, {"kind": "llvm", "num-cores": 2}, tmp_path / "s.so")
+    a = np.random.default_rng(0).standard_normal([rows, 96], dtype=np.float32)
+    np.testing.assert_allclose(tvm_runtime.load(out).run({"a": a})["s"], a.astype(np.float64).sum(0), rtol=1e-5, atol=1e-4)
+
+
 def _update_graph(nonconvex: bool):
     """m' = 0.9 m + 0.1 g and p' = p - lr m' (p' times the sum of m' if ``nonconvex``), with the sum
     of m' also an output, computed between the two updates."""
