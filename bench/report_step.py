@@ -192,11 +192,22 @@ latency, loads per FMA, the L2 bytes per cycle of a panel larger than L1), runs 
 than a vector on narrower vectors, and packs W a [16, 16] block at a time; `x @ W^T` with at most
 4 rows reads W in place as dot products. Last, each new parameter and optimizer state is written
 over the old (`compiler/tvm_in_place.py`), so the memory-bound update touches one copy of the
-state, as inductor's in-place loops do. What is left: at batch 1-16 the per-kernel launch cost (a
-VM call, and a thread-pool launch for the larger kernels) is much of the step; at 4x2000, batch
-100, the gradient GEMMs and the packing of W (twice per step, once per forward GEMM) stay below
-MKL's speed, and the Adam update, a kernel of its own there, streams 28 bytes per weight (the
-gradient, the weight, m and v in; the weight, m and v out).
+state, as inductor's in-place loops do. A small batch's weight gradient (at most 64 rows) reads
+its few rows in place while the threads split the output rows, so the update fused with it
+streams whole rows of its state.
+
+What is left. Alone, each 4x2000 GEMM runs within a few percent of MKL's with the same threads.
+The step loses elsewhere: the gradient GEMM reads `g^T`, which TVM writes out first (four 2000-row
+transposes a step), where MKL takes the transposed operand as it is; read in place as the GEMM's
+A, `g^T` walks a new page every row and the GEMM ran slower, and it needs K-blocked A panels,
+which the rule does not make. The per-row work of the wide layers (sums of squares, the local
+gradient, the next layer's normalization, the readout's concatenation) is about ten kernels of
+its own per layer, where inductor fuses it into a few loops; at batch 1000 that is most of the
+gap. The Adam update, a kernel of its own over 200 rows (inside the GEMM's tiles it made the step
+slower), streams 28 bytes per weight. At batch 1-16 the per-kernel launch cost (a VM call, and a
+thread-pool launch for the larger kernels) is much of the step. Packing W once for both forward
+GEMMs of a layer was tried: the GEMM on panels packed ahead ran no faster, as it then reads them
+from memory instead of L2.
 
 **Timing.** Worker threads spin for a while after their work (libgomp's behind torch, TVM's
 pool) and stall the threads of whatever runs next on the same cores, for either framework: a
@@ -214,9 +225,9 @@ much as the GEMMs at 4x2000, batch 100 (onnxruntime's own profile of the step:
 `bench.bench_ort.ort_profile`).
 
 The way forward: for onnxruntime, the update as one kernel (a custom operator shipped in the
-bundle, or a contrib optimizer op where the runtime has one); for TVM, W packed once per step for
-all its forward GEMMs, the transposes before the gradient GEMMs folded into them, and fewer,
-larger kernels for the per-row work of the small layers.
+bundle, or a contrib optimizer op where the runtime has one); for TVM, a K-blocked GEMM with
+packed A panels (which also takes `g^T` without a transpose), the per-row work of each layer in
+one or two kernels, and fewer kernels per step at small batches.
 """
 
 
