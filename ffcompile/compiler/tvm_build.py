@@ -28,7 +28,7 @@ from pathlib import Path
 
 from ..runtime.machine import ALIASES, host_arch
 from ..runtime.tvm import sidecar_path, usable_cores
-from .tvm_in_place import InPlacePlan, candidates, in_place_pass
+from .tvm_in_place import InPlacePlan, _blocks_in_order, candidates, in_place_pass
 
 _FORMAT = "ffcompile.tvm/1"
 
@@ -642,6 +642,31 @@ def _divisor_near(n: int, want: int, limit: int | None = None) -> int:
     return best
 
 
+def _concat_bounds(value, var) -> list[int] | None:
+    """The offsets where a concatenation along ``var`` switches source: the constants that a chain
+    of ``if_then_else(c <= var, ...)`` (as TOPI's concatenate writes it) compares ``var`` with;
+    None if ``value`` is not such a chain."""
+    from tvm import tirx
+
+    bounds = set()
+    while getattr(getattr(value, "op", None), "name", "") == "prim.if_then_else":
+        cond, then, other = value.args
+        if not (isinstance(cond, tirx.LE) and isinstance(cond.a, tirx.IntImm) and cond.b.same_as(var)):
+            return None
+        bounds.add(int(cond.a.value))
+        if getattr(getattr(then, "op", None), "name", "") == "prim.if_then_else":
+            return None  # the chain nests in the else branch only
+        value = other
+    return sorted(bounds) or None
+
+
+def _is_concatenation(block) -> list[int] | None:
+    """The offsets where ``block``, a concatenation along its innermost axis, switches source."""
+    if not hasattr(block.body, "value") or not block.iter_vars:
+        return None
+    return _concat_bounds(block.body.value, block.iter_vars[-1].var)
+
+
 def _var_set(expr) -> set:
     """Free variables of a TIR expression."""
     from tvm.tirx.analysis import undefined_vars
@@ -730,8 +755,12 @@ class _CPUScheduler:
         if not consumers:
             return False
         size = _block_size(self.sch, blk)
-        # do not recompute expensive values across a broadcast
-        return _is_cheap(self.sch.get(blk)) or all(_block_size(self.sch, c) <= size for c in consumers)
+        # do not recompute expensive values across a broadcast (a concatenation of n sources is
+        # n times as large as each, and reads each value once)
+        def pieces(c) -> int:
+            return len(_is_concatenation(self.sch.get(c)) or []) + 1
+
+        return _is_cheap(self.sch.get(blk)) or all(_block_size(self.sch, c) <= size * pieces(c) for c in consumers)
 
     def _may_inline_into_producer(self, blk) -> bool:
         # only the producer's one reader: inlining one of several leaves the others reading a
@@ -1161,6 +1190,22 @@ class _CPUScheduler:
         blk, stmt, ivs, loops, exts = self._loop_nest(name)
         if not loops:
             raise ValueError("unsupported loop nest")
+        bounds = _is_concatenation(stmt)
+        if bounds and exts[-1] % self.lanes == 0 and all(b % self.lanes == 0 for b in bounds):
+            # a concatenation along the contiguous axis: a loop per source, each vectorized
+            # (one loop selects between the sources element by element)
+            par = sch.fuse(*loops[:-1]) if len(loops) > 1 else None
+            outer, _ = sch.split(loops[-1], [None, self.lanes])
+            cuts = [b // self.lanes for b in bounds]
+            sch.loop_partition(outer, [hi - lo for lo, hi in zip([0, *cuts], cuts)])
+            copies = [b for b in _blocks_in_order(sch, sch.get_sblock("root"))
+                      if sch.get(b).name_hint.startswith(f"{name}_") and not sch.get_child_blocks(b)]
+            for b in copies:
+                sch.vectorize(sch.get_loops(b)[-1])
+            if par is not None and _prod(exts) >= self.PAR_MIN_WORK and self.threads > 1:
+                sch.parallel(par)
+            self.log.append(f"concatenation {name}: {len(copies)} sources")
+            return
         total = _prod(exts)
         lanes = self.lanes
         # is the innermost iterator contiguous in every read (or absent from it)?

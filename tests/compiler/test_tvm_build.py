@@ -255,6 +255,23 @@ def test_column_sums_match_numpy(tmp_path, rows):
     np.testing.assert_allclose(tvm_runtime.load(out).run({"a": a})["s"], a.astype(np.float64).sum(0), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("cols", [32, 6])  # sources of whole vectors, and not
+def test_concatenation_of_computed_sources_matches_numpy(tmp_path, cols):
+    from onnx import TensorProto, helper
+
+    names = ["a", "b", "c"]
+    nodes = [helper.make_node("Sqrt", [n], [f"{n}_root"]) for n in names]
+    nodes.append(helper.make_node("Concat", [f"{n}_root" for n in names], ["out"], axis=1))
+    graph = helper.make_graph(nodes, "concat", [helper.make_tensor_value_info(n, TensorProto.FLOAT, [64, cols]) for n in names],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [64, 3 * cols])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    out = tc.compile_onnx(model, {"kind": "llvm", "num-cores": 2}, tmp_path / "c.so")
+    rng = np.random.default_rng(0)
+    feeds = {n: rng.random([64, cols], dtype=np.float32) for n in names}
+    got = tvm_runtime.load(out).run(feeds)["out"]
+    np.testing.assert_allclose(got, np.sqrt(np.concatenate([feeds[n] for n in names], axis=1)), rtol=1e-6)
+
+
 def _update_graph(nonconvex: bool):
     """m' = 0.9 m + 0.1 g and p' = p - lr m' (p' times the sum of m' if ``nonconvex``), with the sum
     of m' also an output, computed between the two updates."""
