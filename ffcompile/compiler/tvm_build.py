@@ -210,8 +210,48 @@ def _pre_passes(schedule: str) -> list:
     if schedule == "hand":
         # x @ W^T as one kernel reading W in place (our GEMM rule packs it) instead of a
         # separate, memory-bound transpose of every weight matrix
-        return [relax.transform.FuseTransposeMatmul()]
+        return [relax.transform.FuseTransposeMatmul(), _sums_over_transposes_pass()]
     return []
+
+
+def _sums_over_transposes_pass():
+    """``sum(g, axis=0)`` as ``sum(g^T, axis=1)`` where the program transposes g anyway (a bias
+    gradient beside the weight gradient's ``g^T``): g is then read only by its transpose, which
+    FuseOps fuses into the kernel that computes g (g^T written directly, not g and then g^T),
+    and the sum runs along g^T's contiguous rows."""
+    import tvm
+    from tvm import relax
+
+    def is_op(value, name):
+        return isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) and value.op.name == name
+
+    @tvm.transform.module_pass(opt_level=0, name="FFCSumsOverTransposes")
+    def _pass(mod, _ctx):
+        main = mod["main"]
+        if len(main.body.blocks) != 1 or not isinstance(main.body.blocks[0], relax.DataflowBlock):
+            return mod
+        bindings = list(main.body.blocks[0].bindings)
+        transposed: dict = {}  # g -> the var holding g^T, for 2-D g
+        new_bindings, changed = [], False
+        for b in bindings:
+            v = b.value
+            if (is_op(v, "relax.permute_dims") and len(_shape_of(v.args[0]) or ()) == 2
+                    and (v.attrs.axes is None or [int(a) for a in v.attrs.axes] == [1, 0])):
+                transposed.setdefault(v.args[0], b.var)
+            elif (is_op(v, "relax.sum") and v.args[0] in transposed and not v.attrs.keepdims
+                  and v.attrs.axis is not None and [int(a) for a in v.attrs.axis] == [0]):
+                b = relax.VarBinding(b.var, relax.op.sum(transposed[v.args[0]], axis=[1], keepdims=False))
+                changed = True
+            new_bindings.append(b)
+        if not changed:
+            return mod
+        new_main = relax.Function(main.params, relax.SeqExpr([relax.DataflowBlock(new_bindings)], main.body.body),
+                                  main.ret_ty, main.is_pure, main.attrs)
+        out = tvm.IRModule({gv: (new_main if gv.name_hint == "main" else f) for gv, f in mod.functions_items()},
+                           attrs=mod.attrs)
+        return relax.transform.Normalize()(out)
+
+    return _pass
 
 
 def _legalize_passes(target, schedule: str) -> list:

@@ -272,6 +272,32 @@ def test_concatenation_of_computed_sources_matches_numpy(tmp_path, cols):
     np.testing.assert_allclose(got, np.sqrt(np.concatenate([feeds[n] for n in names], axis=1)), rtol=1e-6)
 
 
+def test_bias_gradient_sums_the_transposed_gradient_the_weight_gradient_reads(tmp_path):
+    # g = h * s (rows scaled), dW = g^T x, db = sum(g, axis 0): db is summed over g^T, so g is
+    # read only by its transpose (which then joins the kernel that computes g)
+    from onnx import TensorProto, helper, numpy_helper
+    from tvm import relax
+
+    vi = lambda n, s: helper.make_tensor_value_info(n, TensorProto.FLOAT, s)  # noqa: E731
+    nodes = [helper.make_node("Mul", ["h", "s"], ["g"]), helper.make_node("Transpose", ["g"], ["gT"], perm=[1, 0]),
+             helper.make_node("MatMul", ["gT", "x"], ["dW"]), helper.make_node("ReduceSum", ["g", "axes"], ["db"], keepdims=0)]
+    graph = helper.make_graph(nodes, "grads", [vi("h", [96, 48]), vi("s", [96, 1]), vi("x", [96, 32])],
+                              [vi("dW", [48, 32]), vi("db", [48])], [numpy_helper.from_array(np.array([0], np.int64), "axes")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    mod, _ = tc._import_onnx(model)
+    main = tc._sums_over_transposes_pass()(mod)["main"]
+    bound = {b.var: b.value for blk in main.body.blocks for b in blk.bindings}
+    sums = [v for v in bound.values() if isinstance(v, relax.Call) and getattr(v.op, "name", "") == "relax.sum"]
+    assert len(sums) == 1 and bound[sums[0].args[0]].op.name == "relax.permute_dims"
+    out = tc.compile_onnx(model, {"kind": "llvm", "num-cores": 2}, tmp_path / "g.so")
+    rng = np.random.default_rng(0)
+    feeds = {n: rng.standard_normal(shape, dtype=np.float32) for n, shape in (("h", [96, 48]), ("s", [96, 1]), ("x", [96, 32]))}
+    got = tvm_runtime.load(out).run(feeds)
+    g = feeds["h"].astype(np.float64) * feeds["s"]
+    np.testing.assert_allclose(got["dW"], g.T @ feeds["x"], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(got["db"], g.sum(0), rtol=1e-5, atol=1e-4)
+
+
 def _update_graph(nonconvex: bool):
     """m' = 0.9 m + 0.1 g and p' = p - lr m' (p' times the sum of m' if ``nonconvex``), with the sum
     of m' also an output, computed between the two updates."""
