@@ -738,6 +738,10 @@ class _CPUScheduler:
     reductions and elementwise loops. Each step is tried on a copy and skipped on failure."""
 
     PAR_MIN_WORK = 1 << 14  # elements below which we do not bother with threads
+    # multiply-adds from which a GEMM with fewer outputs than that runs on all threads (a small
+    # batch's forward GEMM: few outputs, long rows; a thread-pool launch costs about 10 us of
+    # one core's FMAs)
+    GEMM_PAR_MIN_MACS = 1 << 20
     GEMV_ROWS = 4  # x @ W^T with at most this many rows is a row reduction, W read in place
     # A GEMM over at most this many k mostly writes its output: downstream elementwise work (an
     # optimizer update) then runs on each tile as it leaves the registers. Over more k the
@@ -1042,10 +1046,12 @@ class _CPUScheduler:
             self._epilogue_per_tile(wb, jb, lanes)
             sch = self.sch  # a failed attempt restores a copy (the handles stay valid)
         # the threads split the column blocks, each packing its own panels; where they cannot
-        # split them evenly (2000 columns: 25 blocks of 80), B is packed whole first, all threads
-        # together, and they split the (column block, row tile) space instead
-        whole_pack = (pack is not None and not outer and self.threads > 1
-                      and layout == "KN" and (jn // JB) % self.threads and M // MR >= self.threads)
+        # split them evenly (2000 columns: 25 blocks of 80; a small batch's 16 columns: one), B
+        # is packed whole first, all threads together, and they split the (column block, row
+        # tile) space instead. Not a large W for x @ W^T: packed whole, its panels come from
+        # memory rather than L2 (measured slower)
+        whole_pack = (pack is not None and not outer and self.threads > 1 and (jn // JB) % self.threads
+                      and M // MR >= self.threads and (layout == "KN" or K * N * 4 <= self.L2_BYTES))
         if pack is not None:
             if not whole_pack:
                 sch.compute_at(pack, jo, preserve_unit_loops=True)
@@ -1061,7 +1067,7 @@ class _CPUScheduler:
             par = sch.fuse(*outer, jo) if outer else jo
         else:
             par = sch.fuse(*outer, jo, io) if outer else sch.fuse(jo, io)
-        if M * N >= self.PAR_MIN_WORK and self.threads > 1:
+        if (M * N >= self.PAR_MIN_WORK or M * N * K >= self.GEMM_PAR_MIN_MACS) and self.threads > 1:
             sch.parallel(par)
         # one register per (row, vector) of the tile: LLVM splits a wider vector well only at
         # power-of-two widths

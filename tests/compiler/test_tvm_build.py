@@ -202,6 +202,7 @@ def test_register_tile_for_strided_b_keeps_its_panel_in_l1():
     (60, 8, 50, 0, 1),      # 8 columns: half-width vectors on AVX-512
     (200, 784, 16, 1, 0),   # a gradient's few rows over many: B read in place, the threads split the rows
     (200, 240, 100, 1, 0),  # B packed whole where the threads cannot split its column blocks evenly
+    (500, 16, 784, 0, 1),   # W x^T of a small batch: one column block, so B packed whole, rows split
 ])
 def test_gemm_tiles_on_the_build_hosts_cpu_match_numpy(tmp_path, M, N, K, trans_a, trans_b):
     """The widest tiles this host's vector ISA allows (mcpu as the native target resolves it)."""
