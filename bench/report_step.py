@@ -197,10 +197,10 @@ its few rows in place while the threads split the output rows, so the update fus
 streams whole rows of its state.
 
 What is left. Alone, each 4x2000 GEMM runs within a few percent of MKL's with the same threads.
-The step loses elsewhere: the gradient GEMM reads `g^T`, which TVM writes out first (four 2000-row
-transposes a step), where MKL takes the transposed operand as it is; read in place as the GEMM's
-A, `g^T` walks a new page every row and the GEMM ran slower, and it needs K-blocked A panels,
-which the rule does not make. The per-row work of the wide layers (sums of squares, the local
+The step loses elsewhere: the gradient GEMM reads `g^T`, which the kernel that computes g writes
+transposed (scattered stores, well below the copy bandwidth), where MKL takes the transposed
+operand as it is; read in place as the GEMM's A, g walks a new page every row and the GEMM ran
+slower, and it needs K-blocked A panels, which the rule does not make. The per-row work of the wide layers (sums of squares, the local
 gradient, the next layer's normalization, the readout's concatenation) is about ten kernels of
 its own per layer, where inductor fuses it into a few loops; at batch 1000 that is most of the
 gap. The Adam update, a kernel of its own over 200 rows (inside the GEMM's tiles it made the step
