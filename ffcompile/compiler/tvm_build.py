@@ -28,7 +28,7 @@ from pathlib import Path
 
 from ..runtime.machine import ALIASES, host_arch
 from ..runtime.tvm import sidecar_path, usable_cores
-from .tvm_in_place import InPlacePlan, _blocks_in_order, candidates, in_place_pass
+from .tvm_in_place import InPlacePlan, candidates, in_place_pass
 
 _FORMAT = "ffcompile.tvm/1"
 
@@ -247,7 +247,8 @@ def _sums_over_transposes_pass():
             return mod
         new_main = relax.Function(main.params, relax.SeqExpr([relax.DataflowBlock(new_bindings)], main.body.body),
                                   main.ret_ty, main.is_pure, main.attrs)
-        out = tvm.IRModule({gv: (new_main if gv.name_hint == "main" else f) for gv, f in mod.functions_items()},
+        gv_main = mod.get_global_var("main")
+        out = tvm.IRModule({gv: (new_main if gv.same_as(gv_main) else f) for gv, f in mod.functions_items()},
                            attrs=mod.attrs)
         return relax.transform.Normalize()(out)
 
@@ -1243,9 +1244,8 @@ class _CPUScheduler:
             par = sch.fuse(*loops[:-1]) if len(loops) > 1 else None
             outer, _ = sch.split(loops[-1], [None, self.lanes])
             cuts = [b // self.lanes for b in bounds]
-            sch.loop_partition(outer, [hi - lo for lo, hi in zip([0, *cuts], cuts)])
-            copies = [b for b in _blocks_in_order(sch, sch.get_sblock("root"))
-                      if sch.get(b).name_hint.startswith(f"{name}_") and not sch.get_child_blocks(b)]
+            parts = sch.loop_partition(outer, [hi - lo for lo, hi in zip([0, *cuts], cuts)])
+            copies = [b for part in parts for b in sch.get_child_blocks(part)]
             for b in copies:
                 sch.vectorize(sch.get_loops(b)[-1])
             if par is not None and _prod(exts) >= self.PAR_MIN_WORK and self.threads > 1:
