@@ -200,10 +200,10 @@ What is left. Alone, each 4x2000 GEMM runs within a few percent of MKL's with th
 The step loses elsewhere: the gradient GEMM reads `g^T`, which the kernel that computes g writes
 transposed (scattered stores, well below the copy bandwidth), where MKL takes the transposed
 operand as it is; read in place as the GEMM's A, g walks a new page every row and the GEMM ran
-slower, and it needs K-blocked A panels, which the rule does not make. The per-row work of the wide layers (sums of squares, the local
-gradient, the next layer's normalization, the readout's concatenation) is about ten kernels of
-its own per layer, where inductor fuses it into a few loops; at batch 1000 that is most of the
-gap. The Adam update, a kernel of its own over 200 rows (inside the GEMM's tiles it made the step
+slower, and it needs K-blocked A panels, which the rule does not make. The per-row work of the
+wide layers (sums of squares, the local gradient, the next layer's normalization, the readout's
+concatenation) is about ten kernels of its own per layer, where inductor fuses it into a few
+loops; at batch 1000 that is most of the gap. The Adam update, a kernel of its own over 200 rows (inside the GEMM's tiles it made the step
 slower), streams 28 bytes per weight. At batch 1-16 the per-kernel launch cost (a VM call, and a
 thread-pool launch for the larger kernels) is much of the step. Packing W once for both forward
 GEMMs of a layer was tried: the GEMM on panels packed ahead ran no faster, as it then reads them
