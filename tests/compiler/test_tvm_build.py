@@ -179,7 +179,7 @@ def test_b_is_packed_where_the_copy_pays(M, N, K, layout, packs):
 
 @pytest.mark.parametrize("lanes, N, want", [(16, 2000, 16), (16, 8, 8), (16, 12, 4), (16, 10, 16), (8, 4, 4), (4, 2, 4)])
 def test_fewer_columns_than_a_vector_run_on_narrower_vectors(lanes, N, want):
-    # 10 columns: no narrower width divides them; the GEMM rule then declines (a row reduction)
+    # 10 columns: no narrower width divides them; the GEMM rule pads them to a whole vector
     assert _Registers(lanes, 32)._vector_lanes(N) == want
 
 
@@ -203,6 +203,7 @@ def test_register_tile_for_strided_b_keeps_its_panel_in_l1():
     (200, 784, 16, 1, 0),   # a gradient's few rows over many: B read in place, the threads split the rows
     (200, 240, 100, 1, 0),  # B packed whole where the threads cannot split its column blocks evenly
     (500, 16, 784, 0, 1),   # W x^T of a small batch: one column block, so B packed whole, rows split
+    (100, 10, 600, 0, 1),   # 10 columns (a softmax readout) padded to one vector
 ])
 def test_gemm_tiles_on_the_build_hosts_cpu_match_numpy(tmp_path, M, N, K, trans_a, trans_b):
     """The widest tiles this host's vector ISA allows (mcpu as the native target resolves it)."""
