@@ -28,7 +28,7 @@ from pathlib import Path
 
 from ..runtime.machine import ALIASES, host_arch
 from ..runtime.tvm import sidecar_path, usable_cores
-from .tvm_in_place import InPlacePlan, candidates, in_place_pass
+from .tvm_in_place import InPlacePlan, candidates, in_place_pass, is_op
 
 _FORMAT = "ffcompile.tvm/1"
 
@@ -222,9 +222,6 @@ def _sums_over_transposes_pass():
     import tvm
     from tvm import relax
 
-    def is_op(value, name):
-        return isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) and value.op.name == name
-
     @tvm.transform.module_pass(opt_level=0, name="FFCSumsOverTransposes")
     def _pass(mod, _ctx):
         main = mod["main"]
@@ -415,11 +412,8 @@ def _contraction(binding) -> int:
 
 def _op_pattern(mod, binding) -> int | None:
     """The relax OpPatternKind of a binding's call_tir kernel (None for anything else)."""
-    import tvm
-    from tvm import relax
-
     v = binding.value
-    if not (isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.Op) and v.op.name == "relax.call_tir"):
+    if not is_op(v, "relax.call_tir"):
         return None
     func = mod[v.args[0]]
     return None if func.attrs is None or "op_pattern" not in func.attrs else int(func.attrs["op_pattern"])
@@ -689,13 +683,16 @@ def _concat_bounds(value, var) -> list[int] | None:
     None if ``value`` is not such a chain."""
     from tvm import tirx
 
+    def is_select(expr) -> bool:
+        return getattr(getattr(expr, "op", None), "name", "") == "prim.if_then_else"
+
     bounds = set()
-    while getattr(getattr(value, "op", None), "name", "") == "prim.if_then_else":
+    while is_select(value):
         cond, then, other = value.args
         if not (isinstance(cond, tirx.LE) and isinstance(cond.a, tirx.IntImm) and cond.b.same_as(var)):
             return None
         bounds.add(int(cond.a.value))
-        if getattr(getattr(then, "op", None), "name", "") == "prim.if_then_else":
+        if is_select(then):
             return None  # the chain nests in the else branch only
         value = other
     return sorted(bounds) or None

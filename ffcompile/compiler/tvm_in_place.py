@@ -55,7 +55,8 @@ def in_place_pass(plan: InPlacePlan):
     return _pass
 
 
-def _is_op(value, name: str) -> bool:
+def is_op(value, name: str) -> bool:
+    """Whether a Relax expression is a call of the operator ``name`` (e.g. ``relax.sum``)."""
     import tvm
     from tvm import relax
 
@@ -90,7 +91,7 @@ def _only_read_before(var, call_at: int, bindings, users) -> bool:
         elif _kernel_call(value):
             if i > call_at:
                 return False
-        elif not (_is_op(value, "relax.vm.kill_object") or _extern(value, _INSPECTING)):
+        elif not (is_op(value, "relax.vm.kill_object") or _extern(value, _INSPECTING)):
             return False
     return True
 
@@ -124,7 +125,7 @@ def _rewrite(mod, plan: InPlacePlan):
         if not isinstance(new, relax.Var) or new not in defined_at or any(f.same_as(old) for f in returned):
             continue
         alloc = bindings[defined_at[new]]
-        if not _is_op(alloc.value, "relax.vm.alloc_tensor"):
+        if not is_op(alloc.value, "relax.vm.alloc_tensor"):
             continue
         writers = [i for i in users.get(new, []) if _kernel_call(bindings[i].value)]
         if not writers:
@@ -143,10 +144,10 @@ def _rewrite(mod, plan: InPlacePlan):
         drop.add(defined_at[new])
         storage = alloc.value.args[0]
         if isinstance(storage, relax.Var) and storage in defined_at and all(
-                i == defined_at[new] or _is_op(bindings[i].value, "relax.vm.kill_object") for i in users[storage]):
+                i == defined_at[new] or is_op(bindings[i].value, "relax.vm.kill_object") for i in users[storage]):
             drop.add(defined_at[storage])
             drop.update(i for i in users[storage] if i != defined_at[new])
-        drop.update(i for i in users[new] if _is_op(bindings[i].value, "relax.vm.kill_object"))
+        drop.update(i for i in users[new] if is_op(bindings[i].value, "relax.vm.kill_object"))
         aliased_funcs.add(call.op)
         plan.applied[out_pos] = in_pos
     if not replace:
