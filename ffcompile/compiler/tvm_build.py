@@ -955,12 +955,16 @@ class _CPUScheduler:
         the widest of half or a quarter of it (at least 4) that N is a multiple of: an AVX-512
         core runs 8 columns as 256-bit vectors, in its 32 registers (measured: the batch-8 forward
         of a 2 x 500 step, computed as W x^T, 3x faster than as dot products)."""
-        if N >= self.lanes:
-            return self.lanes
-        narrow = self.lanes // 2
+        return self.lanes if N >= self.lanes else self._narrower_lanes(N, self.lanes)
+
+    @staticmethod
+    def _narrower_lanes(N: int, lanes: int) -> int:
+        """The widest of half or a quarter of ``lanes`` (at least 4) that N is a multiple of;
+        ``lanes`` if none is."""
+        narrow = lanes // 2
         while narrow >= 4 and N % narrow:
             narrow //= 2
-        return narrow if narrow >= 4 else self.lanes
+        return narrow if narrow >= 4 else lanes
 
     def _packs_b(self, M: int, N: int, K: int, layout: str) -> bool:
         """Whether the GEMM copies B into [N / NR, K, NR] panels first: always when B is stored
@@ -988,6 +992,8 @@ class _CPUScheduler:
         blk = sch.get_sblock(name)
         packed = self._packs_b(M, N, K, layout)
         padded = False
+        if self._register_tile(M, N, K, packed, lanes) is None and K <= self.EPILOGUE_MAX_K:
+            lanes = self._narrower_lanes(N, lanes)
         if self._register_tile(M, N, K, packed, lanes) is None:
             if N <= lanes // 2:  # mostly padding: left to the row-reduction rule
                 raise ValueError(f"N={N} too narrow for the vector width")

@@ -384,13 +384,10 @@ def _run_against_onnxruntime(tmp_path, nodes, inputs, outputs, feeds, target=Non
         np.testing.assert_allclose(got[name], want[name], rtol=0, atol=ATOL, err_msg=name)
 
 
-@pytest.mark.parametrize("n", [22, 24, 40])
-def test_gradient_gemm_and_adam_update_in_one_kernel_match_onnxruntime(tmp_path, n):
-    """g = A^T X over few k, then m', v' and p' from g: one kernel, with the gradient's columns
-    padded to whole vectors or not, on this host's widest vectors."""
+def _gradient_and_adam(n: int):
+    """An ONNX graph g = A^T X over 20 k for a [10, n] parameter, then Adam's m', v' and p' from
+    g, and feeds for it."""
     from onnx import TensorProto, helper, numpy_helper
-
-    from ffcompile.compiler.targets import find_target
 
     vi = lambda name, shape: helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)  # noqa: E731
     nodes = [helper.make_node("Gemm", ["a", "x"], ["g"], transA=1),
@@ -410,7 +407,40 @@ def test_gradient_gemm_and_adam_update_in_one_kernel_match_onnxruntime(tmp_path,
     feeds = {"a": rng.standard_normal((k, m), dtype=np.float32), "x": rng.standard_normal((k, n), dtype=np.float32),
              "p": rng.standard_normal((m, n), dtype=np.float32), "m": rng.standard_normal((m, n), dtype=np.float32) * 0.1,
              "v": rng.random((m, n), dtype=np.float32)}
-    target = find_target("x86-cpu-tvm-native").tvm if tc.host_arch() == "x86_64" else _host_target()
-    _run_against_onnxruntime(tmp_path, nodes, graph_inputs, [vi("new_p", [m, n]), vi("new_m", [m, n]), vi("new_v", [m, n])],
-                             feeds, {**target, "num-cores": 2})
+    outputs = [vi("new_p", [m, n]), vi("new_m", [m, n]), vi("new_v", [m, n])]
+    return nodes, graph_inputs, outputs, feeds
 
+
+def _widest_host_target() -> dict:
+    from ffcompile.compiler.targets import find_target
+
+    target = find_target("x86-cpu-tvm-native").tvm if tc.host_arch() == "x86_64" else _host_target()
+    return {**target, "num-cores": 2}
+
+
+@pytest.mark.parametrize("n", [20, 22, 24, 40])
+def test_gradient_gemm_and_adam_update_in_one_kernel_match_onnxruntime(tmp_path, n):
+    """g = A^T X over few k, then m', v' and p' from g: one kernel, with the gradient's columns
+    on narrower vectors, padded to whole vectors, or neither, on this host's widest vectors."""
+    nodes, graph_inputs, outputs, feeds = _gradient_and_adam(n)
+    _run_against_onnxruntime(tmp_path, nodes, graph_inputs, outputs, feeds, _widest_host_target())
+
+
+@pytest.mark.parametrize("lanes", [8, 16])
+def test_gradient_gemm_whose_columns_split_into_narrower_vectors_keeps_its_update_per_tile(lanes):
+    """20 columns (a 2 x 500 net's 500): 4-lane vectors with the update fused per tile, not a
+    zero-padded product written out and updated in a second pass."""
+    from onnx import helper
+
+    nodes, graph_inputs, outputs, _ = _gradient_and_adam(20)
+    model = helper.make_model(helper.make_graph(nodes, "g", graph_inputs, outputs),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512" if lanes == 16 else "haswell", "num-cores": 2})
+    log: list = []
+    with target:
+        mod, _ = tc._import_onnx(model)
+        tvm.transform.Sequential(tc._legalize_passes(target, "hand") + [tc._hand_schedule_pass(target, log)])(mod)
+    lines = [line for e in log for line in e["log"]]
+    gemm = [line for line in lines if line.startswith("gemm")]
+    assert len(gemm) == 1 and "padded" not in gemm[0] and "NR=20" in gemm[0], lines
+    assert any(line.startswith("epilogue per tile:") for line in lines), lines
