@@ -26,6 +26,11 @@ The machine's fp32 SGEMM peak (torch.mm) and copy bandwidth (torch copy_) are me
 run; every size records the load during its timing. Per variant: median ms, % of the SGEMM peak
 (matmul FLOPs of the program / time), ratio to the memory-bandwidth bound (parameters and optimizer
 state read and written once / copy bandwidth).
+
+What the machine allows, per size, beside them: ``matmul_products``, the step's matrix products
+alone in torch.mm (timed interleaved with the variants: a reference line, not a step), and
+``sweep_bound_ms``, the bandwidth bound with the weight reads of the forward passes, which the
+step's data dependencies keep out of the update's sweep.
 """
 
 from __future__ import annotations
@@ -105,6 +110,39 @@ def copy_bandwidth(nbytes: int, threads: int) -> float:
     return 2 * nbytes / r["min_ms"] / 1e6
 
 
+def matmul_products(prog, threads: int):
+    """A callable that runs the program's matrix products alone, back to back, in torch.mm (the
+    machine's SGEMM library): the same shapes and layouts (a transposed operand as a transposed
+    view, as MKL takes it), random normal values, outputs preallocated. What a step costs at the
+    least if its products ran exactly as fast as the library runs them and nothing else took time."""
+    import torch
+
+    torch.set_num_threads(threads)
+    shapes = {v.name: v.shape for v in prog.inputs} | {n.output.name: n.output.shape for n in prog.nodes}
+    calls = []
+    for n in prog.nodes:
+        if n.op != "matmul":
+            continue
+        a, b = (torch.randn(*shapes[name]) for name in n.inputs[:2])
+        a = a.T if n.attrs.get("trans_a") else a
+        b = b.T if n.attrs.get("trans_b") else b
+        calls.append((a, b, torch.empty(*n.output.shape)))
+
+    def run():
+        for a, b, out in calls:
+            torch.mm(a, b, out=out)
+    run.products = calls
+    return run
+
+
+def weight_reads_bytes(prog) -> int:
+    """Bytes of parameters the program's matmuls read as operands (each weight once per matmul
+    that takes it: the neutral pass and the positive/negative pass)."""
+    params = {v.name: v.shape for v in prog.inputs if v.name.endswith((".weight", ".bias"))}
+    return sum(int(np.prod(params[name])) * 4 for n in prog.nodes if n.op == "matmul" for name in n.inputs[:2]
+               if name in params)
+
+
 def tensors(feeds: dict):
     import torch
 
@@ -177,6 +215,11 @@ def bench_size(size: str, args, peak: dict, work: Path) -> dict:
                                   "(2 x params_and_state_bytes) / the copy bandwidth of a tensor of params_and_state_bytes "
                                   "(torch copy_, best of 5 samples, measured just before this size; a working set "
                                   "that fits in cache copies faster than the 256 MiB copy of 'peak')",
+           "sweep_bound_ms": (moved + weight_reads_bytes(prog)) / (same_size * 1e9) * 1e3,
+           "sweep_bound_how": "the bandwidth bound plus every weight read once more by each matmul that takes it, at "
+                              "the same copy bandwidth: the neutral pass and the positive/negative pass each read the "
+                              "weights in a sweep of their own (the negative labels need the whole neutral pass, a "
+                              "layer's gradient the whole layer's output) before the update's sweep",
            "compile_s": {}, "notes": {}}
     log(f"{size}: {model.name} batch {batch}, {flops / 1e9:.3f} GFLOP, bound {row['bandwidth_bound_ms']:.2f} ms")
     row["hand_step_check"] = check_hand_step(model, prog, feeds)
@@ -231,6 +274,7 @@ def bench_size(size: str, args, peak: dict, work: Path) -> dict:
         if key not in fns and key not in row["notes"]:
             row["notes"][key] = f"not run at this size (run with --oracle-compile {size})"
     fns["interpreter"] = runners.torch_eager
+    products = matmul_products(prog, args.threads)
 
     repeats = args.repeats_large if batch >= 1000 else args.repeats
     # Every torch variant runs with 2 threads and with 1 (interleaved like the rest) and keeps its
@@ -243,12 +287,20 @@ def bench_size(size: str, args, peak: dict, work: Path) -> dict:
                 timed[f"{key}@{threads}"] = (lambda f, n: lambda: (torch.set_num_threads(n), f()))(fn, threads)
         else:
             timed[key] = (lambda f: lambda: (torch.set_num_threads(args.threads), f()))(fn)
+    timed["matmul_products"] = lambda: (torch.set_num_threads(args.threads), products())
     before = os.getloadavg()[0]
     with B.LoadMonitor() as monitor:
         res = B.interleaved(timed, repeats, args.sample_ms)
     torch.set_num_threads(args.threads)
     row["loadavg_during"] = [before, os.getloadavg()[0]]  # 1-minute load average as the timing began and ended
     row["load_during"] = monitor.summary()
+    r = res["matmul_products"]
+    row["matmul_products"] = {
+        "label": "the step's matrix products alone in torch.mm (reference line, not a step)", "threads": args.threads,
+        "median_ms": r["median_ms"], "min_ms": r["min_ms"], "iqr_ms": r["iqr_ms"],
+        "percent_of_sgemm_peak": 100 * flops / (r["median_ms"] / 1e3) / 1e9 / peak["sgemm_peak_gflops"]}
+    log(f"  matmul products alone (torch.mm) median {r['median_ms']:9.3f} ms  "
+        f"{row['matmul_products']['percent_of_sgemm_peak']:5.1f} % peak")
     row["variants"] = {}
     for key in fns:
         options = {int(k.split("@")[1]): r for k, r in res.items() if "@" in k and k.split("@")[0] == key}
