@@ -123,16 +123,13 @@ class TVMProgram:
         program writes over (``in_place``) that is not ``donate``d; anything else is copied into
         an aligned buffer: a persistent staging buffer, or a fresh one for an input the program
         writes over, as it becomes an output (``tvm.runtime.tensor`` is ~8x slower than a plain
-        memcpy for large arrays). The same array fed again is handed over as the tensor already
-        wrapped around it. Not thread-safe (neither is the VM)."""
+        memcpy for large arrays). (``_call`` hands the same array fed again over as the tensor
+        already wrapped around it.) Not thread-safe (neither is the VM)."""
         import tvm
 
         if not self._host:
             return tvm.runtime.tensor(np.asarray(arr, dtype=dtype), self.device)
         overwritten = name in self._overwritten
-        last = self._wrapped.get(name)
-        if last is not None and last[0] is arr and (donate or not overwritten):
-            return last[1]
         a = np.asarray(arr)
         if (a.dtype == dtype and a.flags.c_contiguous and a.flags.writeable and a.ctypes.data % 64 == 0
                 and (donate or not overwritten)):
@@ -161,10 +158,14 @@ class TVMProgram:
         if missing:
             raise KeyError(f"missing inputs: {missing}")
         args = []
+        wrapped, overwritten = self._wrapped, self._overwritten
         for n, dt in zip(self.input_names, self._in_dtypes):
             v = feeds[n]
-            if isinstance(v, tvm.runtime.Tensor):
-                self._wrapped.pop(n, None)
+            last = wrapped.get(n)
+            if last is not None and last[0] is v and (donate or n not in overwritten):
+                args.append(last[1])  # the array fed last time (a training loop's state)
+            elif isinstance(v, tvm.runtime.Tensor):
+                wrapped.pop(n, None)
                 args.append(v)
             else:
                 args.append(self._to_tvm(n, v, dt, donate))
