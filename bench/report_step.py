@@ -109,7 +109,7 @@ def step_tables(d: dict) -> list[str]:
     out += ["", f"**Where we lose:** in {len(lost)} of {len(losses)} sizes the best compiled program is slower than the "
             "fastest PyTorch variant (" + "; ".join(f"{row['layers']}/{row['batch']}: {t[0]} {c[1] / t[1]:.2f}x faster"
                                                    for row, c, t in lost) + ")." if lost else
-            "", "### The goals, checked on these numbers", ""] + goal_lines(d)
+            "", "", "### The goals, checked on these numbers", ""] + goal_lines(d)
     if "memory" in d:
         m = d["memory"]
         out += ["", f"### Working memory of one step, {m['model']}", "",
@@ -153,9 +153,10 @@ def out_of_reach(d: dict, row: dict, goal: str) -> str:
     """Why a missed goal cannot be met on this machine, where the run's own measurements show it."""
     ck, cms, _, _, hand = against_torch(row)
     if goal == "2x" and "sweep_bound_ms" in row:
-        floor, what = max((at_peak_ms(d, row), "the matmul FLOPs at the SGEMM peak"), (row["sweep_bound_ms"], "the sweep bound"))
+        floor, what = max((at_peak_ms(d, row), "the step's matmul FLOPs alone take {} ms at the SGEMM peak"),
+                          (row["sweep_bound_ms"], "the sweep bound is {} ms"))
         if floor > hand / 2:
-            return f"; out of reach here: {what} alone is {floor:.3g} ms, more than half of hand-written eager's {hand:.3g} ms"
+            return f"; out of reach here: {what.format(f'{floor:.3g}')}, more than half of hand-written eager's {hand:.3g} ms"
         if row["matmul_products"]["median_ms"] > hand / 2:
             return (f"; the matmul products alone take {row['matmul_products']['median_ms']:.3g} ms in torch.mm, more than "
                     f"half of hand-written eager's {hand:.3g} ms")
@@ -247,18 +248,22 @@ state, as inductor's in-place loops do. A small batch's weight gradient (at most
 its few rows in place while the threads split the output rows, so the update fused with it
 streams whole rows of its state.
 
-What is left. Alone, each 4x2000 GEMM runs within a few percent of MKL's with the same threads.
-The step loses elsewhere: the gradient GEMM reads `g^T`, which the kernel that computes g writes
-transposed (scattered stores, well below the copy bandwidth), where MKL takes the transposed
-operand as it is; read in place as the GEMM's A, g walks a new page every row and the GEMM ran
-slower, and it needs K-blocked A panels, which the rule does not make. The per-row work of the
+What is left. At batch 1000 the step is almost all matrix products, and the table "What the
+machine allows" shows torch.mm running this step's products alone close to the SGEMM peak, with
+torch.compile's step adding little to them. Our GEMM tile accumulates over the whole K with B's
+panel in L2; a 2000-wide product runs level with MKL's where it is `x @ W^T`, and slower where B
+is stored [K, N]. MKL's way beyond that is a K-blocked kernel with packed A panels and B's
+micro-panel in L1, which would also take `g^T` as it is. Our step instead has the kernel that
+computes g write it transposed (scattered stores, well below the copy bandwidth): read in place
+as the GEMM's A, g walks a new page every row and the GEMM ran slower. The per-row work of the
 wide layers (sums of squares, the local gradient, the next layer's normalization, the readout's
 concatenation) is about ten kernels of its own per layer, where inductor fuses it into a few
-loops; at batch 1000 that is most of the gap. The Adam update, a kernel of its own over 200 rows (inside the GEMM's tiles it made the step
-slower), streams 28 bytes per weight. At batch 1-16 the per-kernel launch cost (a VM call, and a
-thread-pool launch for the larger kernels) is much of the step. Packing W once for both forward
-GEMMs of a layer was tried: the GEMM on panels packed ahead ran no faster, as it then reads them
-from memory instead of L2.
+loops. The Adam update over 200 rows or more is a kernel of its own (inside the GEMM's tiles,
+where the state's rows are read a tile's width at a time, it made the step slower) and streams
+28 bytes per weight. At batch 1-16, each layer's two forward passes and its update run at about
+the copy bandwidth of their working set; the rest of the step is the VM's calls, about sixty
+small kernels, and the Python call. Packing W once for both forward GEMMs of a layer was tried:
+the GEMM on panels packed ahead ran no faster, as it then reads them from memory instead of L2.
 
 **Timing.** Worker threads spin for a while after their work (libgomp's behind torch, TVM's
 pool) and stall the threads of whatever runs next on the same cores, for either framework: a

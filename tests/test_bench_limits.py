@@ -48,7 +48,7 @@ def _run(hand_ms: float, products_ms: float) -> tuple[dict, dict]:
 
 def test_a_2x_goal_below_the_peak_floor_is_out_of_reach():
     d, row = _run(hand_ms=35.0, products_ms=25.0)  # half of eager, 17.5 ms, is below 20 ms at the peak
-    assert "out of reach here: the matmul FLOPs at the SGEMM peak alone is 20 ms" in report_step.out_of_reach(d, row, "2x")
+    assert "out of reach here: the step's matmul FLOPs alone take 20 ms at the SGEMM peak" in report_step.out_of_reach(d, row, "2x")
 
 
 def test_a_2x_goal_below_the_sgemm_librarys_time_says_so():
