@@ -329,18 +329,24 @@ def measure_memory(args) -> dict:
               "and the batch not counted) in the emitted ONNX graph's node order, which onnxruntime follows (each "
               "layer's update right after its gradient); 'program_order': the same over the lowered program in "
               "the lowering's order (every update after every gradient)",
+        "tvm": "the compiled TVM train_step (x86-cpu-tvm, the default backend of `ffcompile train` on x86): "
+               "the most one call holds beyond its inputs by the compiler's static memory plan (storages live at "
+               "once, plus a kernel's own workspace; the library's planned_working_bytes)",
         "backprop": "fresh process, torch autograd on nn.Sequential of the same widths (Linear+ReLU, Linear head), "
                     "cross entropy, SGD momentum: bytes of the storages autograd saves for backward "
                     "(saved_tensors_hooks; parameters and input excluded) + the parameter gradients"}, "rows": []}
-    for batch in (100, 1000):
-        prog = B.program(model, "train_step", batch)
-        ff_program = B.liveness_peak(prog, list(prog.nodes))["peak_bytes"]
-        ff = B.onnx_liveness(shipped_onnx(prog))["peak_bytes"]
-        bp = B.run_child("backprop", MEMORY_MODEL, batch, args.threads, repeats=1)["saved_plus_gradients_bytes"]
-        out["rows"].append({"batch": batch, "ff_working_bytes": ff, "ff_working_bytes_program_order": ff_program,
-                            "backprop_working_bytes": bp, "ff_over_backprop": ff / bp})
-        log(f"  memory batch {batch}: FF {ff / MiB:.1f} MiB (program order {ff_program / MiB:.1f}), "
-            f"backprop {bp / MiB:.1f} MiB ({ff / bp:.2f}x)")
+    with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
+        for batch in (100, 1000):
+            prog = B.program(model, "train_step", batch)
+            ff_program = B.liveness_peak(prog, list(prog.nodes))["peak_bytes"]
+            ff = B.onnx_liveness(shipped_onnx(prog))["peak_bytes"]
+            tvm = compile_tvm(prog, "x86-cpu-tvm", args.threads, Path(tmp))[0].planned_working_bytes
+            bp = B.run_child("backprop", MEMORY_MODEL, batch, args.threads, repeats=1)["saved_plus_gradients_bytes"]
+            out["rows"].append({"batch": batch, "ff_working_bytes": ff, "ff_working_bytes_program_order": ff_program,
+                                "tvm_working_bytes": tvm, "backprop_working_bytes": bp, "ff_over_backprop": ff / bp,
+                                "tvm_over_backprop": tvm / bp})
+            log(f"  memory batch {batch}: FF {ff / MiB:.1f} MiB (program order {ff_program / MiB:.1f}), TVM "
+                f"{tvm / MiB:.1f} MiB, backprop {bp / MiB:.1f} MiB ({ff / bp:.2f}x, TVM {tvm / bp:.2f}x)")
     return out
 
 

@@ -176,9 +176,86 @@ def _schedule_passes(target, schedule: str, tuning_records):
 _SCHED_LOG: list | None = None  # set to a list to collect what the hand schedule did (debugging)
 
 
-def relax_pipeline(target, schedule: str = "hand", tuning_records=None, in_place=None):
+class PlannedMemory:
+    """Filled by the pipeline: ``peak_bytes``, the most memory one call of the program holds at
+    once beyond its inputs: the storages of the VM's static memory plan live together (allocated
+    to released), plus the workspace a kernel allocates for itself (a packed operand) while it
+    runs."""
+
+    def __init__(self):
+        self.peak_bytes: int | None = None
+
+
+def _planned_memory_pass(report: PlannedMemory, threads: int):
+    import tvm
+
+    @tvm.transform.module_pass(opt_level=0, name="FFCPlannedMemory")
+    def _pass(mod, _ctx):
+        report.peak_bytes = planned_peak_bytes(mod, threads)
+        return mod
+
+    return _pass
+
+
+def planned_peak_bytes(mod, threads: int) -> int:
+    """See ``PlannedMemory``; ``mod`` after the Relax pipeline's memory planning."""
+    from tvm import relax, tirx
+
+    workspace = {gv: _workspace_bytes(f, threads) for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
+    live: dict = {}
+    held = peak = 0
+    for block in mod["main"].body.blocks:
+        for b in block.bindings:
+            v = b.value
+            if is_op(v, "relax.vm.alloc_storage"):
+                size = _prod(int(x) for x in v.args[0].values) * tvm_dtype_bytes(v.args[2])
+                live[b.var] = size
+                held += size
+            elif is_op(v, "relax.vm.kill_object") and v.args[0] in live:
+                held -= live.pop(v.args[0])
+            elif isinstance(v, relax.Call) and v.op in workspace:
+                peak = max(peak, held + workspace[v.op])
+            peak = max(peak, held)
+    return peak
+
+
+def tvm_dtype_bytes(dtype_imm) -> int:
+    import tvm
+
+    return tvm.runtime.DataType(str(dtype_imm.value)).bits // 8
+
+
+def _workspace_bytes(func, threads: int) -> int:
+    """Bytes of the global buffers a scheduled kernel allocates for itself, each at the size and
+    place the lowering gives it (a buffer a parallel loop's body allocates, once per thread)."""
+    import tvm
+    from tvm import s_tir, tirx
+
+    lowered = tvm.transform.Sequential([s_tir.transform.LowerInitBlock(),
+                                        s_tir.transform.PlanAndUpdateBufferAllocationLocation(),
+                                        s_tir.transform.ConvertBlocksToOpaque(),
+                                        s_tir.transform.CompactBufferAllocation()])(
+        tvm.IRModule({"f": func.with_attr("global_symbol", "f")}))["f"]
+    total, stack = 0, [(lowered.body, 1)]
+    while stack:
+        node, copies = stack.pop()
+        if isinstance(node, tirx.For) and node.kind == tirx.ForKind.PARALLEL:
+            copies = threads
+        if isinstance(node, s_tir.SBlock):
+            total += copies * sum(_prod(int(d) for d in buf.shape) * buf.dtype.bits // 8
+                                  for buf in node.alloc_buffers if buf.scope() == "global")
+        if hasattr(node, "seq"):
+            stack.extend((c, copies) for c in node.seq)
+        else:
+            stack.extend((c, copies) for c in (getattr(node, a, None) for a in ("block", "body", "init", "then_case", "else_case"))
+                         if c is not None)
+    return total
+
+
+def relax_pipeline(target, schedule: str = "hand", tuning_records=None, in_place=None, memory=None):
     """The Relax pipeline we compile with: the stock CPU pipeline plus TIR scheduling, and, given
-    an ``InPlacePlan`` (``tvm_in_place``), state updates written over the old state."""
+    an ``InPlacePlan`` (``tvm_in_place``), state updates written over the old state. Given a
+    ``PlannedMemory``, it records what one call holds at its peak."""
     import tvm
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
@@ -194,13 +271,98 @@ def relax_pipeline(target, schedule: str = "hand", tuning_records=None, in_place
                 + cpu.library_dispatch_passes(target)
                 + _legalize_passes(target, schedule)
                 + _schedule_passes(target, schedule, tuning_records)
+                + [_outputs_early_pass()]
                 + cpu.dataflow_lower_passes(target)
                 + cpu.finalize_passes(target)
                 + ([in_place_pass(in_place)] if in_place is not None else [])
+                + ([_planned_memory_pass(memory, _cpu_params(target)["threads"])] if memory is not None else [])
             )
             return seq(mod)
 
     return _pipeline
+
+
+def _outputs_early_pass():
+    """Run each step output as soon as its inputs exist: a parameter's update, with the bindings
+    only it needs (the weight gradient GEMM), moves up to right after the last binding it shares
+    with the rest of the step. The ONNX importer binds a value where it is first used, so without
+    this every layer's weight gradient waits for the end of the step, and all of them (and the
+    activations they read) are live at once. Other bindings keep their order."""
+    import tvm
+    from tvm import relax
+
+    @tvm.transform.module_pass(opt_level=0, name="FFCOutputsEarly")
+    def _pass(mod, _ctx):
+        main = mod["main"]
+        if len(main.body.blocks) != 1 or not isinstance(main.body.blocks[0], relax.DataflowBlock):
+            return mod
+        bindings = list(main.body.blocks[0].bindings)
+        order = _outputs_early(bindings, main.body.body)
+        if order == list(range(len(bindings))):
+            return mod
+        block = relax.DataflowBlock([bindings[i] for i in order])
+        new_main = relax.Function(main.params, relax.SeqExpr([block], main.body.body), main.ret_ty,
+                                  main.is_pure, main.attrs)
+        gv_main = mod.get_global_var("main")
+        return tvm.IRModule({gv: (new_main if gv.same_as(gv_main) else f) for gv, f in mod.functions_items()},
+                            attrs=mod.attrs)
+
+    return _pass
+
+
+def _outputs_early(bindings, result) -> list[int]:
+    """The new order of ``bindings`` (indices), given the function's ``result`` (a var, bound in
+    the block to the tuple of outputs or not). A call with several outputs and the bindings that
+    take them apart count as one. Each binding whose value only the function returns (a sink),
+    with the bindings whose every use is inside that set (its cone), moves to right after the
+    latest binding outside the cone that the cone reads; the rest keep their order."""
+    from tvm import relax
+
+    index = {b.var: i for i, b in enumerate(bindings)}
+    returned = {result}
+    tuple_at = index.get(result)
+    if tuple_at is not None and isinstance(bindings[tuple_at].value, relax.Tuple):
+        returned |= set(relax.analysis.free_vars(bindings[tuple_at].value))
+    unit = list(range(len(bindings)))  # a TupleGetItem belongs to the call whose outputs it takes
+    for i, b in enumerate(bindings):
+        if isinstance(b.value, relax.TupleGetItem) and b.value.tuple_value in index:
+            unit[i] = unit[index[b.value.tuple_value]]
+    members: dict[int, list[int]] = {}
+    for i, u in enumerate(unit):
+        members.setdefault(u, []).append(i)
+    deps = {u: {unit[index[v]] for i in ms for v in relax.analysis.free_vars(bindings[i].value) if v in index} - {u}
+            for u, ms in members.items()}
+    users: dict[int, set] = {u: set() for u in members}
+    for u, d in deps.items():
+        for j in d:
+            if u != tuple_at:
+                users[j].add(u)
+    cone_of: dict[int, int] = {}  # unit -> the sink whose cone it is in
+    anchored: dict[int, list[int]] = {}  # unit -> sinks whose cones run right after it
+    for s in sorted(members):
+        if users[s] or s == tuple_at:
+            continue
+        cone, grew = {s}, True
+        while grew:
+            grew = False
+            for j in sorted({j for u in cone for j in deps[u]} - cone, reverse=True):
+                if users[j] <= cone and not returned & {bindings[i].var for i in members[j]} and j not in cone_of:
+                    cone.add(j)
+                    grew = True
+        outside = {j for u in cone for j in deps[u]} - cone
+        for u in cone:
+            cone_of[u] = s
+        anchored.setdefault(max(outside, default=-1), []).append(s)
+    cones: dict[int, list[int]] = {}
+    for u, s in cone_of.items():
+        cones.setdefault(s, []).extend(members[u])
+    order = [i for s in anchored.get(-1, []) for i in sorted(cones[s])]
+    for u in sorted(members):
+        if u in cone_of:
+            continue
+        order.extend(members[u])
+        order.extend(i for s in anchored.get(u, []) for i in sorted(cones[s]))
+    return order
 
 
 def _pre_passes(schedule: str) -> list:
@@ -531,7 +693,7 @@ def _gpu_pipeline(target, tuning_records):
                     relax.transform.FuseTIR(),
                 ]
                 + _schedule_passes(target, "none", tuning_records)
-                + [_gpu_schedule_pass(target)]
+                + [_gpu_schedule_pass(target), _outputs_early_pass()]
                 + be.dataflow_lower_passes(target)
                 + be.finalize_passes(target)
             )
@@ -592,9 +754,10 @@ def compile_onnx(model, target: dict, out_path: str | Path, *, cc: str | None = 
     tgt = _as_target(target)
     mod, inputs = _import_onnx(model)
     in_place = InPlacePlan(candidates(model, inputs)) if schedule == "hand" and tgt.kind.name == "llvm" else None
+    memory = PlannedMemory() if tgt.kind.name == "llvm" else None
     # (the Relax VM's "compiled" exec mode saves 2-3 % of a small step's time, but LLVM takes
     # minutes on a program of thousands of calls, e.g. a locally connected CIFAR net)
-    ex = tvm.compile(mod, target=tgt, relax_pipeline=relax_pipeline(tgt, schedule, tuning_records, in_place))
+    ex = tvm.compile(mod, target=tgt, relax_pipeline=relax_pipeline(tgt, schedule, tuning_records, in_place, memory))
     kw = {}
     if cc is not None:
         kw["cc"] = cc
@@ -605,7 +768,8 @@ def compile_onnx(model, target: dict, out_path: str | Path, *, cc: str | None = 
     applied = in_place.applied if in_place is not None else {}
     _write_meta(out_path, model, inputs, tgt, {
         "schedule": schedule, "tuned": tuning_records is not None,
-        "in_place": {model.graph.output[o].name: inputs[i].name for o, i in sorted(applied.items())}})
+        "in_place": {model.graph.output[o].name: inputs[i].name for o, i in sorted(applied.items())},
+        **({"planned_working_bytes": memory.peak_bytes} if memory is not None else {})})
     return out_path
 
 

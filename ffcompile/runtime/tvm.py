@@ -105,6 +105,8 @@ class TVMProgram:
         # {output: input} written over the input (compiler.tvm_in_place); empty for older builds
         self.in_place: dict[str, str] = dict(meta.get("in_place", {}))
         self._overwritten = set(self.in_place.values())
+        # the most one call holds beyond its inputs, by the compiler's memory plan (CPU builds)
+        self.planned_working_bytes: int | None = meta.get("planned_working_bytes")
         # an input as wrapped for the last call, without a copy or (one the program writes over)
         # into a fresh buffer: (array, tvm tensor). A loop that feeds the same array back is handed
         # the same tensor; for an input written over, the array is also the output
