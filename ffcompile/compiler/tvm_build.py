@@ -191,13 +191,13 @@ def _planned_memory_pass(report: PlannedMemory, threads: int):
 
     @tvm.transform.module_pass(opt_level=0, name="FFCPlannedMemory")
     def _pass(mod, _ctx):
-        report.peak_bytes = planned_peak_bytes(mod, threads)
+        report.peak_bytes = _planned_peak_bytes(mod, threads)
         return mod
 
     return _pass
 
 
-def planned_peak_bytes(mod, threads: int) -> int:
+def _planned_peak_bytes(mod, threads: int) -> int:
     """See ``PlannedMemory``; ``mod`` after the Relax pipeline's memory planning."""
     from tvm import relax, tirx
 
@@ -208,7 +208,7 @@ def planned_peak_bytes(mod, threads: int) -> int:
         for b in block.bindings:
             v = b.value
             if is_op(v, "relax.vm.alloc_storage"):
-                size = _prod(int(x) for x in v.args[0].values) * tvm_dtype_bytes(v.args[2])
+                size = _prod(int(x) for x in v.args[0].values) * _dtype_bytes(v.args[2])
                 live[b.var] = size
                 held += size
             elif is_op(v, "relax.vm.kill_object") and v.args[0] in live:
@@ -219,7 +219,7 @@ def planned_peak_bytes(mod, threads: int) -> int:
     return peak
 
 
-def tvm_dtype_bytes(dtype_imm) -> int:
+def _dtype_bytes(dtype_imm) -> int:
     import tvm
 
     return tvm.runtime.DataType(str(dtype_imm.value)).bits // 8
