@@ -273,6 +273,16 @@ the copy bandwidth of their working set; the rest of the step is the VM's calls,
 small kernels, and the Python call. Packing W once for both forward GEMMs of a layer was tried:
 the GEMM on panels packed ahead ran no faster, as it then reads them from memory instead of L2.
 
+**Working memory of the TVM step.** The Relax VM plans storage statically: a storage holds
+every tensor that shares it over the step, at the largest one's size, from its first use to its
+last, and a kernel that packs an operand whole allocates that copy while it runs. At batch 1000
+the 2000-wide tensors of the positive and negative pass (a layer's input, its output, the
+transposed gradient, the weight gradient: 16 MB each) and the readout's features keep most of
+the planned peak through the step. The onnxruntime graph computes each layer's rows a tile at a
+time inside a Scan and never holds those tensors whole; the same row tiling in the TVM program (a
+loop over row tiles, the weight gradient summed across them) is what would bring it under half
+of backprop's at batch 1000.
+
 **Timing.** Worker threads spin for a while after their work (libgomp's behind torch, TVM's
 pool) and stall the threads of whatever runs next on the same cores, for either framework: a
 call timed right after the other framework's took longer than in a loop of its own calls. The
