@@ -288,26 +288,12 @@ def _outputs_early_pass():
     with the rest of the step. The ONNX importer binds a value where it is first used, so without
     this every layer's weight gradient waits for the end of the step, and all of them (and the
     activations they read) are live at once. Other bindings keep their order."""
-    import tvm
-    from tvm import relax
 
-    @tvm.transform.module_pass(opt_level=0, name="FFCOutputsEarly")
-    def _pass(mod, _ctx):
-        main = mod["main"]
-        if len(main.body.blocks) != 1 or not isinstance(main.body.blocks[0], relax.DataflowBlock):
-            return mod
-        bindings = list(main.body.blocks[0].bindings)
-        order = _outputs_early(bindings, main.body.body)
-        if order == list(range(len(bindings))):
-            return mod
-        block = relax.DataflowBlock([bindings[i] for i in order])
-        new_main = relax.Function(main.params, relax.SeqExpr([block], main.body.body), main.ret_ty,
-                                  main.is_pure, main.attrs)
-        gv_main = mod.get_global_var("main")
-        return tvm.IRModule({gv: (new_main if gv.same_as(gv_main) else f) for gv, f in mod.functions_items()},
-                            attrs=mod.attrs)
+    def rewrite(bindings, result):
+        order = _outputs_early(bindings, result)
+        return None if order == list(range(len(bindings))) else [bindings[i] for i in order]
 
-    return _pass
+    return _main_block_pass("FFCOutputsEarly", rewrite)
 
 
 def _outputs_early(bindings, result) -> list[int]:
@@ -381,15 +367,9 @@ def _sums_over_transposes_pass():
     gradient beside the weight gradient's ``g^T``): g is then read only by its transpose, which
     FuseOps fuses into the kernel that computes g (g^T written directly, not g and then g^T),
     and the sum runs along g^T's contiguous rows."""
-    import tvm
     from tvm import relax
 
-    @tvm.transform.module_pass(opt_level=0, name="FFCSumsOverTransposes")
-    def _pass(mod, _ctx):
-        main = mod["main"]
-        if len(main.body.blocks) != 1 or not isinstance(main.body.blocks[0], relax.DataflowBlock):
-            return mod
-        bindings = list(main.body.blocks[0].bindings)
+    def rewrite(bindings, _result):
         transposed: dict = {}  # g -> the var holding g^T, for 2-D g
         new_bindings, changed = [], False
         for b in bindings:
@@ -402,7 +382,24 @@ def _sums_over_transposes_pass():
                 b = relax.VarBinding(b.var, relax.op.sum(transposed[v.args[0]], axis=[1], keepdims=False))
                 changed = True
             new_bindings.append(b)
-        if not changed:
+        return new_bindings if changed else None
+
+    return _main_block_pass("FFCSumsOverTransposes", rewrite)
+
+
+def _main_block_pass(name: str, rewrite):
+    """A module pass over the bindings of ``main``'s one dataflow block: ``rewrite(bindings,
+    result)`` returns the new bindings, or None to leave the module as it is."""
+    import tvm
+    from tvm import relax
+
+    @tvm.transform.module_pass(opt_level=0, name=name)
+    def _pass(mod, _ctx):
+        main = mod["main"]
+        if len(main.body.blocks) != 1 or not isinstance(main.body.blocks[0], relax.DataflowBlock):
+            return mod
+        new_bindings = rewrite(list(main.body.blocks[0].bindings), main.body.body)
+        if new_bindings is None:
             return mod
         new_main = relax.Function(main.params, relax.SeqExpr([relax.DataflowBlock(new_bindings)], main.body.body),
                                   main.ret_ty, main.is_pure, main.attrs)
