@@ -301,7 +301,8 @@ much as the GEMMs at 4x2000, batch 100 (onnxruntime's own profile of the step:
 The way forward: for onnxruntime, the update as one kernel (a custom operator shipped in the
 bundle, or a contrib optimizer op where the runtime has one); for TVM, a K-blocked GEMM with
 packed A panels (which also takes `g^T` without a transpose), the per-row work of each layer in
-one or two kernels, and fewer kernels per step at small batches.
+one or two kernels, fewer kernels per step at small batches, and the positive and negative rows
+a tile at a time (working memory at batch 1000).
 """
 
 
