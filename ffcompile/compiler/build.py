@@ -99,6 +99,16 @@ def _compile_tvm(program, model: Model, target: Target, out_dir: Path) -> str:
     return rel
 
 
+def _log_planned_memory(name: str, library: Path, log) -> None:
+    """A TVM CPU library's planned working memory per call (``planned_working_bytes``)."""
+    from ..runtime.tvm import sidecar_path
+
+    sidecar = sidecar_path(library)
+    planned = json.loads(sidecar.read_text()).get("planned_working_bytes") if sidecar.is_file() else None
+    if planned is not None:
+        log(f"{name}: {planned / 2**20:.1f} MiB of working memory per call beyond its inputs (the compiler's memory plan)")
+
+
 # One compiler per target backend: (program, model, target, bundle dir) -> the file's relative path.
 COMPILERS = {"onnxruntime": _compile_onnx, "tvm": _compile_tvm}
 
@@ -235,6 +245,7 @@ def _build(source, target, out_dir: Path, batch, infer_batch, verify_steps, data
             with Phase(f"compile {program.name} (batch {program_batch}, {len(program.nodes)} ops) for {target.name}",
                        progress, log):
                 rel = COMPILERS[target.backend](program, model, target, tmp)
+            _log_planned_memory(program.name, tmp / rel, log)
             entries[program.name] = {"file": rel, "backend": target.backend, **program.signature()}
         save_tensors(tmp / WEIGHTS, src.params, model=model.name)
         save_tensors(tmp / OPTIMIZER, src.state, model=model.name, epoch=src.epoch, step=src.step,

@@ -19,11 +19,23 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # the ONNX impor
 
 
 @pytest.fixture(scope="module")
-def tvm_bundle(tiny_spec, tmp_path_factory):
+def tvm_build_log():
+    return []
+
+
+@pytest.fixture(scope="module")
+def tvm_bundle(tiny_spec, tmp_path_factory, tvm_build_log):
     out = tmp_path_factory.mktemp("bundles") / "tiny-x86-tvm"
     manifest = build_bundle(tiny_spec, "x86-cpu-tvm", out, infer_batch=50, verify_steps=100, progress=False,
-                            log=lambda _: None)
+                            log=tvm_build_log.append)
     return out, manifest
+
+
+def test_build_says_how_much_working_memory_each_program_plans(tvm_bundle, tvm_build_log):
+    out, manifest = tvm_bundle
+    for name in manifest["programs"]:
+        planned = json.loads((out / f"programs/{name}.so.json").read_text())["planned_working_bytes"]
+        assert f"{name}: {planned / 2**20:.1f} MiB of working memory per call" in "\n".join(tvm_build_log)
 
 
 def test_x86_tvm_bundle_passes_a_100_step_trajectory(tvm_bundle):
