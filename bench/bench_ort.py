@@ -241,8 +241,13 @@ def feeds_for(model, prog, batch, seed=0) -> dict[str, np.ndarray]:
     return {k: v for k, v in feeds.items() if k in wanted}
 
 
+def value_shapes(prog) -> dict:
+    """{name: shape} of every program input and node output."""
+    return {v.name: v.shape for v in prog.inputs} | {n.output.name: n.output.shape for n in prog.nodes}
+
+
 def matmul_flops(prog) -> int:
-    shapes = {v.name: v.shape for v in prog.inputs} | {n.output.name: n.output.shape for n in prog.nodes}
+    shapes = value_shapes(prog)
     total = 0
     for n in prog.nodes:
         if n.op == "matmul":

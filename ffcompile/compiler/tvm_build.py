@@ -28,7 +28,7 @@ from pathlib import Path
 
 from ..runtime.machine import ALIASES, host_arch
 from ..runtime.tvm import sidecar_path, usable_cores
-from .tvm_in_place import InPlacePlan, candidates, in_place_pass, is_op
+from .tvm_in_place import InPlacePlan, candidates, in_place_pass, is_op, stmt_children
 
 _FORMAT = "ffcompile.tvm/1"
 
@@ -244,11 +244,7 @@ def _workspace_bytes(func, threads: int) -> int:
         if isinstance(node, s_tir.SBlock):
             total += copies * sum(_prod(int(d) for d in buf.shape) * buf.dtype.bits // 8
                                   for buf in node.alloc_buffers if buf.scope() == "global")
-        if hasattr(node, "seq"):
-            stack.extend((c, copies) for c in node.seq)
-        else:
-            stack.extend((c, copies) for c in (getattr(node, a, None) for a in ("block", "body", "init", "then_case", "else_case"))
-                         if c is not None)
+        stack.extend((c, copies) for c in stmt_children(node))
     return total
 
 

@@ -275,13 +275,19 @@ def _find_realize(stmt, block):
 
     if isinstance(stmt, s_tir.SBlockRealize):
         return stmt if stmt.block.same_as(block) else None
-    children = list(stmt.seq) if hasattr(stmt, "seq") else [getattr(stmt, a) for a in ("body", "then_case", "else_case")
-                                                            if getattr(stmt, a, None) is not None]
-    for child in children:
+    for child in stmt_children(stmt):
         found = _find_realize(child, block)
         if found is not None:
             return found
     return None
+
+
+def stmt_children(stmt) -> list:
+    """The statements directly inside a TIR statement (a sequence's items, a loop's or a block's
+    body, a block's init, an if's branches)."""
+    if hasattr(stmt, "seq"):
+        return list(stmt.seq)
+    return [c for c in (getattr(stmt, a, None) for a in ("block", "body", "init", "then_case", "else_case")) if c is not None]
 
 
 def _is_one(extent) -> bool:
