@@ -276,12 +276,21 @@ the GEMM on panels packed ahead ran no faster, as it then reads them from memory
 **Working memory of the TVM step.** The Relax VM plans storage statically: a storage holds
 every tensor that shares it over the step, at the largest one's size, from its first use to its
 last, and a kernel that packs an operand whole allocates that copy while it runs. At batch 1000
-the 2000-wide tensors of the positive and negative pass (a layer's input, its output, the
-transposed gradient, the weight gradient: 16 MB each) and the readout's features keep most of
-the planned peak through the step. The onnxruntime graph computes each layer's rows a tile at a
-time inside a Scan and never holds those tensors whole; the same row tiling in the TVM program (a
-loop over row tiles, the weight gradient summed across them) is what would bring it under half
-of backprop's at batch 1000.
+the planned peak falls in a wide layer's weight-gradient GEMM `g = dz^T x` over the 2000 rows of
+the positive and negative pass. Live there: the layer's input x, its output y, the transposed
+local gradient dz^T, the weight gradient g (each [2000, 2000], 16 MB), and the GEMM's copy of x
+in panels (16 MB: its 25 column blocks do not split evenly over 2 threads, so x is packed whole).
+Half of backprop's working memory is 43 MB, less than three such tensors. Whatever the order,
+three are live together: x, y and dz^T while dz^T is written (y is still needed for the next
+layer's input, and `dz = s * y` with s a scale per row that can be 0), or x, dz^T and the next
+layer's input. Under half therefore needs a gradient GEMM that reads y itself, with the update
+in its tiles (no g written out) and no whole copy of x. Summing g over row tiles does not help:
+the sum is a g of its own. Reading y's columns in place as the GEMM's A operand, with s applied
+while x is packed, was tried: the 4x2000 step at batch 1000 took 1.5x as long, as every k of the
+product reads a new page of y. What fits is the onnxruntime graph's order: one block of units at
+a time, its slice of dz^T computed from the block's columns of y (contiguous within each row),
+its slice of g and its update, with x packed per column block. The cost is one more pass over x
+per block of units.
 
 **Timing.** Worker threads spin for a while after their work (libgomp's behind torch, TVM's
 pool) and stall the threads of whatever runs next on the same cores, for either framework: a
@@ -301,8 +310,8 @@ much as the GEMMs at 4x2000, batch 100 (onnxruntime's own profile of the step:
 The way forward: for onnxruntime, the update as one kernel (a custom operator shipped in the
 bundle, or a contrib optimizer op where the runtime has one); for TVM, a K-blocked GEMM with
 packed A panels (which also takes `g^T` without a transpose), the per-row work of each layer in
-one or two kernels, fewer kernels per step at small batches, and the positive and negative rows
-a tile at a time (working memory at batch 1000).
+one or two kernels, fewer kernels per step at small batches, and each wide layer's gradient and
+update a block of units at a time (working memory at batch 1000).
 """
 
 
