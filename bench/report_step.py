@@ -261,14 +261,15 @@ machine allows" shows torch.mm running this step's products alone close to the S
 torch.compile's step adding little to them. Our GEMM tile accumulates over the whole K with B's
 panel in L2; a 2000-wide product runs level with MKL's where it is `x @ W^T`, and slower where B
 is stored [K, N]. MKL's way beyond that is a K-blocked kernel with packed A panels and B's
-micro-panel in L1, which would also take `g^T` as it is. Our step instead has the kernel that
-computes g write it transposed (scattered stores, well below the copy bandwidth): read in place
-as the GEMM's A, g walks a new page every row and the GEMM ran slower. The per-row work of the
-wide layers (sums of squares, the local gradient, the next layer's normalization, the readout's
-concatenation) is about ten kernels of its own per layer, where inductor fuses it into a few
-loops. The Adam update over 200 rows or more is a kernel of its own (inside the GEMM's tiles,
-where the state's rows are read a tile's width at a time, it made the step slower) and streams
-28 bytes per weight. At batch 1-16, each layer's two forward passes and its update run at about
+micro-panel in L1, which would also take `g^T` as it is. Our step instead writes g transposed
+(scattered stores, well below the copy bandwidth), whole at batch 100 and a block of units at a
+time at batch 1000 (see the working memory below): read in place as the GEMM's A, g walks a new
+page every row and the GEMM ran slower. The per-row work of the wide layers (sums of squares,
+the local gradient, the next layer's normalization) is about ten kernels of its own per layer,
+where inductor fuses it into a few loops. The Adam update over 200 rows is a kernel of its own
+(inside the GEMM's tiles, where the state's rows are read a tile's width at a time, it made the
+step slower) and streams 28 bytes per weight; at batch 1000 it follows each block of units
+inside the gradient's kernel. At batch 1-16, each layer's two forward passes and its update run at about
 the copy bandwidth of their working set; the rest of the step is the VM's calls, about sixty
 small kernels, and the Python call. Packing W once for both forward GEMMs of a layer was tried:
 the GEMM on panels packed ahead ran no faster, as it then reads them from memory instead of L2.
@@ -276,21 +277,19 @@ the GEMM on panels packed ahead ran no faster, as it then reads them from memory
 **Working memory of the TVM step.** The Relax VM plans storage statically: a storage holds
 every tensor that shares it over the step, at the largest one's size, from its first use to its
 last, and a kernel that packs an operand whole allocates that copy while it runs. At batch 1000
-the planned peak falls in a wide layer's weight-gradient GEMM `g = dz^T x` over the 2000 rows of
-the positive and negative pass. Live there: the layer's input x, its output y, the transposed
-local gradient dz^T, the weight gradient g (each [2000, 2000], 16 MB), and the GEMM's copy of x
-in panels (16 MB: its 25 column blocks do not split evenly over 2 threads, so x is packed whole).
-Half of backprop's working memory is 43 MB, less than three such tensors. Whatever the order,
-three are live together: x, y and dz^T while dz^T is written (y is still needed for the next
-layer's input, and `dz = s * y` with s a scale per row that can be 0), or x, dz^T and the next
-layer's input. Under half therefore needs a gradient GEMM that reads y itself, with the update
-in its tiles (no g written out) and no whole copy of x. Summing g over row tiles does not help:
-the sum is a g of its own. Reading y's columns in place as the GEMM's A operand, with s applied
-while x is packed, was tried: the 4x2000 step at batch 1000 took 1.5x as long, as every k of the
-product reads a new page of y. What fits is the onnxruntime graph's order: one block of units at
-a time, its slice of dz^T computed from the block's columns of y (contiguous within each row),
-its slice of g and its update, with x packed per column block. The cost is one more pass over x
-per block of units.
+the positive and negative pass's tensors are [2000, 2000], 16 MB each, and half of backprop's
+working memory is less than three of them. A layer's input x and its output y are live while its
+weight gradient `g = dz^T x` runs (y makes the next layer's input; `dz = s * y`, with s a scale
+per row that can be 0). Written whole, dz^T, g and the GEMM's packed copy of x would each be a
+third. So a weight gradient whose dz^T exceeds 4 MiB is one kernel with the parameter's update:
+for each block of 500 units it writes that block of dz^T from the block's columns of y (whole
+lines of each row), runs the block's GEMM with x packed per column block, and updates the
+block's rows of the parameter. The price is a pass over x per block of units: about 2 % of the
+step at batch 1000 in an interleaved comparison of whole steps. Reading y's columns in place as
+the GEMM's A operand instead made the step 1.5x slower, as every k of the product reads a new
+page of y. The softmax readout's features (layers 2-4 concatenated, as large as the three
+together) are not written either: the logits sum the layers' products over the weight's column
+slices, and the weight gradient concatenates the layers' products.
 
 **Timing.** Worker threads spin for a while after their work (libgomp's behind torch, TVM's
 pool) and stall the threads of whatever runs next on the same cores, for either framework: a
@@ -310,8 +309,7 @@ much as the GEMMs at 4x2000, batch 100 (onnxruntime's own profile of the step:
 The way forward: for onnxruntime, the update as one kernel (a custom operator shipped in the
 bundle, or a contrib optimizer op where the runtime has one); for TVM, a K-blocked GEMM with
 packed A panels (which also takes `g^T` without a transpose), the per-row work of each layer in
-one or two kernels, fewer kernels per step at small batches, and each wide layer's gradient and
-update a block of units at a time (working memory at batch 1000).
+one or two kernels, and fewer kernels per step at small batches.
 """
 
 

@@ -3,7 +3,11 @@
 Pipeline (``compile_onnx``):
 
 1. ONNX -> Relax with ``tvm.relax.frontend.onnx.from_onnx``.
-2. ``FuseTransposeMatmul`` (x @ W^T as one kernel), the stock CPU legalize/fuse passes.
+2. Graph rewrites: products with a concatenation read its parts instead; ``FuseTransposeMatmul``
+   (x @ W^T as one kernel); a large weight gradient dz^T x as one kernel that computes dz^T a
+   block of units at a time; each parameter's update grouped into one kernel (with its gradient
+   GEMM where that pays); the stock CPU legalize/fuse passes; each step output moved to right
+   after its inputs exist (working memory).
 3. Our hand-written TensorIR schedule rules (``_CPUScheduler``) on every fused kernel:
    register-tiled, vectorized, multi-threaded GEMM micro-kernels (MR x NR accumulators over the
    whole K, B blocked for L2, W packed per column block, epilogues fused into the write-back,
@@ -285,7 +289,7 @@ def _outputs_early_pass():
     this every layer's weight gradient waits for the end of the step, and all of them (and the
     activations they read) are live at once. Other bindings keep their order."""
 
-    def rewrite(bindings, result):
+    def rewrite(bindings, result, _bb):
         order = _outputs_early(bindings, result)
         return None if order == list(range(len(bindings))) else [bindings[i] for i in order]
 
@@ -354,8 +358,148 @@ def _pre_passes(schedule: str) -> list:
     if schedule == "hand":
         # x @ W^T as one kernel reading W in place (our GEMM rule packs it) instead of a
         # separate, memory-bound transpose of every weight matrix
-        return [relax.transform.FuseTransposeMatmul(), _sums_over_transposes_pass()]
+        return [_concatenated_operands_pass(), relax.transform.FuseTransposeMatmul(),
+                _unit_block_gradients_pass(), _sums_over_transposes_pass()]
     return []
+
+
+def _transposed(value):
+    """The 2-D tensor that ``value`` (a bound expression) transposes, or None."""
+    if (is_op(value, "relax.permute_dims") and len(_shape_of(value.args[0]) or ()) == 2
+            and (value.attrs.axes is None or [int(a) for a in value.attrs.axes] == [1, 0])):
+        return value.args[0]
+    return None
+
+
+def _readers(bindings, result) -> dict:
+    """How many bindings (and the function's result) read each value."""
+    count: dict = {}
+    for e in [b.value for b in bindings] + [result]:
+        for u in _uses(e):
+            count[u] = count.get(u, 0) + 1
+    return count
+
+
+def _concatenated_operands_pass():
+    """Products with a concatenation ``c = concat([a_1, .., a_n], axis=1)``, when they are all c
+    feeds (a readout over several layers' activities): ``c @ W^T`` as the sum of the ``a_i @
+    W_i^T`` over W's column slices, and ``d^T @ c`` as the concatenation of the ``d^T @ a_i``.
+    c is then never written: it was as large as its parts together and lived beside them from
+    the readout's forward GEMM to its weight gradient."""
+    from tvm import relax
+
+    def rewrite(bindings, result, bb):
+        by_var = {b.var: b for b in bindings}
+        readers: dict = {}
+        for b in bindings:
+            for u in _uses(b.value):
+                readers.setdefault(u, []).append(b.value)
+
+        def takes(v, c) -> bool:  # c @ W^T, or d^T @ c
+            return is_op(v, "relax.matmul") and (
+                (v.args[0].same_as(c) and v.args[1] in by_var and _transposed(by_var[v.args[1]].value) is not None)
+                or (v.args[1].same_as(c) and not v.args[0].same_as(c)))
+
+        parts: dict = {}  # c -> (its parts, their column offsets)
+        for b in bindings:
+            v = b.value
+            if (is_op(v, "relax.concat") and v.attrs.axis is not None and int(v.attrs.axis) == 1
+                    and isinstance(v.args[0], relax.Tuple) and len(_shape_of(b.var) or ()) == 2
+                    and b.var not in _uses(result) and readers.get(b.var)
+                    and all(takes(r, b.var) for r in readers[b.var])):
+                widths = [_shape_of(a)[1] for a in v.args[0].fields]
+                parts[b.var] = (list(v.args[0].fields), [sum(widths[:i]) for i in range(len(widths) + 1)])
+        if not parts:
+            return None
+        new_bindings = []
+
+        def emit(expr, name):
+            expr = bb.normalize(expr)
+            var = relax.DataflowVar(name, expr.ty)
+            new_bindings.append(relax.VarBinding(var, expr))
+            return var
+
+        for b in bindings:
+            v, name = b.value, b.var.name
+            if b.var in parts:
+                continue  # the concatenation: no longer read
+            if is_op(v, "relax.matmul") and v.args[0] in parts:  # sum of a_i @ W[:, o_i:o_(i+1)]^T
+                w = _transposed(by_var[v.args[1]].value)
+                fields, offsets = parts[v.args[0]]
+                total = None
+                for i, a in enumerate(fields):
+                    w_i = emit(relax.op.strided_slice(w, [1], [offsets[i]], [offsets[i + 1]]), f"{name}_w{i}")
+                    p = emit(relax.op.matmul(a, emit(relax.op.permute_dims(w_i, [1, 0]), f"{name}_wt{i}")), f"{name}_p{i}")
+                    total = p if total is None else emit(relax.op.add(total, p), f"{name}_s{i}")
+                new_bindings.append(relax.VarBinding(b.var, total))
+            elif is_op(v, "relax.matmul") and v.args[1] in parts:  # concatenation of d^T @ a_i
+                products = [emit(relax.op.matmul(v.args[0], a), f"{name}_p{i}") for i, a in enumerate(parts[v.args[1]][0])]
+                new_bindings.append(relax.VarBinding(b.var, bb.normalize(relax.op.concat(products, axis=1))))
+            else:
+                new_bindings.append(b)
+        return new_bindings
+
+    return _main_block_pass("FFCConcatenatedOperands", rewrite)
+
+
+_UNIT_BLOCK_ATTR = "ffc.unit_block_gradient"
+
+
+def _unit_block_gradients_pass():
+    """A weight gradient ``matmul(permute_dims(s * y), x)`` (dz^T x, dz = s * y with s a scale per
+    row) whose dz^T would be larger than ``_CPUScheduler.UNIT_BLOCK_BYTES``, as one kernel that
+    writes dz^T a block of units at a time (the GEMM rule's unit blocks) instead of whole: whole,
+    it is a third tensor as large as the layer's output, live beside the layer's input x and
+    output y while the GEMM runs. The parameter's update joins the kernel (see
+    ``_state_update_groups``), so the gradient is not written whole either."""
+    from tvm import relax, te
+
+    def operands(v, by_var, readers):  # (y, s, x, the transpose's var) of such a matmul, or None
+        if not is_op(v, "relax.matmul") or v.args[0] not in by_var or readers.get(v.args[0]) != 1:
+            return None
+        dz = _transposed(by_var[v.args[0]].value)
+        if dz is None or dz not in by_var or not is_op(by_var[dz].value, "relax.multiply"):
+            return None
+        x = v.args[1]
+        ys, xs = _shape_of(dz), _shape_of(x)
+        if ys is None or xs is None or len(xs) != 2 or ys[0] != xs[0]:
+            return None
+        a, b = by_var[dz].value.args
+        for s, y in ((a, b), (b, a)):
+            if _shape_of(s) == (ys[0], 1) and _shape_of(y) == ys and all(str(e.ty.dtype) == "float32" for e in (s, y, x)):
+                return y, s, x, v.args[0]
+        return None
+
+    def kernel(rows: int, units: int, cols: int):
+        y, s = te.placeholder((rows, units), "float32", "y"), te.placeholder((rows, 1), "float32", "s")
+        x = te.placeholder((rows, cols), "float32", "x")
+        dz_t = te.compute((units, rows), lambda u, r: s[r, 0] * y[r, u], name="dz_t")
+        k = te.reduce_axis((0, rows), "k")
+        g = te.compute((units, cols), lambda u, f: te.sum(dz_t[u, k] * x[k, f], axis=k), name="matmul")
+        return (te.create_prim_func([y, s, x, g], index_dtype_override="int64")
+                .without_attr("global_symbol").with_attr(_UNIT_BLOCK_ATTR, 1))
+
+    def rewrite(bindings, result, bb):
+        by_var = {b.var: b for b in bindings}
+        readers = _readers(bindings, result)
+        replaced, dropped = {}, set()
+        for b in bindings:
+            found = operands(b.value, by_var, readers)
+            if found is None or _prod(_shape_of(found[0])) * 4 <= _CPUScheduler.UNIT_BLOCK_BYTES:
+                continue
+            y, s, x, transpose = found
+            gv = bb.add_func(kernel(*_shape_of(y), _shape_of(x)[1]), "gradient_by_unit_blocks")
+            replaced[b.var] = relax.call_tir(gv, relax.Tuple([y, s, x]), b.var.ty)
+            dropped.add(transpose)  # read by this product only
+            dz = by_var[transpose].value.args[0]
+            if readers.get(dz) == 1:
+                dropped.add(dz)
+        if not replaced:
+            return None
+        return [relax.VarBinding(b.var, replaced[b.var]) if b.var in replaced else b
+                for b in bindings if b.var not in dropped]
+
+    return _main_block_pass("FFCUnitBlockGradients", rewrite)
 
 
 def _sums_over_transposes_pass():
@@ -365,13 +509,12 @@ def _sums_over_transposes_pass():
     and the sum runs along g^T's contiguous rows."""
     from tvm import relax
 
-    def rewrite(bindings, _result):
+    def rewrite(bindings, _result, _bb):
         transposed: dict = {}  # g -> the var holding g^T, for 2-D g
         new_bindings, changed = [], False
         for b in bindings:
             v = b.value
-            if (is_op(v, "relax.permute_dims") and len(_shape_of(v.args[0]) or ()) == 2
-                    and (v.attrs.axes is None or [int(a) for a in v.attrs.axes] == [1, 0])):
+            if _transposed(v) is not None:
                 transposed.setdefault(v.args[0], b.var)
             elif (is_op(v, "relax.sum") and v.args[0] in transposed and not v.attrs.keepdims
                   and v.attrs.axis is not None and [int(a) for a in v.attrs.axis] == [0]):
@@ -385,7 +528,8 @@ def _sums_over_transposes_pass():
 
 def _main_block_pass(name: str, rewrite):
     """A module pass over the bindings of ``main``'s one dataflow block: ``rewrite(bindings,
-    result)`` returns the new bindings, or None to leave the module as it is."""
+    result, bb)`` returns the new bindings, or None to leave the module as it is; ``bb``, a
+    BlockBuilder over the module, takes the functions the new bindings call."""
     import tvm
     from tvm import relax
 
@@ -394,13 +538,14 @@ def _main_block_pass(name: str, rewrite):
         main = mod["main"]
         if len(main.body.blocks) != 1 or not isinstance(main.body.blocks[0], relax.DataflowBlock):
             return mod
-        new_bindings = rewrite(list(main.body.blocks[0].bindings), main.body.body)
+        bb = relax.BlockBuilder(mod)
+        new_bindings = rewrite(list(main.body.blocks[0].bindings), main.body.body, bb)
         if new_bindings is None:
             return mod
         new_main = relax.Function(main.params, relax.SeqExpr([relax.DataflowBlock(new_bindings)], main.body.body),
                                   main.ret_ty, main.is_pure, main.attrs)
         gv_main = mod.get_global_var("main")
-        out = tvm.IRModule({gv: (new_main if gv.same_as(gv_main) else f) for gv, f in mod.functions_items()},
+        out = tvm.IRModule({gv: (new_main if gv.same_as(gv_main) else f) for gv, f in bb.get().functions_items()},
                            attrs=mod.attrs)
         return relax.transform.Normalize()(out)
 
@@ -433,7 +578,7 @@ def _group_state_updates_pass():
     every state tensor. Here, for every step output, the elementwise kernels of the output's shape
     that produce it (back to the first kernel of another kind) are collected; outputs whose sets
     share a kernel form one group, joined by the gradient GEMM that feeds it when the GEMM sums
-    over few k. A group becomes a function marked Primitive that FuseTIR turns into one kernel with
+    over few k or runs by blocks of units (``_unit_block_gradients_pass``). A group becomes a function marked Primitive that FuseTIR turns into one kernel with
     several outputs. A group that a value outside it would both read from and feed is left alone.
     (Other outputs computed by an elementwise chain, e.g. the step's negative labels, are grouped
     the same way.)"""
@@ -545,18 +690,29 @@ def _state_update_groups(mod, bindings, result) -> list[list]:
     for vs in sorted(groups.values(), key=lambda vs: min(position[v] for v in vs)):
         # the GEMM that computes the gradient, when only the group reads it and it sums over few
         # k (see _CPUScheduler.EPILOGUE_MAX_K): the kernel then updates each tile of the gradient
-        # as it leaves the GEMM's registers
+        # as it leaves the GEMM's registers; or when it runs by unit blocks, each block's update
+        # right after the block
         inside = set(vs)
         for v in list(vs):
             for u in _uses(by_var[v].value):
-                if (u in by_var and u not in inside and _op_pattern(mod, by_var[u]) == _OUT_ELEMWISE_FUSABLE
-                        and _shape_of(u) == _shape_of(v) and readers.get(u, set()) <= inside
-                        and _contraction(by_var[u]) <= _CPUScheduler.EPILOGUE_MAX_K):
+                if (u in by_var and u not in inside and _shape_of(u) == _shape_of(v)
+                        and readers.get(u, set()) <= inside
+                        and (_is_unit_block_gradient(mod, by_var[u])
+                             or (_op_pattern(mod, by_var[u]) == _OUT_ELEMWISE_FUSABLE
+                                 and _contraction(by_var[u]) <= _CPUScheduler.EPILOGUE_MAX_K))):
                     inside.add(u)
         if len(inside) < 2 or not _is_convex(inside, bindings):
             continue
         found.append([by_var[v] for v in sorted(inside, key=position.get)])
     return found
+
+
+def _is_unit_block_gradient(mod, binding) -> bool:
+    v = binding.value
+    if not is_op(v, "relax.call_tir"):
+        return False
+    attrs = mod[v.args[0]].attrs
+    return attrs is not None and _UNIT_BLOCK_ATTR in attrs
 
 
 def _contraction(binding) -> int:
@@ -902,6 +1058,9 @@ class _CPUScheduler:
     # optimizer update) then runs on each tile as it leaves the registers. Over more k the
     # update streams faster as a kernel of its own (measured: 4x2000 and 2x500 at batch 100).
     EPILOGUE_MAX_K = 64
+    # A weight gradient's dz^T larger than this is computed a block of units at a time, inside
+    # the GEMM, with the update (working memory: see _unit_block_gradients_pass)
+    UNIT_BLOCK_BYTES = 4 << 20
     # Inlining a producer read at several points (a stencil such as the hybrid masks' blur) copies
     # its expression into each; repeated, that grows exponentially (12 blur passes: 3^12 terms).
     MAX_BODY_CHARS = 4000
@@ -952,6 +1111,10 @@ class _CPUScheduler:
     def _may_inline_into_consumers(self, blk) -> bool:
         consumers = self.sch.get_consumers(blk)
         if not consumers:
+            return False
+        # a GEMM's operand computed in the kernel (dz^T by unit blocks) is written a block at a
+        # time: inlined, it would be recomputed for every column block of the product
+        if any(self._gemm_operands(self.sch.get(c).name_hint) is not None for c in consumers):
             return False
         size = _block_size(self.sch, blk)
         # do not recompute expensive values across a broadcast (a concatenation of n sources is
@@ -1160,6 +1323,11 @@ class _CPUScheduler:
             M, N, K, layout, b_index = self._gemm_operands(name)
             padded = True
         MR, NR = self._register_tile(M, N, K, packed, lanes)
+        # A computed in the kernel (dz^T), too large to write whole: a block of MB rows at a time
+        a_prod = self._a_producer(blk, b_index)
+        MB = None
+        if a_prod is not None and packed and M * K * 4 > self.UNIT_BLOCK_BYTES and len(sch.get_loops(blk)) == 3:
+            MB = MR * _divisor_near(M // MR, max(1, self.UNIT_BLOCK_BYTES // (K * 4 * MR)))
         jn = N // NR
         jb_cap = max(1, self.L2_BYTES // (NR * K * 4))
         if packed and self.threads > 1:
@@ -1180,8 +1348,9 @@ class _CPUScheduler:
         loops = sch.get_loops(blk)
         li, lj, lk = loops[-3:]
         io, ii = sch.split(li, [None, MR])
+        ub, io = sch.split(io, [None, MB // MR]) if MB else (None, io)
         jo, jb, jv, jl = sch.split(lj, [None, JB, NR // lanes, lanes])
-        sch.reorder(jo, io, jb, lk, ii, jv, jl)
+        sch.reorder(*([ub] if MB else []), jo, io, jb, lk, ii, jv, jl)
         outer = loops[:-3]
         wb = sch.cache_write(blk, 0, "local")
         # fuse elementwise epilogues into the write-back. Not when padded: the write-back then
@@ -1212,7 +1381,8 @@ class _CPUScheduler:
         # tile) space instead. Not a large W for x @ W^T: packed whole, its panels come from
         # memory rather than L2 (measured slower)
         whole_pack = (pack is not None and not outer and self.threads > 1 and (jn // JB) % self.threads
-                      and M // MR >= self.threads and (layout == "KN" or K * N * 4 <= self.L2_BYTES))
+                      and M // MR >= self.threads and (layout == "KN" or K * N * 4 <= self.L2_BYTES)
+                      and not MB)
         if pack is not None:
             if not whole_pack:
                 sch.compute_at(pack, jo, preserve_unit_loops=True)
@@ -1230,6 +1400,8 @@ class _CPUScheduler:
             par = sch.fuse(*outer, jo, io) if outer else sch.fuse(jo, io)
         if (M * N >= self.PAR_MIN_WORK or M * N * K >= self.GEMM_PAR_MIN_MACS) and self.threads > 1:
             sch.parallel(par)
+        if MB:
+            self._by_unit_blocks(a_prod, wb, ub)
         # one register per (row, vector) of the tile: LLVM splits a wider vector well only at
         # power-of-two widths
         sch.unroll(ii)
@@ -1246,7 +1418,40 @@ class _CPUScheduler:
             sch.vectorize(ls[-1])
         self.log.append(f"gemm {name}: {layout} M={M} N={N}{' (padded)' if padded else ''} K={K} "
                         f"MR={MR} NR={NR} JB={JB}{' B packed whole' if whole_pack else ''}"
-                        f"{' B in place' if pack is None else ''}")
+                        f"{' B in place' if pack is None else ''}{f' A by blocks of {MB} rows' if MB else ''}")
+
+    def _a_producer(self, blk, b_index: int):
+        """The block of this kernel that writes the GEMM's A operand, if one does."""
+        sch = self.sch
+        stmt = sch.get(blk)
+        b_buf = stmt.reads[b_index].source
+        for p in sch.get_producers(blk):
+            w = sch.get(p).writes
+            if (len(w) == 1 and not w[0].source.same_as(b_buf) and not self._is_reduction(sch.get(p).name_hint)
+                    and any(r.source.same_as(w[0].source) for r in stmt.reads)):
+                return p
+        return None
+
+    def _by_unit_blocks(self, a_prod, wb, ub):
+        """Under the loop ``ub`` over blocks of A's rows: compute that block of A (a transposed,
+        scaled copy of the layer's output), run the block's GEMM, then every elementwise block
+        downstream of the product (the parameter's update) on the block's rows. TVM then
+        allocates A and the product one block large."""
+        sch = self.sch
+        sch.compute_at(a_prod, ub, preserve_unit_loops=True)
+        self._tiled_transpose(sch.get_loops(a_prod)[1:])
+        downstream, frontier = [], [wb]
+        while frontier:
+            for c in sch.get_consumers(frontier.pop()):
+                name = sch.get(c).name_hint
+                if name not in downstream and not self._is_reduction(name):
+                    downstream.append(name)
+                    frontier.append(c)
+        for name in [n for n in self._blocks() if n in downstream]:
+            blk = sch.get_sblock(name)
+            sch.reverse_compute_at(blk, ub, preserve_unit_loops=True)
+            loops = sch.get_loops(blk)[1:]
+            self._flat_parallel_vectorized(loops, [_int(sch.get(lp).extent) for lp in loops])
 
     def _epilogue_per_tile(self, wb, jb, lanes: int):
         """Compute the elementwise blocks downstream of the GEMM's write-back (an optimizer update
@@ -1320,9 +1525,10 @@ class _CPUScheduler:
         s_ext = [e for e, k in zip(exts, kinds) if k == "S"]
         r_ext = [e for e, k in zip(exts, kinds) if k == "R"]
         total = _prod(s_ext) * _prod(r_ext)
-        # which loop is contiguous in the dominant read?
+        # which loop is contiguous in the dominant read (of the largest buffer: not a per-row
+        # scale read beside the matrix)?
         reads = [r for r in stmt.reads if len(r.region) > 0]
-        big = max(reads, key=lambda r: _prod(_int(x.extent) or 1 for x in r.region)) if reads else None
+        big = max(reads, key=lambda r: _prod(_int(d) or 1 for d in r.source.shape)) if reads else None
         last_var = None
         if big is not None:
             mn = big.region[-1].min
@@ -1422,24 +1628,30 @@ class _CPUScheduler:
                 if inner in _var_set(rg.min) and d != len(r.region) - 1:
                     contiguous = False
         if not contiguous and len(loops) >= 2 and exts[-1] >= lanes and exts[-2] >= lanes:
-            # transpose-like: 2-D tiling so both sides stay in cache; vectors along the rows read
-            # (stores scattered down the columns: a 2000 x 2000 transpose 1.3 -> 0.8 ms, against
-            # vectors gathered down the columns read)
-            t = next((w for w in (16, 8) if exts[-1] % w == 0 and exts[-2] % w == 0), lanes)
-            a_o, a_i = sch.split(loops[-2], [None, t])
-            b_o, b_i = sch.split(loops[-1], [None, t])
-            sch.reorder(*loops[:-2], a_o, b_o, a_i, b_i)
-            par = sch.fuse(*loops[:-2], a_o, b_o)
-            if total >= self.PAR_MIN_WORK and self.threads > 1:
-                sch.parallel(par)
-            if exts[-1] % t == 0 and exts[-2] % t == 0:
-                sch.reorder(b_i, a_i)
-                sch.unroll(b_i)
-                sch.vectorize(a_i)
+            self._tiled_transpose(loops)
             self.log.append(f"transpose {name}")
             return
         self._flat_parallel_vectorized(loops, exts)
         self.log.append(f"spatial {name}")
+
+    def _tiled_transpose(self, loops):
+        """A transpose-like loop nest (the innermost axis is not contiguous in what it reads):
+        2-D tiling so both sides stay in cache; vectors along the rows read (stores scattered
+        down the columns: a 2000 x 2000 transpose 1.3 -> 0.8 ms, against vectors gathered down
+        the columns read)."""
+        sch = self.sch
+        exts = [_int(sch.get(lp).extent) for lp in loops]
+        t = next((w for w in (16, 8) if exts[-1] % w == 0 and exts[-2] % w == 0), self.lanes)
+        a_o, a_i = sch.split(loops[-2], [None, t])
+        b_o, b_i = sch.split(loops[-1], [None, t])
+        sch.reorder(*loops[:-2], a_o, b_o, a_i, b_i)
+        par = sch.fuse(*loops[:-2], a_o, b_o)
+        if _prod(exts) >= self.PAR_MIN_WORK and self.threads > 1:
+            sch.parallel(par)
+        if exts[-1] % t == 0 and exts[-2] % t == 0:
+            sch.reorder(b_i, a_i)
+            sch.unroll(b_i)
+            sch.vectorize(a_i)
 
     def _flat_parallel_vectorized(self, loops, exts):
         """One parallel loop over everything but a vector of the innermost axis (no vectors

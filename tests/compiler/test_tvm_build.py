@@ -506,3 +506,125 @@ def test_sidecar_records_the_planned_working_memory(small_ff):
     meta = json.loads(tc.sidecar_path(small_ff[2]).read_text())
     assert meta["planned_working_bytes"] > 0
     assert tvm_runtime.load(small_ff[2]).planned_working_bytes == meta["planned_working_bytes"]
+
+
+def _schedule_log(model, target=None) -> list[str]:
+    """What the hand schedule did to each kernel of an ONNX graph (after our Relax rewrites)."""
+    target = target or tvm.target.Target({"kind": "llvm", "num-cores": 2})
+    log: list = []
+    with target:
+        mod, _ = tc._import_onnx(model)
+        tvm.transform.Sequential(tc._pre_passes("hand") + tc._legalize_passes(target, "hand")
+                                 + [tc._hand_schedule_pass(target, log)])(mod)
+    return [line for e in log for line in e["log"]]
+
+
+def _model(nodes, inputs, outputs, initializers=()):
+    from onnx import helper
+
+    return helper.make_model(helper.make_graph(nodes, "g", inputs, outputs, list(initializers)),
+                             opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _vi(name, shape):
+    from onnx import TensorProto, helper
+
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+
+def test_column_sums_of_row_scaled_rows_run_down_the_rows_in_order(tmp_path):
+    """sum(s * y, axis 0), s a scale per row read first (a bias gradient): a column reduction with
+    the threads splitting the rows, judged by y's layout, not by the [rows, 1] scale's."""
+    from onnx import helper, numpy_helper
+
+    model = _model([helper.make_node("Mul", ["s", "y"], ["g"]), helper.make_node("ReduceSum", ["g", "axes"], ["db"], keepdims=0)],
+                   [_vi("s", [256, 1]), _vi("y", [256, 96])], [_vi("db", [96])],
+                   [numpy_helper.from_array(np.array([0], np.int64), "axes")])
+    assert any(line.startswith("col-reduction") for line in _schedule_log(model)), _schedule_log(model)
+    rng = np.random.default_rng(0)
+    feeds = {"s": rng.standard_normal((256, 1), dtype=np.float32), "y": rng.standard_normal((256, 96), dtype=np.float32)}
+    out = tc.compile_onnx(model, _host_target(), tmp_path / "db.so")
+    np.testing.assert_allclose(tvm_runtime.load(out).run(feeds)["db"], (feeds["s"] * feeds["y"].astype(np.float64)).sum(0),
+                               rtol=1e-5, atol=1e-4)
+
+
+def test_products_with_a_concatenation_read_its_parts_and_never_write_it(tmp_path):
+    """A readout over several layers: logits = concat(a, b) @ W^T and its weight gradient
+    d^T @ concat(a, b). The concatenation, as large as its parts together, is never written: the
+    logits sum the parts' products over W's column slices, the gradient concatenates theirs."""
+    from onnx import helper
+    from tvm import relax
+
+    nodes = [helper.make_node("Concat", ["a", "b"], ["c"], axis=1), helper.make_node("Gemm", ["c", "w"], ["logits"], transB=1),
+             helper.make_node("Transpose", ["d"], ["dT"], perm=[1, 0]), helper.make_node("MatMul", ["dT", "c"], ["gw"])]
+    model = _model(nodes, [_vi("a", [40, 32]), _vi("b", [40, 48]), _vi("w", [10, 80]), _vi("d", [40, 10])],
+                   [_vi("logits", [40, 10]), _vi("gw", [10, 80])])
+    mod, _ = tc._import_onnx(model)
+    main = tc._concatenated_operands_pass()(mod)["main"]
+    concats = [b.value for blk in main.body.blocks for b in blk.bindings
+               if isinstance(b.value, relax.Call) and getattr(b.value.op, "name", "") == "relax.concat"]
+    assert [tc._shape_of(c) for c in concats] == [(10, 80)], concats  # only the gradient's
+    rng = np.random.default_rng(0)
+    feeds = {n: rng.standard_normal(s, dtype=np.float32) for n, s in (("a", [40, 32]), ("b", [40, 48]), ("w", [10, 80]),
+                                                                     ("d", [40, 10]))}
+    out = tc.compile_onnx(model, _host_target(), tmp_path / "readout.so")
+    got, want = tvm_runtime.load(out).run(feeds), _ort_outputs(model, feeds)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-4, err_msg=name)
+
+
+def _weight_gradient_and_momentum(rows: int, units: int, fan_in: int):
+    """dz = s * y (a scale per row), the weight gradient dz^T x, the bias gradient sum(dz, axis 0),
+    and SGD with momentum on the weight: m' = 0.9 m + g, w' = w - 0.01 m'."""
+    from onnx import helper, numpy_helper
+
+    consts = [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("beta", 0.9), ("lr", 0.01))]
+    consts.append(numpy_helper.from_array(np.array([0], np.int64), "axes"))
+    nodes = [helper.make_node("Mul", ["s", "y"], ["dz"]), helper.make_node("Transpose", ["dz"], ["dzT"], perm=[1, 0]),
+             helper.make_node("MatMul", ["dzT", "x"], ["g"]), helper.make_node("ReduceSum", ["dz", "axes"], ["db"], keepdims=0),
+             helper.make_node("Mul", ["m", "beta"], ["m_old"]), helper.make_node("Add", ["m_old", "g"], ["new_m"]),
+             helper.make_node("Mul", ["new_m", "lr"], ["step"]), helper.make_node("Sub", ["w", "step"], ["new_w"])]
+    shapes = {"s": [rows, 1], "y": [rows, units], "x": [rows, fan_in], "w": [units, fan_in], "m": [units, fan_in]}
+    model = _model(nodes, [_vi(n, s) for n, s in shapes.items()],
+                   [_vi("new_w", [units, fan_in]), _vi("new_m", [units, fan_in]), _vi("db", [units])], consts)
+    rng = np.random.default_rng(0)
+    return model, {n: rng.standard_normal(s, dtype=np.float32) for n, s in shapes.items()}
+
+
+def test_a_large_weight_gradient_runs_by_blocks_of_units_with_its_update(tmp_path, monkeypatch):
+    """dz^T larger than UNIT_BLOCK_BYTES is never written whole: one kernel computes it a block of
+    units at a time, with that block's gradient and update. The step then plans less memory than
+    with dz^T, the gradient and a whole copy of x written out, and gives the same numbers."""
+    rows, units, fan_in = 256, 160, 96  # dz^T: 160 KB
+    model, feeds = _weight_gradient_and_momentum(rows, units, fan_in)
+    whole = _planned_bytes(model)
+    monkeypatch.setattr(tc._CPUScheduler, "UNIT_BLOCK_BYTES", 48 << 10)
+    lines = _schedule_log(model)
+    gemm = [line for line in lines if line.startswith("gemm")]
+    assert len(gemm) == 1 and "A by blocks of" in gemm[0], lines
+    by_blocks = _planned_bytes(model)
+    assert by_blocks < 0.6 * whole, (by_blocks, whole)  # without dz^T whole, the larger of its tensors
+    out = tc.compile_onnx(model, _host_target(), tmp_path / "g.so")
+    got, want = tvm_runtime.load(out).run(feeds), _ort_outputs(model, feeds)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-4, err_msg=name)
+
+
+def test_ff_step_with_weight_gradients_by_blocks_of_units_matches_onnxruntime(tmp_path, monkeypatch):
+    monkeypatch.setattr(tc._CPUScheduler, "UNIT_BLOCK_BYTES", 16 << 10)
+    model, feeds = ff_step([64, 64], side=8, batch=64, seed=2)  # dz^T of each layer: 64 x 128 rows, 32 KB
+    assert any("A by blocks of" in line for line in _schedule_log(model))  # (one kernel for both layers)
+    out = tc.compile_onnx(model, _host_target(), tmp_path / "step.so")
+    _check(model, feeds, tvm_runtime.load(out).run(feeds))
+
+
+def test_hintons_net_at_batch_1000_holds_fewer_than_three_of_its_activations_at_once():
+    """4 x 2000 at batch 1000: the positive and negative pass's tensors are [2000, 2000], 16 MB.
+    A layer's input and output are live while its weight gradient runs; with dz^T, the gradient
+    or a whole copy of the input written out too, the step would hold three or more (half of
+    backprop's working memory is less than three, see docs/performance.md)."""
+    from ffcompile.core.spec import load_model
+
+    model = load_model(ROOT / "models" / "mnist-supervised.toml")
+    planned = _planned_bytes(to_onnx(build_program(model, "train_step", 1000), fuse=False))
+    assert planned < 2.7 * 2000 * 2000 * 4, planned
