@@ -356,8 +356,8 @@ def _pre_passes(schedule: str) -> list:
     from tvm import relax
 
     if schedule == "hand":
-        # x @ W^T as one kernel reading W in place (our GEMM rule packs it) instead of a
-        # separate, memory-bound transpose of every weight matrix
+        # FuseTransposeMatmul: x @ W^T as one kernel reading W in place (our GEMM rule packs it)
+        # instead of a separate, memory-bound transpose of every weight matrix
         return [_concatenated_operands_pass(), relax.transform.FuseTransposeMatmul(),
                 _unit_block_gradients_pass(), _sums_over_transposes_pass()]
     return []
@@ -578,8 +578,8 @@ def _group_state_updates_pass():
     every state tensor. Here, for every step output, the elementwise kernels of the output's shape
     that produce it (back to the first kernel of another kind) are collected; outputs whose sets
     share a kernel form one group, joined by the gradient GEMM that feeds it when the GEMM sums
-    over few k or runs by blocks of units (``_unit_block_gradients_pass``). A group becomes a function marked Primitive that FuseTIR turns into one kernel with
-    several outputs. A group that a value outside it would both read from and feed is left alone.
+    over few k or runs by blocks of units (``_unit_block_gradients_pass``). A group becomes a
+    function marked Primitive that FuseTIR turns into one kernel with several outputs. A group that a value outside it would both read from and feed is left alone.
     (Other outputs computed by an elementwise chain, e.g. the step's negative labels, are grouped
     the same way.)"""
     import tvm
