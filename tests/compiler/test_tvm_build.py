@@ -628,3 +628,28 @@ def test_hintons_net_at_batch_1000_holds_fewer_than_three_of_its_activations_at_
     model = load_model(ROOT / "models" / "mnist-supervised.toml")
     planned = _planned_bytes(to_onnx(build_program(model, "train_step", 1000), fuse=False))
     assert planned < 2.7 * 2000 * 2000 * 4, planned
+
+
+def test_a_one_vector_wide_gemm_over_many_k_is_padded_to_the_wide_tile():
+    """784 columns (49 AVX-512 vectors): over 1000 k or more, padded to 800 for a tile of whole
+    double vectors; over fewer, the one-vector tile that divides 784 (no trimming copy)."""
+    from onnx import helper
+
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": 2})
+    for k, padded in ((1024, True), (200, False)):
+        model = _model([helper.make_node("MatMul", ["a", "b"], ["c"])], [_vi("a", [64, k]), _vi("b", [k, 784])],
+                       [_vi("c", [64, 784])])
+        gemm = [line for line in _schedule_log(model, target) if line.startswith("gemm")]
+        assert len(gemm) == 1 and ("N=800 (padded)" in gemm[0]) == padded, gemm
+
+
+def test_padded_weight_gradient_by_blocks_of_units_matches_onnxruntime(tmp_path, monkeypatch):
+    """The 784-column weight gradient over 1024 rows on this host's widest vectors, by blocks of
+    units with its update: padded or not, the same numbers as onnxruntime."""
+    monkeypatch.setattr(tc._CPUScheduler, "UNIT_BLOCK_BYTES", 64 << 10)
+    model, feeds = _weight_gradient_and_momentum(1024, 64, 784)
+    assert any("A by blocks of" in line for line in _schedule_log(model, tvm.target.Target(_widest_host_target())))
+    out = tc.compile_onnx(model, _widest_host_target(), tmp_path / "g.so")
+    got, want = tvm_runtime.load(out).run(feeds), _ort_outputs(model, feeds)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-4, err_msg=name)
