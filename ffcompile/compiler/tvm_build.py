@@ -395,22 +395,29 @@ def _concatenated_operands_pass():
             for u in _uses(b.value):
                 readers.setdefault(u, []).append(b.value)
 
-        def takes(v, c) -> bool:  # c @ W^T, or d^T @ c
-            return is_op(v, "relax.matmul") and (
-                (v.args[0].same_as(c) and v.args[1] in by_var and _transposed(by_var[v.args[1]].value) is not None)
-                or (v.args[1].same_as(c) and not v.args[0].same_as(c)))
+        def takes(v, c) -> bool:  # c @ W^T, or d^T @ c, all 2-D
+            if not is_op(v, "relax.matmul") or len(_shape_of(v.args[0]) or ()) != 2 or len(_shape_of(v.args[1]) or ()) != 2:
+                return False
+            if v.args[0].same_as(c):
+                return v.args[1] in by_var and _transposed(by_var[v.args[1]].value) is not None
+            return v.args[1].same_as(c) and not v.args[0].same_as(c)
 
         parts: dict = {}  # c -> (its parts, their column offsets)
         for b in bindings:
             v = b.value
-            if (is_op(v, "relax.concat") and v.attrs.axis is not None and int(v.attrs.axis) == 1
+            if (is_op(v, "relax.concat") and v.attrs.axis is not None and int(v.attrs.axis) in (1, -1)
                     and isinstance(v.args[0], relax.Tuple) and len(_shape_of(b.var) or ()) == 2
+                    and all(len(_shape_of(a) or ()) == 2 for a in v.args[0].fields)
                     and b.var not in _uses(result) and readers.get(b.var)
                     and all(takes(r, b.var) for r in readers[b.var])):
                 widths = [_shape_of(a)[1] for a in v.args[0].fields]
                 parts[b.var] = (list(v.args[0].fields), [sum(widths[:i]) for i in range(len(widths) + 1)])
         if not parts:
             return None
+        # W^T of c @ W^T: no longer read where only such products read it
+        unread = {v.args[1] for c in parts for v in readers[c] if v.args[0].same_as(c)}
+        unread = {w_t for w_t in unread if all(is_op(r, "relax.matmul") and r.args[0] in parts for r in readers[w_t])
+                  and w_t not in _uses(result)}
         new_bindings = []
 
         def emit(expr, name):
@@ -421,8 +428,8 @@ def _concatenated_operands_pass():
 
         for b in bindings:
             v, name = b.value, b.var.name
-            if b.var in parts:
-                continue  # the concatenation: no longer read
+            if b.var in parts or b.var in unread:
+                continue  # the concatenation, and W^T: no longer read
             if is_op(v, "relax.matmul") and v.args[0] in parts:  # sum of a_i @ W[:, o_i:o_(i+1)]^T
                 w = _transposed(by_var[v.args[1]].value)
                 fields, offsets = parts[v.args[0]]
@@ -1308,7 +1315,7 @@ class _CPUScheduler:
             return True
         return M >= self.PACK_MIN_ROWS and (K > self.EPILOGUE_MAX_K or K * N * 4 > self.L2_BYTES)
 
-    def gemm(self, name, M, N, K, layout, b_index):
+    def gemm(self, name, M, N, K, layout, b_index, unit_blocks: bool = True):
         """Register-tiled GEMM: C[i, j] += A(i, k) * B(k, j).
 
         Micro-kernel MR x NR (see _register_tile) accumulated in registers over the whole K,
@@ -1335,7 +1342,8 @@ class _CPUScheduler:
         # A computed in the kernel (dz^T), too large to write whole: a block of MB rows at a time
         a_prod = self._a_producer(blk, b_index)
         MB = None
-        if a_prod is not None and packed and M * K * 4 > self.UNIT_BLOCK_BYTES and len(sch.get_loops(blk)) == 3:
+        if (unit_blocks and a_prod is not None and packed and M * K * 4 > self.UNIT_BLOCK_BYTES
+                and len(sch.get_loops(blk)) == 3):
             # row tiles per block: the fewest blocks whose A fits UNIT_BLOCK_BYTES, else the most
             # blocks allowed
             tiles = M // MR
@@ -1432,7 +1440,8 @@ class _CPUScheduler:
             sch.vectorize(ls[-1])
         self.log.append(f"gemm {name}: {layout} M={M} N={N}{' (padded)' if padded else ''} K={K} "
                         f"MR={MR} NR={NR} JB={JB}{' B packed whole' if whole_pack else ''}"
-                        f"{' B in place' if pack is None else ''}{f' A by blocks of {MB} rows' if MB else ''}")
+                        f"{' B in place' if pack is None else ''}{f' A by blocks of {MB} rows' if MB else ''}"
+                        f"{' A written whole' if a_prod is not None and not MB else ''}")
 
     def _a_producer(self, blk, b_index: int):
         """The block of this kernel that writes the GEMM's A operand, if one does."""
@@ -1763,7 +1772,8 @@ class _CPUScheduler:
             g = self._gemm_operands(name)
             if g is not None and g[3] == "NK" and g[0] <= self.GEMV_ROWS:
                 continue  # a few rows of x @ W^T: dot products along W's rows beat packing W
-            if g is not None and self._try(self.gemm, name, *g):
+            # (by blocks of units where A is computed in the kernel; failing that, A written whole)
+            if g is not None and (self._try(self.gemm, name, *g) or self._try(self.gemm, name, *g, False)):
                 done.add(name)
         for names in self._elementwise_runs():
             if self._try(self.one_pass, names):

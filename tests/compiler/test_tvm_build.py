@@ -540,7 +540,8 @@ def test_column_sums_of_row_scaled_rows_run_down_the_rows_in_order(tmp_path):
     model = _model([helper.make_node("Mul", ["s", "y"], ["g"]), helper.make_node("ReduceSum", ["g", "axes"], ["db"], keepdims=0)],
                    [_vi("s", [256, 1]), _vi("y", [256, 96])], [_vi("db", [96])],
                    [numpy_helper.from_array(np.array([0], np.int64), "axes")])
-    assert any(line.startswith("col-reduction") for line in _schedule_log(model)), _schedule_log(model)
+    assert any(line.startswith("col-reduction") and "rows split between the threads" in line
+               for line in _schedule_log(model)), _schedule_log(model)
     rng = np.random.default_rng(0)
     feeds = {"s": rng.standard_normal((256, 1), dtype=np.float32), "y": rng.standard_normal((256, 96), dtype=np.float32)}
     out = tc.compile_onnx(model, _host_target(), tmp_path / "db.so")
@@ -564,6 +565,13 @@ def test_products_with_a_concatenation_read_its_parts_and_never_write_it(tmp_pat
     concats = [b.value for blk in main.body.blocks for b in blk.bindings
                if isinstance(b.value, relax.Call) and getattr(b.value.op, "name", "") == "relax.concat"]
     assert [tc._shape_of(c) for c in concats] == [(10, 80)], concats  # only the gradient's
+    assert not any(tc._transposed(b.value) is not None and b.value.args[0].name == "w"
+                   for blk in main.body.blocks for b in blk.bindings)  # W^T: read by nothing now
+    # a concatenation something else reads too stays as it is
+    kept = _model(nodes + [helper.make_node("Relu", ["c"], ["r"])], model.graph.input,
+                  [*model.graph.output, _vi("r", [40, 80])])
+    mod, _ = tc._import_onnx(kept)
+    assert tc._concatenated_operands_pass()(mod).script() == mod.script()
     rng = np.random.default_rng(0)
     feeds = {n: rng.standard_normal(s, dtype=np.float32) for n, s in (("a", [40, 32]), ("b", [40, 48]), ("w", [10, 80]),
                                                                      ("d", [40, 10]))}
@@ -648,8 +656,29 @@ def test_padded_weight_gradient_by_blocks_of_units_matches_onnxruntime(tmp_path,
     units with its update: padded or not, the same numbers as onnxruntime."""
     monkeypatch.setattr(tc._CPUScheduler, "UNIT_BLOCK_BYTES", 64 << 10)
     model, feeds = _weight_gradient_and_momentum(1024, 64, 784)
-    assert any("A by blocks of" in line for line in _schedule_log(model, tvm.target.Target(_widest_host_target())))
+    target = tvm.target.Target(_widest_host_target())
+    gemm = [line for line in _schedule_log(model, target) if line.startswith("gemm")]
+    assert len(gemm) == 1 and "A by blocks of" in gemm[0], gemm
+    if tc._cpu_params(target)["lanes"] == 16:  # 784 is 49 vectors: one-vector tile, padded
+        assert "N=800 (padded)" in gemm[0], gemm
     out = tc.compile_onnx(model, _widest_host_target(), tmp_path / "g.so")
+    got, want = tvm_runtime.load(out).run(feeds), _ort_outputs(model, feeds)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-4, err_msg=name)
+
+
+def test_a_weight_gradient_whose_blocks_cannot_be_scheduled_writes_dz_t_whole(tmp_path, monkeypatch):
+    """If scheduling by blocks of units fails, the GEMM keeps its tiles with dz^T written whole
+    (said in the schedule log), rather than losing its schedule, and gives the same numbers."""
+    def fail(*_args):
+        raise RuntimeError("no blocks")
+
+    monkeypatch.setattr(tc._CPUScheduler, "UNIT_BLOCK_BYTES", 48 << 10)
+    monkeypatch.setattr(tc._CPUScheduler, "_by_unit_blocks", fail)
+    model, feeds = _weight_gradient_and_momentum(256, 160, 96)
+    gemm = [line for line in _schedule_log(model) if line.startswith("gemm ")]
+    assert len(gemm) == 1 and "A written whole" in gemm[0], gemm
+    out = tc.compile_onnx(model, _host_target(), tmp_path / "g.so")
     got, want = tvm_runtime.load(out).run(feeds), _ort_outputs(model, feeds)
     for name in want:
         np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-4, err_msg=name)
