@@ -1463,18 +1463,24 @@ class _CPUScheduler:
         sch = self.sch
         sch.compute_at(a_prod, ub, preserve_unit_loops=True)
         self._tiled_transpose(sch.get_loops(a_prod)[1:])
-        downstream, frontier = [], [wb]
-        while frontier:
-            for c in sch.get_consumers(frontier.pop()):
-                name = sch.get(c).name_hint
-                if name not in downstream and not self._is_reduction(name):
-                    downstream.append(name)
-                    frontier.append(c)
-        for name in [n for n in self._blocks() if n in downstream]:
+        for name in self._downstream(wb):
             blk = sch.get_sblock(name)
             sch.reverse_compute_at(blk, ub, preserve_unit_loops=True)
             loops = sch.get_loops(blk)[1:]
             self._flat_parallel_vectorized(loops, [_int(sch.get(lp).extent) for lp in loops])
+
+    def _downstream(self, wb) -> list[str]:
+        """The non-reduction blocks that read the GEMM's write-back, directly or through each
+        other, in program order."""
+        sch = self.sch
+        found, frontier = set(), [wb]
+        while frontier:
+            for c in sch.get_consumers(frontier.pop()):
+                name = sch.get(c).name_hint
+                if name not in found and not self._is_reduction(name):
+                    found.add(name)
+                    frontier.append(c)
+        return [n for n in self._blocks() if n in found]
 
     def _epilogue_per_tile(self, wb, jb, lanes: int):
         """Compute the elementwise blocks downstream of the GEMM's write-back (an optimizer update
@@ -1482,18 +1488,12 @@ class _CPUScheduler:
         the product then never travels to memory and back, and TVM shrinks its buffer to one
         tile. Left as separate loops if any of them cannot move."""
         sch = self.sch
-        downstream, frontier = set(), [wb]
-        while frontier:
-            for c in sch.get_consumers(frontier.pop()):
-                name = sch.get(c).name_hint
-                if name not in downstream and not self._is_reduction(name):
-                    downstream.add(name)
-                    frontier.append(c)
+        downstream = self._downstream(wb)
         if not downstream:
             return
         saved = sch.copy()
         try:
-            for name in [n for n in self._blocks() if n in downstream]:
+            for name in downstream:
                 blk = sch.get_sblock(name)
                 sch.reverse_compute_at(blk, jb, preserve_unit_loops=True)
                 last = sch.get_loops(blk)[-1]
