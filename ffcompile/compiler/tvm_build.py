@@ -372,12 +372,12 @@ def _transposed(value):
 
 
 def _readers(bindings, result) -> dict:
-    """How many bindings (and the function's result) read each value."""
-    count: dict = {}
+    """Each value's readers: the bound expressions that read it, and the function's result."""
+    readers: dict = {}
     for e in [b.value for b in bindings] + [result]:
         for u in _uses(e):
-            count[u] = count.get(u, 0) + 1
-    return count
+            readers.setdefault(u, []).append(e)
+    return readers
 
 
 def _concatenated_operands_pass():
@@ -390,10 +390,7 @@ def _concatenated_operands_pass():
 
     def rewrite(bindings, result, bb):
         by_var = {b.var: b for b in bindings}
-        readers: dict = {}
-        for b in bindings:
-            for u in _uses(b.value):
-                readers.setdefault(u, []).append(b.value)
+        readers = _readers(bindings, result)  # (the result reads as no product: left alone)
 
         def takes(v, c) -> bool:  # c @ W^T, or d^T @ c, all 2-D
             if not is_op(v, "relax.matmul") or len(_shape_of(v.args[0]) or ()) != 2 or len(_shape_of(v.args[1]) or ()) != 2:
@@ -407,8 +404,7 @@ def _concatenated_operands_pass():
             v = b.value
             if (is_op(v, "relax.concat") and v.attrs.axis is not None and int(v.attrs.axis) in (1, -1)
                     and isinstance(v.args[0], relax.Tuple) and len(_shape_of(b.var) or ()) == 2
-                    and all(len(_shape_of(a) or ()) == 2 for a in v.args[0].fields)
-                    and b.var not in _uses(result) and readers.get(b.var)
+                    and all(len(_shape_of(a) or ()) == 2 for a in v.args[0].fields) and readers.get(b.var)
                     and all(takes(r, b.var) for r in readers[b.var])):
                 widths = [_shape_of(a)[1] for a in v.args[0].fields]
                 parts[b.var] = (list(v.args[0].fields), [sum(widths[:i]) for i in range(len(widths) + 1)])
@@ -416,8 +412,7 @@ def _concatenated_operands_pass():
             return None
         # W^T of c @ W^T: no longer read where only such products read it
         unread = {v.args[1] for c in parts for v in readers[c] if v.args[0].same_as(c)}
-        unread = {w_t for w_t in unread if all(is_op(r, "relax.matmul") and r.args[0] in parts for r in readers[w_t])
-                  and w_t not in _uses(result)}
+        unread = {w_t for w_t in unread if all(is_op(r, "relax.matmul") and r.args[0] in parts for r in readers[w_t])}
         new_bindings = []
 
         def emit(expr, name):
@@ -462,7 +457,7 @@ def _unit_block_gradients_pass():
     from tvm import relax, te
 
     def operands(v, by_var, readers):  # (y, s, x, the transpose's var) of such a matmul, or None
-        if not is_op(v, "relax.matmul") or v.args[0] not in by_var or readers.get(v.args[0]) != 1:
+        if not is_op(v, "relax.matmul") or v.args[0] not in by_var or len(readers.get(v.args[0], ())) != 1:
             return None
         dz = _transposed(by_var[v.args[0]].value)
         if dz is None or dz not in by_var or not is_op(by_var[dz].value, "relax.multiply"):
@@ -499,7 +494,7 @@ def _unit_block_gradients_pass():
             replaced[b.var] = relax.call_tir(gv, relax.Tuple([y, s, x]), b.var.ty)
             dropped.add(transpose)  # read by this product only
             dz = by_var[transpose].value.args[0]
-            if readers.get(dz) == 1:
+            if len(readers.get(dz, ())) == 1:
                 dropped.add(dz)
         if not replaced:
             return None
@@ -586,23 +581,14 @@ def _group_state_updates_pass():
     that produce it (back to the first kernel of another kind) are collected; outputs whose sets
     share a kernel form one group, joined by the gradient GEMM that feeds it when the GEMM sums
     over few k or runs by blocks of units (``_unit_block_gradients_pass``). A group becomes a
-    function marked Primitive that FuseTIR turns into one kernel with several outputs. A group that a value outside it would both read from and feed is left alone.
+    function marked Primitive that FuseTIR turns into one kernel with several outputs. A group
+    that a value outside it would both read from and feed is left alone.
     (Other outputs computed by an elementwise chain, e.g. the step's negative labels, are grouped
     the same way.)"""
-    import tvm
-    from tvm import relax
-
-    @tvm.transform.module_pass(opt_level=0, name="FFCGroupStateUpdates")
-    def _pass(mod, _ctx):
-        gv_main = mod.get_global_var("main")
-        main = mod[gv_main]
-        if len(main.body.blocks) != 1 or not isinstance(main.body.blocks[0], relax.DataflowBlock):
-            return mod
-        bindings = list(main.body.blocks[0].bindings)
-        groups = _state_update_groups(mod, bindings, main.body.body)
+    def rewrite(bindings, result, bb):
+        groups = _state_update_groups(bb.get(), bindings, result)
         if not groups:
-            return mod
-        bb = relax.BlockBuilder(mod)
+            return None
         member_of = {b.var: gi for gi, members in enumerate(groups) for b in members}
         # (bindings to emit, values they read, values they define), in program order; a group
         # stands where its last member stood
@@ -615,7 +601,7 @@ def _group_state_updates_pass():
                 members = groups[gi]
                 inside = {m.var for m in members}
                 reads = {u for m in members for u in _uses(m.value)} - inside
-                items.append((_extract_group(bb, members, bindings, main.body.body, gi), reads, inside))
+                items.append((_extract_group(bb, members, bindings, result, gi), reads, inside))
         # emit each item once what it reads is defined: a binding that read a member's value
         # before the group's place moves after the group
         bound = {b.var for b in bindings}
@@ -632,14 +618,10 @@ def _group_state_updates_pass():
                         new_bindings.extend(it[0])
                         defined |= it[2]
                         progress = True
-        if pending:  # groups that read each other's results (through values outside both): leave all
-            return mod
-        new_main = relax.Function(main.params, relax.SeqExpr([relax.DataflowBlock(new_bindings)], main.body.body),
-                                  main.ret_ty, main.is_pure, main.attrs)
-        funcs = {gv: (new_main if gv.same_as(gv_main) else f) for gv, f in bb.get().functions_items()}
-        return tvm.IRModule(funcs, attrs=mod.attrs)
+        # groups that read each other's results (through values outside both): leave all
+        return None if pending else new_bindings
 
-    return _pass
+    return _main_block_pass("FFCGroupStateUpdates", rewrite)
 
 
 def _uses(expr) -> list:
