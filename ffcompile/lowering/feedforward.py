@@ -28,7 +28,7 @@ from ..core.program import Value
 from ..core.spec import Model
 from . import labels as lbl
 from .hybrid import hybrid_images
-from .layer import goodness, local_gradient, peer_normalization, run_layers
+from .layer import LabelledRows, SharedImage, as_value, goodness, local_gradient, peer_normalization, run_layers
 from .optimizers import emit_updates
 from .readouts import layer_feature, readout_features, readout_pass, side_by_side, softmax, softmax_gradient, softmax_logits
 from .state import param_inputs, param_specs, state_inputs, state_specs
@@ -70,9 +70,12 @@ def supervised(model: Model) -> bool:
     return model.input.label.kind != "none"
 
 
-def readout_rows(b: Builder, x: Value, model: Model) -> Value:
-    """What the softmax readout runs on: the image with the neutral label, or just the image."""
-    return lbl.with_neutral_label(b, x, model) if supervised(model) else x
+def readout_rows(b: Builder, x: Value, model: Model, shared: SharedImage | None = None) -> Value | LabelledRows:
+    """What the softmax readout runs on: the image with the neutral label, or just the image.
+    ``shared``: x's image as other passes of the program read it (default: read by this one alone)."""
+    if not supervised(model):
+        return x
+    return LabelledRows(shared or SharedImage(x, model.input.label.classes, 1), [lbl.neutral_label(b, x, model)])
 
 
 def _negative_labels(b: Builder, labels: Value, u: Value, probs: Value | None, model: Model, batch: int,
@@ -91,12 +94,10 @@ def _negative_labels(b: Builder, labels: Value, u: Value, probs: Value | None, m
     return negative_labels
 
 
-def _posneg_rows(b: Builder, x: Value, labels: Value, negative_labels: Value, model: Model) -> Value:
+def _posneg_rows(b: Builder, shared: SharedImage, labels: Value, negative_labels: Value, model: Model) -> LabelledRows:
     """[positives; negatives] for supervised FF: the image with its label / with a wrong one."""
     classes = model.input.label.classes
-    positives = lbl.with_label(b, x, b.one_hot(labels, classes), model)
-    negatives = lbl.with_label(b, x, b.one_hot(negative_labels, classes), model)
-    return b.concat([positives, negatives], axis=0)
+    return LabelledRows(shared, [b.one_hot(labels, classes), b.one_hot(negative_labels, classes)])
 
 
 def _hybrid_inputs(b: Builder, model: Model, batch: int) -> tuple[Value, Value]:
@@ -153,10 +154,12 @@ def _gradients(b: Builder, model: Model, params: dict[str, Value], x: Value, lab
     every = range(len(model.layers))
     if supervised(model):
         probs = None
+        # the neutral pass (if any) and the positive and negative rows share the image
+        shared = SharedImage(x, model.input.label.classes, 2 + bool(model.readout.softmax_layers))
         if model.readout.softmax_layers:
-            features, _ = readout_pass(b, readout_rows(b, x, model), params, model, "neutral", every)
+            features, _ = readout_pass(b, readout_rows(b, x, model, shared), params, model, "neutral", every)
             probs = _learn_softmax(b, side_by_side(b, features), params, labels, norm, grads, metrics)
-        rows = _posneg_rows(b, x, labels, _negative_labels(b, labels, u, probs, model, batch, metrics), model)
+        rows = _posneg_rows(b, shared, labels, _negative_labels(b, labels, u, probs, model, batch, metrics), model)
     else:
         rows = _hybrid_rows(b, model, x, batch)
     features, _ = _posneg_pass(b, model, params, rows, every, batch, norm, grads, sums, metrics)
@@ -199,7 +202,7 @@ def _posneg_pass(b: Builder, model: Model, params: dict[str, Value], rows: Value
                 positive_activities[i] = b.slice(y, 0, 0, batch)
             if model.regularizers.peer_norm is not None:
                 with b.scope("peer_norm"):
-                    sums[f"peer.x_sum.{name}"] = b.reduce_sum(b.slice(xin, 0, 0, batch), [0], keepdims=True)
+                    sums[f"peer.x_sum.{name}"] = b.reduce_sum(b.slice(as_value(b, xin), 0, 0, batch), [0], keepdims=True)
                     sums[f"peer.y_sum.{name}"] = b.reduce_sum(positive_activities[i], [0])
         grads[f"{name}.weight"], grads[f"{name}.bias"] = rule.weight, rule.bias
         metrics[f"loss.{name}"] = rule.loss
@@ -234,8 +237,8 @@ def _infer_goodness(b: Builder, model: Model, batch: int) -> None:
     params = param_inputs(b, model)
     x = b.input("x", (batch, model.input.size))
     classes = model.input.label.classes
-    copies = [lbl.with_constant_label(b, x, [float(j == c) for j in range(classes)], model) for c in range(classes)]
-    rows = b.concat(copies, axis=0)
+    rows = LabelledRows(SharedImage(x, model.input.label.classes, classes),
+                        [lbl.constant_label(b, x, [float(j == c) for j in range(classes)], model) for c in range(classes)])
     chosen = {model.layer_index(n) for n in model.readout.goodness_layers}
     total = None
     for i, _x, _z, y in run_layers(b, rows, params, model, "labelled"):
@@ -398,7 +401,7 @@ def _stage_posneg(b: Builder, model: Model, batch: int, layers: range) -> None:
             negative_labels = b.input("negative_labels", (batch,), "int64")
         else:
             negative_labels = _negative_labels(b, labels, b.input("u", (batch,)), None, model, batch, metrics)
-        rows = _posneg_rows(b, x, labels, negative_labels, model)
+        rows = _posneg_rows(b, SharedImage(x, model.input.label.classes, 2), labels, negative_labels, model)
     else:
         rows = _hybrid_rows(b, model, b.input("x", (batch, model.input.size)), batch)
     features, y = _posneg_pass(b, model, params, rows, layers, batch, norm, grads, sums, metrics)

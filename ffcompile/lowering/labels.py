@@ -16,16 +16,20 @@ def with_label(b: Builder, x: Value, label_rows: Value, model: Model) -> Value:
     return b.concat([label_rows, b.slice(x, 1, classes, x.shape[1])], axis=1)
 
 
-def with_constant_label(b: Builder, x: Value, row, model: Model) -> Value:
-    """``with_label`` with the same label ``row`` [N] for every row, made from x's own first N
-    inputs (0 * x + row): no batch-sized constant, so the program's ONNX form takes any batch."""
+def constant_label(b: Builder, x: Value, row, model: Model) -> Value:
+    """The same label ``row`` [N] for every row of x [rows, N], made from x's own first N inputs
+    (0 * x + row): no batch-sized constant, so the program's ONNX form takes any batch."""
     first = b.slice(x, 1, 0, model.input.label.classes)
-    return with_label(b, x, b.add(b.mul(first, 0.0), b.constant(np.asarray([row], np.float32))), model)
+    return b.add(b.mul(first, 0.0), b.constant(np.asarray([row], np.float32)))
+
+
+def neutral_label(b: Builder, x: Value, model: Model) -> Value:
+    label = model.input.label
+    return constant_label(b, x, [label.neutral] * label.classes, model)
 
 
 def with_neutral_label(b: Builder, x: Value, model: Model) -> Value:
-    label = model.input.label
-    return with_constant_label(b, x, [label.neutral] * label.classes, model)
+    return with_label(b, x, neutral_label(b, x, model), model)
 
 
 def sample_wrong_labels(b: Builder, weights: Value, labels: Value, u: Value, min_prob: float) -> Value:

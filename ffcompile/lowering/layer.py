@@ -3,7 +3,7 @@ analytic gradient, peer normalization (footnote 9)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..core.builder import Builder
 from ..core.errors import FFCompileError
@@ -14,15 +14,105 @@ from . import local
 
 def normalize(b: Builder, x: Value, model: Model) -> Value:
     """Length normalization without mean subtraction (footnote 5), row-wise."""
-    norm = model.normalization
     with b.scope("normalize"):
-        if norm.kind == "l1":
-            length = b.reduce_sum(b.abs(x), [1], keepdims=True)
-            return b.div(x, b.add(length, norm.eps))
-        squares = b.reduce_sum(b.mul(x, x), [1], keepdims=True)
-        if norm.kind == "rms":
-            squares = b.mul(squares, 1.0 / x.shape[1])
-        return b.div(x, b.sqrt(b.add(squares, norm.eps)))
+        return b.div(x, _length(b, _row_total(b, x, model), x.shape[1], model))
+
+
+def _row_total(b: Builder, x: Value, model: Model) -> Value:
+    """Per row [rows, 1]: what its length is made from, the sum of |x| (l1) or of x^2. Row parts'
+    totals add up to the whole row's."""
+    if model.normalization.kind == "l1":
+        return b.reduce_sum(b.abs(x), [1], keepdims=True)
+    return b.reduce_sum(b.mul(x, x), [1], keepdims=True)
+
+
+def _length(b: Builder, total: Value, width: int, model: Model) -> Value:
+    """The length of rows of ``width`` inputs from their ``_row_total``."""
+    norm = model.normalization
+    if norm.kind == "l1":
+        return b.add(total, norm.eps)
+    if norm.kind == "rms":
+        total = b.mul(total, 1.0 / width)
+    return b.sqrt(b.add(total, norm.eps))
+
+
+class SharedImage:
+    """Input rows x whose first N inputs each pass replaces by a label (sec. 3.3), the rest (the
+    image) being the same for all. Passes that embed different labels in the same images then
+    multiply x by a dense first layer's weights once (``blocks``: how many label blocks in all
+    will read it; with one, nothing is shared and the rows are built whole)."""
+
+    def __init__(self, x: Value, classes: int, blocks: int):
+        self.x = x
+        self.classes = classes
+        self.blocks = blocks
+        self._made: dict = {}
+
+    def once(self, key, make):
+        if key not in self._made:
+            self._made[key] = make()
+        return self._made[key]
+
+    def image(self, b: Builder) -> Value:
+        return b.slice(self.x, 1, self.classes, self.x.shape[1])
+
+
+@dataclass
+class LabelledRows:
+    """Row blocks [labels[k] | image], k = 0, 1, ...: the shared image with one label per block."""
+    shared: SharedImage
+    labels: list[Value] = field(default_factory=list)
+
+    def whole(self, b: Builder) -> Value:
+        blocks = [b.concat([label, self.shared.image(b)], axis=1) for label in self.labels]
+        return blocks[0] if len(blocks) == 1 else b.concat(blocks, axis=0)
+
+
+@dataclass
+class LabelledInput:
+    """A dense first layer's input for LabelledRows: the rows divided by their ``lengths``
+    [rows, 1] (None: the input is not normalized). Built whole only where a weight gradient or
+    a row sum reads it."""
+    rows: LabelledRows
+    lengths: Value | None
+    _whole: Value | None = None
+
+    def whole(self, b: Builder) -> Value:
+        if self._whole is None:
+            rows = self.rows.whole(b)
+            self._whole = rows if self.lengths is None else b.div(rows, self.lengths)
+        return self._whole
+
+
+def as_value(b: Builder, x: Value | LabelledInput) -> Value:
+    """A layer input as one tensor [rows, inputs]."""
+    return x.whole(b) if isinstance(x, LabelledInput) else x
+
+
+def _labelled_forward(b: Builder, rows: LabelledRows, params: dict[str, Value], model: Model,
+                      i: int) -> tuple[LabelledInput, Value]:
+    """A dense first layer's input and pre-activation z for labelled rows: z = (x W^T + (label -
+    x's first N) W_label^T) / length + bias, x W^T made once for every pass. (x itself rather than
+    its image columns: a slice of x would be one more tensor the size of the batch.)"""
+    layer = model.layers[i]
+    weight, bias = params[f"{layer.name}.weight"], params[f"{layer.name}.bias"]
+    shared, n = rows.shared, rows.shared.classes
+    x = shared.x
+    product = shared.once(("product", weight.name), lambda: b.matmul(x, weight, trans_b=True))
+    blocks = len(rows.labels)
+    replaced = b.slice(x, 1, 0, n)
+    change = [b.sub(label, replaced) for label in rows.labels]
+    product = b.add(product if blocks == 1 else b.concat([product] * blocks, axis=0),
+                    b.matmul(change[0] if blocks == 1 else b.concat(change, axis=0), b.slice(weight, 1, 0, n),
+                             trans_b=True))
+    lengths = None
+    if model.input.normalize:
+        labels = rows.labels[0] if blocks == 1 else b.concat(rows.labels, axis=0)
+        image_total = shared.once(("total",), lambda: _row_total(b, shared.image(b), model))
+        total = image_total if blocks == 1 else b.concat([image_total] * blocks, axis=0)
+        lengths = _length(b, b.add(total, _row_total(b, labels, model)), x.shape[1], model)
+        product = b.div(product, lengths)
+    return LabelledInput(rows, lengths), b.add(product, bias)
 
 
 def layer_input(b: Builder, below: Value, model: Model, i: int) -> Value:
@@ -46,16 +136,24 @@ def forward(b: Builder, x: Value, params: dict[str, Value], model: Model, i: int
     return z, b.relu(z)
 
 
-def run_layers(b: Builder, rows: Value, params: dict[str, Value], model: Model, tag: str, layers: range | None = None):
+def run_layers(b: Builder, rows: Value | LabelledRows, params: dict[str, Value], model: Model, tag: str,
+               layers: range | None = None):
     """Forward pass through ``layers`` (default: every layer), ``rows`` being what the first of
     them reads (the input, or the activities of the layer below it); yields (i, layer input, z, y)
-    per layer."""
+    per layer. Labelled rows whose image other passes share go into a dense first layer as a
+    ``LabelledInput``; otherwise they are built whole."""
     below = rows
     for i in range(len(model.layers)) if layers is None else layers:
         layer = model.layers[i]
         with b.scope(f"{tag}/{layer.name}"):
-            x = layer_input(b, below, model, i)
-            z, y = forward(b, x, params, model, i)
+            if isinstance(below, LabelledRows) and (below.shared.blocks == 1 or not isinstance(layer, DenseLayer)):
+                below = below.whole(b)
+            if isinstance(below, LabelledRows):
+                x, z = _labelled_forward(b, below, params, model, i)
+                y = b.relu(z)
+            else:
+                x = layer_input(b, below, model, i)
+                z, y = forward(b, x, params, model, i)
         yield i, x, z, y
         below = y
 
@@ -134,7 +232,11 @@ def local_gradient(b: Builder, x: Value, z: Value, y: Value, model: Model, i: in
             dz = b.mul(b.mul(b.reshape(dlogit, [rows, 1]), b.mul(y, 2.0)), b.step(z))
         per_row = softplus(b, signed)
         loss = b.mul(b.reduce_sum(per_row, [0]), 1.0 / (2 * n))
-        dw = local.weight_gradient(b, dz, x, model, i) if local.is_local(model, i) else b.matmul(dz, x, trans_a=True)
+        x = as_value(b, x)
+        if local.is_local(model, i):
+            dw = local.weight_gradient(b, dz, x, model, i)
+        else:
+            dw = b.matmul(dz, x, trans_a=True)
         db = b.reduce_sum(dz, [0])
         sign = goodness_sign(model)
         g = b.mul(m, sign) if sign < 0 else m

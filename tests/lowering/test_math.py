@@ -2,6 +2,7 @@
 normalization, goodness and the logistic loss (eq. 1), and negative-label sampling."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -196,3 +197,40 @@ def test_softmax_gradient_of_a_confident_true_class_is_precise():
     want = ((p - np.eye(3)[labels]) / 2).T  # dW = dlogits^T features, features the identity
     for got in _ort_and_torch(build, {"logits": logits, "features": features, "labels": labels}):
         np.testing.assert_allclose(got["dw"], want, rtol=1e-5, atol=0)
+
+
+def _products_over_the_input(program, width: int) -> list[tuple[int, int]]:
+    """(rows, units) of each product whose sum runs over ``width`` inputs (a first layer's
+    forward: x W^T)."""
+    shapes = {v.name: v.shape for v in program.inputs} | {n.output.name: n.output.shape for n in program.nodes}
+    found = []
+    for node in program.nodes:
+        if node.op == "matmul" and not node.attrs.get("trans_a"):
+            if shapes[node.inputs[0]][1] == width:
+                found.append(node.output.shape)
+    return found
+
+
+@pytest.mark.parametrize("name,passes", [("train_step", 3), ("infer_goodness", 10)])
+def test_labelled_passes_multiply_the_image_by_the_first_layer_once(name, passes):
+    """The neutral, positive and negative rows (train_step), or the ten labelled copies
+    (infer_goodness), differ only in the label's inputs: the first layer multiplies the batch's
+    rows by its weights once, the label blocks by its first 10 columns."""
+    from ffcompile.core.spec import load_model
+    from ffcompile.lowering import build_program
+    model = load_model(str(Path(__file__).parents[2] / "models" / "mnist-small.toml"))
+    batch, units = 8, model.layers[0].size
+    program = build_program(model, name, batch)
+    assert _products_over_the_input(program, model.input.size) == [(batch, units)]
+    label_rows = [rows for rows, cols in _products_over_the_input(program, model.input.label.classes) if cols == units]
+    assert sum(label_rows) == passes * batch
+
+
+def test_one_labelled_pass_builds_its_rows_whole():
+    """infer_softmax has one neutral pass: nothing to share, one product over the whole rows."""
+    from ffcompile.core.spec import load_model
+    from ffcompile.lowering import build_program
+    model = load_model(str(Path(__file__).parents[2] / "models" / "mnist-small.toml"))
+    program = build_program(model, "infer_softmax", 8)
+    assert _products_over_the_input(program, model.input.size) == [(8, model.layers[0].size)]
+    assert not _products_over_the_input(program, model.input.label.classes)

@@ -47,7 +47,7 @@ def random_step_inputs(model, rng):
 
 def lowered_step(model, params, state, x, y, u, lr, step):
     """(outputs, feeds) of the lowered train_step run by the torch interpreter in float64."""
-    program = TorchProgram(build_program(model, "train_step", model.training.batch_size))
+    program = TorchProgram(build_program(model, "train_step", model.training.batch_size), float_dtype=torch.float64)
     feeds = {**params, **state, "x": x, "y": y, "u": u, "lr": torch.tensor(lr, dtype=torch.float64),
              "step": torch.tensor(float(step), dtype=torch.float64)}
     with torch.no_grad():
@@ -120,7 +120,7 @@ def test_recipe_update_matches_torch_optim(recipe, zero_state):
 def test_unnormalized_input_matches_autograd():
     model = tiny_model("ssq", "rms", REGULARIZERS[1], OPTIMIZERS[0], "hard_label", normalize_input=False)
     params, state, x, y, u = random_step_inputs(model, np.random.default_rng(1))
-    program = TorchProgram(build_program(model, "train_step", 6))
+    program = TorchProgram(build_program(model, "train_step", 6), float_dtype=torch.float64)
     feeds = {**params, **state, "x": x, "y": y, "u": u, "lr": torch.tensor(0.05, dtype=torch.float64)}
     with torch.no_grad():
         out = program.run({v.name: feeds[v.name] for v in program.program.inputs})
@@ -171,7 +171,7 @@ def test_local_and_unsupervised_updates_match_autograd(goodness, norm, reg, opt,
     x_other = torch.tensor(rng.random(tuple(x.shape)))
     bits = torch.tensor(rng.integers(0, 2, tuple(x.shape)).astype(np.float64))
     step, lr = 4, OPTIMIZERS[opt].lr
-    program = TorchProgram(build_program(model, "train_step", model.training.batch_size))
+    program = TorchProgram(build_program(model, "train_step", model.training.batch_size), float_dtype=torch.float64)
     feeds = {**params, **state, "x": x, "y": y, "u": u, "x_other": x_other, "mask_bits": bits,
              "lr": torch.tensor(lr, dtype=torch.float64), "step": torch.tensor(float(step), dtype=torch.float64)}
     with torch.no_grad():

@@ -39,7 +39,7 @@ def model_of(kind: str) -> Model:
 
 
 def run(model, name, batch, feeds):
-    program = TorchProgram(build_program(model, name, batch))
+    program = TorchProgram(build_program(model, name, batch), float_dtype=torch.float64)
     with torch.no_grad():
         return program.run({v.name: feeds[v.name] for v in program.program.inputs})
 
@@ -86,7 +86,7 @@ def test_shards_summed_then_applied_equal_the_whole_batch_step(kind, shards):
 
 
 def run_stage(model, name, batch, layers, feeds):
-    program = TorchProgram(build_stage_program(model, name, batch, layers))
+    program = TorchProgram(build_stage_program(model, name, batch, layers), float_dtype=torch.float64)
     with torch.no_grad():
         return program.run({v.name: feeds[v.name] for v in program.program.inputs})
 
