@@ -135,11 +135,14 @@ def matmul_products(prog, threads: int):
 
 
 def weight_reads_bytes(prog) -> int:
-    """Bytes of parameters the program's matmuls read as operands (each weight once per matmul
-    that takes it: the neutral pass and the positive/negative pass)."""
-    params = {v.name: v.shape for v in prog.inputs if v.name.endswith((".weight", ".bias"))}
-    return sum(int(np.prod(params[name])) * 4 for n in prog.nodes if n.op == "matmul" for name in n.inputs[:2]
-               if name in params)
+    """Bytes of parameters the program's matmuls read as operands: each weight, or the slice of
+    its columns a matmul takes (a first layer's label columns), once per matmul that takes it."""
+    read = {v.name: v.shape for v in prog.inputs if v.name.endswith((".weight", ".bias"))}
+    for n in prog.nodes:
+        if n.op == "slice" and n.inputs[0] in read:
+            read[n.output.name] = n.output.shape
+    return sum(int(np.prod(read[name])) * 4 for n in prog.nodes if n.op == "matmul" for name in n.inputs[:2]
+               if name in read)
 
 
 def tensors(feeds: dict):
@@ -218,7 +221,9 @@ def bench_size(size: str, args, peak: dict, work: Path) -> dict:
            "sweep_bound_how": "the bandwidth bound plus every weight read once more by each matmul that takes it, at "
                               "the same copy bandwidth: the neutral pass and the positive/negative pass each read the "
                               "weights in a sweep of their own (the negative labels need the whole neutral pass, a "
-                              "layer's gradient the whole layer's output) before the update's sweep",
+                              "layer's gradient the whole layer's output) before the update's sweep; the first "
+                              "layer's weights once, as the passes share its product with the images, and its "
+                              "label columns once per pass",
            "compile_s": {}, "notes": {}}
     log(f"{size}: {model.name} batch {batch}, {flops / 1e9:.3f} GFLOP, bound {row['bandwidth_bound_ms']:.2f} ms")
     row["hand_step_check"] = check_hand_step(model, prog, feeds)

@@ -39,27 +39,47 @@ def assert_close(got: dict, want: dict, rtol: float) -> None:
         assert float(np.abs(got[name] - value).max()) <= rtol * scale, name
 
 
-@pytest.mark.parametrize("flags,rtol", [(("--sgd",), 1e-5), (("--float64", "--sgd"), 1e-12), (("--float64",), 1e-9)],
-                         ids=["fp32-sgd", "float64-sgd", "float64-adam"])
+def _farthest(got: dict, exact: dict) -> float:
+    """The largest relative distance of a parameter or state tensor from ``exact``'s."""
+    return max(float(np.abs(got[k] - v).max()) / max(float(np.abs(v).max()), 1e-30) for k, v in exact.items())
+
+
+def assert_within_fp32_rounding(tmp_path, two: dict, *one_flags: str) -> None:
+    """fp32, 20 steps: the two-process run no farther from the float64 trajectory than twice the
+    one-process fp32 run is. Rounding drifts to about 1e-4 relative over these steps, and the
+    splits round differently, so the two fp32 runs need not agree more closely than that (the
+    float64 cases check the arithmetic itself to 1e-12)."""
+    exact = worker_params(tmp_path, 1, "--float64", *one_flags)
+    assert two.keys() == exact.keys()
+    assert _farthest(two, exact) <= 2 * _farthest(worker_params(tmp_path, 1, *one_flags), exact)
+
+
+@pytest.mark.parametrize("flags,rtol", [(("--float64", "--sgd"), 1e-12), (("--float64",), 1e-9)],
+                         ids=["float64-sgd", "float64-adam"])
 def test_two_processes_compute_the_one_process_step(tmp_path, flags, rtol):
     """20 steps: every parameter and optimizer state within rtol of one process's. Sharded sums
     round differently from whole-batch ones, and Adam divides each gradient by its own running
-    size, which magnifies that rounding where a gradient is near 0 (to 2.8e-4 relative in fp32 and
-    1.1e-10 in float64 here): SGD is held to the tight bounds, Adam is checked in float64.
+    size, which magnifies that rounding where a gradient is near 0 (to 1.1e-10 in float64 here).
     (tests/lowering/test_sharded_step.py checks one Adam step to 1e-12.)"""
     assert_close(worker_params(tmp_path, 2, *flags), worker_params(tmp_path, 1, *flags), rtol)
 
 
-@pytest.mark.parametrize("flags,rtol", [(("--sgd",), 1e-5), (("--float64", "--sgd"), 1e-12), (("--float64",), 1e-9)],
-                         ids=["fp32-sgd", "float64-sgd", "float64-adam"])
+def test_two_processes_in_fp32_stay_within_its_rounding(tmp_path):
+    assert_within_fp32_rounding(tmp_path, worker_params(tmp_path, 2, "--sgd"), "--sgd")
+
+
+@pytest.mark.parametrize("flags,rtol", [(("--float64", "--sgd"), 1e-12), (("--float64",), 1e-9)],
+                         ids=["float64-sgd", "float64-adam"])
 def test_two_pipelined_processes_compute_the_one_process_step(tmp_path, flags, rtol):
     """Layer-pipelined (h1 on one process, h2 and the readout on the other, 4 micro-batches of 5
     rows): 20 steps within rtol of one process's. On the built-in MNIST images: on random pixels
-    this net's layers blow up (goodness in the thousands) and die within 10 steps, and there fp32
-    rounding, of either split, grows to 1e-3 relative (measured for 5-row micro-batches against the
-    whole batch at the same parameters); on digits it stays below 5e-6 here."""
+    this net's layers blow up (goodness in the thousands) and die within 10 steps."""
     assert_close(worker_params(tmp_path, 2, "--pipeline", "--mnist", *flags), worker_params(tmp_path, 1, "--mnist", *flags),
                  rtol)
+
+
+def test_two_pipelined_processes_in_fp32_stay_within_its_rounding(tmp_path):
+    assert_within_fp32_rounding(tmp_path, worker_params(tmp_path, 2, "--pipeline", "--mnist", "--sgd"), "--mnist", "--sgd")
 
 
 def test_two_pipelined_processes_train_an_unsupervised_model_as_one(tmp_path):

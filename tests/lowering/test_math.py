@@ -211,11 +211,12 @@ def _products_over_the_input(program, width: int) -> list[tuple[int, int]]:
     return found
 
 
-@pytest.mark.parametrize("name,passes", [("train_step", 3), ("infer_goodness", 10)])
+@pytest.mark.parametrize("name,passes", [("train_step", 3), ("infer_goodness", 10), ("infer_softmax", 1)])
 def test_labelled_passes_multiply_the_image_by_the_first_layer_once(name, passes):
     """The neutral, positive and negative rows (train_step), or the ten labelled copies
     (infer_goodness), differ only in the label's inputs: the first layer multiplies the batch's
-    rows by its weights once, the label blocks by its first 10 columns."""
+    rows by its weights once, the label blocks by its first 10 columns. One pass (infer_softmax's
+    neutral one) is computed the same way, so that its features are the train step's."""
     from ffcompile.core.spec import load_model
     from ffcompile.lowering import build_program
     model = load_model(str(Path(__file__).parents[2] / "models" / "mnist-small.toml"))
@@ -225,12 +226,3 @@ def test_labelled_passes_multiply_the_image_by_the_first_layer_once(name, passes
     label_rows = [rows for rows, cols in _products_over_the_input(program, model.input.label.classes) if cols == units]
     assert sum(label_rows) == passes * batch
 
-
-def test_one_labelled_pass_builds_its_rows_whole():
-    """infer_softmax has one neutral pass: nothing to share, one product over the whole rows."""
-    from ffcompile.core.spec import load_model
-    from ffcompile.lowering import build_program
-    model = load_model(str(Path(__file__).parents[2] / "models" / "mnist-small.toml"))
-    program = build_program(model, "infer_softmax", 8)
-    assert _products_over_the_input(program, model.input.size) == [(8, model.layers[0].size)]
-    assert not _products_over_the_input(program, model.input.label.classes)
