@@ -204,6 +204,10 @@ def test_register_tile_for_strided_b_keeps_its_panel_in_l1():
     (200, 240, 100, 1, 0),  # B packed whole where the threads cannot split its column blocks evenly
     (500, 16, 784, 0, 1),   # W x^T of a small batch: one column block, so B packed whole, rows split
     (100, 10, 600, 0, 1),   # 10 columns (a softmax readout) padded to one vector
+    (1, 500, 500, 0, 1),    # x @ W^T of one row: a row reduction, 5 rows of W side by side
+    (2, 500, 500, 0, 1),    # two rows: groups of W's rows that never straddle two rows of x
+    (500, 2, 500, 0, 1),    # W x^T of two rows: groups of whole output rows
+    (3, 7, 64, 0, 1),       # rows side by side: all 7 of an output row
 ])
 def test_gemm_tiles_on_the_build_hosts_cpu_match_numpy(tmp_path, M, N, K, trans_a, trans_b):
     """The widest tiles this host's vector ISA allows (mcpu as the native target resolves it)."""
@@ -226,6 +230,24 @@ def test_gemm_tiles_on_the_build_hosts_cpu_match_numpy(tmp_path, M, N, K, trans_
     got = tvm_runtime.load(out).run({"a": a, "b": b})["c"]
     want = (a.T if trans_a else a).astype(np.float64) @ (b.T if trans_b else b).astype(np.float64)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_a_row_reduction_sums_several_rows_side_by_side():
+    """A matrix-vector product's rows each sum into one vector of partial sums: rows side by side
+    make independent FMAs (a single row's chain waits on each FMA's latency), in groups of whole
+    output rows when an output row is shorter than a group."""
+    from tvm import te
+
+    def log(M: int, N: int, K: int) -> str:
+        x, w = te.placeholder((M, K), name="x"), te.placeholder((N, K), name="w")
+        k = te.reduce_axis((0, K), name="k")
+        c = te.compute((M, N), lambda i, j: te.sum(x[i, k] * w[j, k], axis=k), name="c")
+        scheduler = tc._CPUScheduler(te.create_prim_func([x, w, c]), tc._as_target(_host_target()))
+        scheduler.reduction("c")
+        return scheduler.log[-1]
+
+    assert log(1, 500, 500) == "row-reduction c: 5 rows side by side"
+    assert log(500, 2, 500) == "row-reduction c: 8 rows side by side"
 
 
 @pytest.mark.parametrize("shape", [[32, 48], [24, 40], [20, 36]])  # tiles of 16, of 8, and neither
