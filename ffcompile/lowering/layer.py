@@ -100,9 +100,14 @@ def _labelled_forward(b: Builder, rows: LabelledRows, params: dict[str, Value], 
     blocks = len(rows.labels)
     replaced = b.slice(x, 1, 0, n)
     change = [b.sub(label, replaced) for label in rows.labels]
-    product = b.add(product if blocks == 1 else b.concat([product] * blocks, axis=0),
-                    b.matmul(change[0] if blocks == 1 else b.concat(change, axis=0), b.slice(weight, 1, 0, n),
-                             trans_b=True))
+    labelled = b.matmul(change[0] if blocks == 1 else b.concat(change, axis=0), b.slice(weight, 1, 0, n),
+                        trans_b=True)
+    if blocks == 1:
+        product = b.add(product, labelled)
+    else:  # each block plus the shared product, broadcast (no copies of it side by side)
+        rows_per_block, units = product.shape
+        product = b.reshape(b.add(b.reshape(labelled, [blocks, rows_per_block, units]), product),
+                            [blocks * rows_per_block, units])
     lengths = None
     if model.input.normalize:
         labels = rows.labels[0] if blocks == 1 else b.concat(rows.labels, axis=0)

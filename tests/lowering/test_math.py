@@ -226,3 +226,15 @@ def test_labelled_passes_multiply_the_image_by_the_first_layer_once(name, passes
     label_rows = [rows for rows, cols in _products_over_the_input(program, model.input.label.classes) if cols == units]
     assert sum(label_rows) == passes * batch
 
+
+
+def test_labelled_blocks_add_the_shared_product_by_broadcasting():
+    """The positive and negative blocks add x W^T by broadcasting over the blocks: no copies of it
+    side by side, which onnxruntime would hold as one more [2B, units] tensor (at batch 1000 of
+    Hinton's 4 x 2000 net, 16 MB: its step's working memory would exceed half of backprop's)."""
+    from ffcompile.core.spec import load_model
+    from ffcompile.lowering import build_program
+    model = load_model(str(Path(__file__).parents[2] / "models" / "mnist-small.toml"))
+    program = build_program(model, "train_step", 8)
+    assert not [n for n in program.nodes if n.op == "concat" and len(n.inputs) > 1 and len(set(n.inputs)) == 1
+                and n.output.shape[1] == model.layers[0].size]
