@@ -99,15 +99,15 @@ def _labelled_forward(b: Builder, rows: LabelledRows, params: dict[str, Value], 
     product = shared.once(("product", weight.name), lambda: b.matmul(x, weight, trans_b=True))
     blocks = len(rows.labels)
     replaced = b.slice(x, 1, 0, n)
-    change = [b.sub(label, replaced) for label in rows.labels]
-    labelled = b.matmul(change[0] if blocks == 1 else b.concat(change, axis=0), b.slice(weight, 1, 0, n),
+    changes = [b.sub(label, replaced) for label in rows.labels]
+    labelled = b.matmul(changes[0] if blocks == 1 else b.concat(changes, axis=0), b.slice(weight, 1, 0, n),
                         trans_b=True)
     if blocks == 1:
         product = b.add(product, labelled)
-    else:  # each block plus the shared product, broadcast (no copies of it side by side)
-        rows_per_block, units = product.shape
-        product = b.reshape(b.add(b.reshape(labelled, [blocks, rows_per_block, units]), product),
-                            [blocks * rows_per_block, units])
+    else:  # each block plus the shared product, broadcast (no copies of it side by side); the
+        # rows as -1: an exported inference program takes any batch
+        units = product.shape[1]
+        product = b.reshape(b.add(b.reshape(labelled, [blocks, -1, units]), product), [-1, units])
     lengths = None
     if model.input.normalize:
         labels = rows.labels[0] if blocks == 1 else b.concat(rows.labels, axis=0)
