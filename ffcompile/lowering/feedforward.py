@@ -75,7 +75,7 @@ def readout_rows(b: Builder, x: Value, model: Model, shared: SharedImage | None 
     ``shared``: x's image as other passes of the program read it (default: read by this one alone)."""
     if not supervised(model):
         return x
-    return LabelledRows(shared or SharedImage(x, model.input.label.classes), [lbl.neutral_label(b, x, model)])
+    return LabelledRows(shared or SharedImage(x, model.input.label.classes, 1), [lbl.neutral_label(b, x, model)])
 
 
 def _negative_labels(b: Builder, labels: Value, u: Value, probs: Value | None, model: Model, batch: int,
@@ -155,7 +155,7 @@ def _gradients(b: Builder, model: Model, params: dict[str, Value], x: Value, lab
     if supervised(model):
         probs = None
         # the neutral pass (if any) and the positive and negative rows share the image
-        shared = SharedImage(x, model.input.label.classes)
+        shared = SharedImage(x, model.input.label.classes, 2 + bool(model.readout.softmax_layers))
         if model.readout.softmax_layers:
             features, _ = readout_pass(b, readout_rows(b, x, model, shared), params, model, "neutral", every)
             probs = _learn_softmax(b, side_by_side(b, features), params, labels, norm, grads, metrics)
@@ -237,7 +237,7 @@ def _infer_goodness(b: Builder, model: Model, batch: int) -> None:
     params = param_inputs(b, model)
     x = b.input("x", (batch, model.input.size))
     classes = model.input.label.classes
-    rows = LabelledRows(SharedImage(x, classes),
+    rows = LabelledRows(SharedImage(x, classes, classes),
                         [lbl.constant_label(b, x, [float(j == c) for j in range(classes)], model) for c in range(classes)])
     chosen = {model.layer_index(n) for n in model.readout.goodness_layers}
     total = None
@@ -401,7 +401,7 @@ def _stage_posneg(b: Builder, model: Model, batch: int, layers: range) -> None:
             negative_labels = b.input("negative_labels", (batch,), "int64")
         else:
             negative_labels = _negative_labels(b, labels, b.input("u", (batch,)), None, model, batch, metrics)
-        rows = _posneg_rows(b, SharedImage(x, model.input.label.classes), labels, negative_labels, model)
+        rows = _posneg_rows(b, SharedImage(x, model.input.label.classes, 2), labels, negative_labels, model)
     else:
         rows = _hybrid_rows(b, model, b.input("x", (batch, model.input.size)), batch)
     features, y = _posneg_pass(b, model, params, rows, layers, batch, norm, grads, sums, metrics)

@@ -39,11 +39,15 @@ def _length(b: Builder, total: Value, width: int, model: Model) -> Value:
 class SharedImage:
     """Input rows x whose first N inputs each pass replaces by a label (sec. 3.3), the rest (the
     image) being the same for all. Passes that embed different labels in the same images then
-    multiply x by a dense first layer's weights once."""
+    multiply x by a dense first layer's weights once. ``blocks``: how many label blocks in all
+    read x; with one, nothing is shared and the rows are built whole (one product over them, as
+    an int8 program quantizes it: a weight that a label product also read would be dequantized
+    to float32 on every call)."""
 
-    def __init__(self, x: Value, classes: int):
+    def __init__(self, x: Value, classes: int, blocks: int):
         self.x = x
         self.classes = classes
+        self.blocks = blocks
         self._made: dict = {}
 
     def once(self, key, make):
@@ -143,13 +147,13 @@ def run_layers(b: Builder, rows: Value | LabelledRows, params: dict[str, Value],
                layers: range | None = None):
     """Forward pass through ``layers`` (default: every layer), ``rows`` being what the first of
     them reads (the input, or the activities of the layer below it); yields (i, layer input, z, y)
-    per layer. Labelled rows go into a dense first layer as a ``LabelledInput`` (the same
-    arithmetic whether or not other passes share the image); other layers get them built whole."""
+    per layer. Labelled rows whose image several label blocks share go into a dense first layer
+    as a ``LabelledInput``; otherwise they are built whole."""
     below = rows
     for i in range(len(model.layers)) if layers is None else layers:
         layer = model.layers[i]
         with b.scope(f"{tag}/{layer.name}"):
-            if isinstance(below, LabelledRows) and not isinstance(layer, DenseLayer):
+            if isinstance(below, LabelledRows) and (below.shared.blocks == 1 or not isinstance(layer, DenseLayer)):
                 below = below.whole(b)
             if isinstance(below, LabelledRows):
                 x, z = _labelled_forward(b, below, params, model, i)

@@ -211,12 +211,12 @@ def _products_over_the_input(program, width: int) -> list[tuple[int, int]]:
     return found
 
 
-@pytest.mark.parametrize("name,passes", [("train_step", 3), ("infer_goodness", 10), ("infer_softmax", 1)])
+@pytest.mark.parametrize("name,passes", [("train_step", 3), ("infer_goodness", 10), ("infer_softmax", 0)])
 def test_labelled_passes_multiply_the_image_by_the_first_layer_once(name, passes):
     """The neutral, positive and negative rows (train_step), or the ten labelled copies
     (infer_goodness), differ only in the label's inputs: the first layer multiplies the batch's
-    rows by its weights once, the label blocks by its first 10 columns. One pass (infer_softmax's
-    neutral one) is computed the same way, so that its features are the train step's."""
+    rows by its weights once, the label blocks by its first 10 columns. A single pass
+    (infer_softmax's neutral one) multiplies its whole rows, the label's columns with the rest."""
     from ffcompile.core.spec import load_model
     from ffcompile.lowering import build_program
     model = load_model(str(Path(__file__).parents[2] / "models" / "mnist-small.toml"))
