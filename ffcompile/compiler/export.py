@@ -18,7 +18,7 @@ import onnx
 
 from .. import __version__
 from ..contract.checkpoint import CHECKPOINT, load_checkpoint
-from ..contract.manifest import is_bundle_dir, read_manifest, sha256_file, verify_files
+from ..contract.manifest import WEIGHT_SLICE, is_bundle_dir, read_manifest, sha256_file, verify_files
 from ..contract.weights import read_tensors
 from ..core.errors import FFCompileError
 from ..core.family import READOUT_PROGRAMS, Family
@@ -69,6 +69,7 @@ def export_onnx(model: Model, params: dict[str, np.ndarray], readout: str, sourc
     graph.input.extend(kept)
     graph.initializer.extend(onnx.numpy_helper.from_array(np.ascontiguousarray(params[n], np.float32), n)
                              for n in sorted(weights))
+    _fold_weight_slices(graph)
     for value in list(graph.input) + list(graph.output):
         value.type.tensor_type.shape.dim[0].dim_param = "batch"
     del graph.value_info[:]
@@ -92,6 +93,33 @@ def metadata(model: Model, readout: str, source_digest: str) -> dict[str, str]:
                                                      "neutral": label.neutral}),
             "ffcompile.model_ir": model.dumps(), "ffcompile.source_sha256": source_digest,
             "ffcompile.opset": str(OPSET)}
+
+
+def _fold_weight_slices(graph) -> None:
+    """Slices of the weights (a first layer's label columns, which the labelled passes multiply on
+    their own) as initializers of their own, marked ``WEIGHT_SLICE``. Each weight is then read by
+    its product alone, and int8 quantization keeps it integer inside that product: a dequantized
+    weight that a Slice also reads is made in float32 on every call (measured: int8
+    infer_goodness of a 2 x 500 net at one row, 0.21 instead of 0.10 ms)."""
+    values = {t.name: t for t in graph.initializer}
+    for node in list(graph.node):
+        if node.op_type != "Slice" or not all(name in values for name in node.input):
+            continue
+        data, starts, ends, *rest = (onnx.numpy_helper.to_array(values[name]) for name in node.input)
+        axes = rest[0] if rest else range(len(starts))
+        steps = rest[1] if len(rest) > 1 else [1] * len(starts)
+        index = [slice(None)] * data.ndim
+        for axis, start, end, step in zip(axes, starts, ends, steps):
+            index[int(axis)] = slice(int(start), int(end), int(step))
+        folded = onnx.numpy_helper.from_array(np.ascontiguousarray(data[tuple(index)]), node.output[0])
+        folded.doc_string = WEIGHT_SLICE + node.input[0]
+        graph.initializer.append(folded)
+        values[folded.name] = folded
+        graph.node.remove(node)
+    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    kept = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
 
 
 def _batch_sized_constants(model: Model, name: str) -> bool:

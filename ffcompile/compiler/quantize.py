@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from ..contract.manifest import PROGRAMS_DIR
+from ..contract.manifest import PROGRAMS_DIR, WEIGHT_SLICE
 from ..core.errors import FFCompileError
 from ..core.family import READOUT_PROGRAMS
 from ..core.spec import Model
@@ -64,6 +64,10 @@ def _int8(proto: onnx.ModelProto, rows: np.ndarray) -> onnx.ModelProto:
             batch = next(self.batches, None)
             return None if batch is None else {"x": batch}
 
+    # products with a slice of a weight (a first layer's label columns, 10 inputs: export.py)
+    # stay float32: nothing to gain in time, and one more rounding of their inputs
+    slices = {t.name for t in proto.graph.initializer if t.doc_string.startswith(WEIGHT_SLICE)}
+    few = [n.name for n in proto.graph.node if n.op_type in ("MatMul", "Gemm") and slices & set(n.input)]
     quiet = logging.getLogger()
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # the quantizer logs advice about models it was not given
@@ -73,7 +77,8 @@ def _int8(proto: onnx.ModelProto, rows: np.ndarray) -> onnx.ModelProto:
             onnx.save(proto, source)
             quantize_static(str(source), str(out), Rows(), quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            op_types_to_quantize=["MatMul", "Gemm"], calibrate_method=CalibrationMethod.MinMax,
+                            op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=few,
+                            calibrate_method=CalibrationMethod.MinMax,
                             calibration_providers=["CPUExecutionProvider"],
                             extra_options={"WeightSymmetric": True, "ActivationSymmetric": False,
                                            # matmul outputs stay float32: one rounding less, and

@@ -34,6 +34,9 @@ WEIGHTS = "weights.safetensors"
 OPTIMIZER = "optimizer.safetensors"
 PARITY = "parity.json"
 PROGRAMS_DIR = "programs"
+# doc_string of an ONNX initializer that an exported program folded from a slice of a weight
+# (compiler/export.py); what int8 quantization leaves float32 and its reference reads unrounded
+WEIGHT_SLICE = "ffcompile: a slice of "
 WEIGHTS_FORMAT = "ffcompile-weights-1"
 
 

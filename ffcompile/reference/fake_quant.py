@@ -6,6 +6,7 @@ values with integer kernels; parity compares the two."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Callable
 
@@ -14,18 +15,30 @@ import torch
 from onnx import numpy_helper
 
 from ..core.errors import FFCompileError
-from ..core.program import Program
+from ..contract.manifest import WEIGHT_SLICE
+from ..core.program import Node, Program, Value
 from ..lowering import build_program
 from .interpreter import TorchProgram
 
 
 def quantization_params(proto) -> dict[str, dict]:
     """For every float tensor of the original graph that the quantized graph rounds to integers:
-    ``{"scale", "zero_point", "axis", "qmin", "qmax"}``. Activations are found at their
+    ``{"scale", "zero_point", "axis", "qmin", "qmax", "float_readers"}``, the last being the nodes
+    (named as the program values they make) that read the tensor unrounded. Activations are found at their
     QuantizeLinear nodes; weights and biases stored as integers are found at the
     DequantizeLinear nodes that read them (the float tensor they replace is named without the
     quantizer's ``_quantized`` suffix)."""
     consts = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    # readers of the unrounded tensor: nodes other than the quantizer's, and weight slices folded
+    # into initializers of their own (compiler/export.py), named as the program values they were
+    float_readers: dict[str, set] = {}
+    for node in proto.graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            for name in node.input:
+                float_readers.setdefault(name, set()).add(node.name)
+    for t in proto.graph.initializer:
+        if t.doc_string.startswith(WEIGHT_SLICE):
+            float_readers.setdefault(t.doc_string[len(WEIGHT_SLICE):], set()).add(t.name)
     params: dict[str, dict] = {}
     for node in proto.graph.node:
         if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
@@ -40,7 +53,8 @@ def quantization_params(proto) -> dict[str, dict]:
         info = np.iinfo(zero.dtype)
         axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
         params[source] = {"scale": scale, "zero_point": zero.astype(np.int64), "axis": axis if scale.ndim else None,
-                          "qmin": int(info.min), "qmax": int(info.max)}
+                          "qmin": int(info.min), "qmax": int(info.max),
+                          "float_readers": sorted(float_readers.get(source, ()))}
     return params
 
 
@@ -63,8 +77,25 @@ def fake_quantized(program: Program, params: dict[str, dict]) -> TorchProgram:
     if missing:
         raise FFCompileError(f"{program.name}: the quantized graph rounds tensors the program does not have "
                              f"({', '.join(missing[:3])}); it was not made from this model")
-    rewrite = {name: (lambda v, p=p: fake_quantize(v, p["scale"], p["zero_point"], p["axis"], p["qmin"], p["qmax"]))
-               for name, p in params.items()}
+    nodes, rewrite = list(program.nodes), {}
+    for name, p in params.items():
+        rounding = (lambda v, p=p: fake_quantize(v, p["scale"], p["zero_point"], p["axis"], p["qmin"], p["qmax"]))
+        unrounded = set(p.get("float_readers", ()))
+        rounded = [k for k, n in enumerate(nodes) if name in n.inputs and n.output.name not in unrounded]
+        if len(rounded) == sum(name in n.inputs for n in nodes):
+            rewrite[name] = rounding  # every reader reads it rounded
+            continue
+        if not rounded:
+            continue
+        # some readers read it as it is (a first layer's weight, whose label columns a slice
+        # takes unrounded): a rounded copy for the others
+        value = next(v for v in [*program.inputs, *(n.output for n in nodes)] if v.name == name)
+        copy = Value(f"{name}/rounded", value.shape, value.dtype)
+        for k in rounded:
+            nodes[k] = dataclasses.replace(nodes[k], inputs=tuple(copy.name if i == name else i for i in nodes[k].inputs))
+        nodes.insert(rounded[0], Node("identity", (name,), copy, {}))
+        rewrite[copy.name] = rounding
+    program = dataclasses.replace(program, nodes=nodes)
     return TorchProgram(program, rewrite=rewrite)
 
 

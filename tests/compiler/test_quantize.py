@@ -64,6 +64,26 @@ def test_int8_program_computes_the_fake_quantized_reference(tiny_spec, readout):
     assert to_fake < 2e-2 and to_fake < to_exact / 5, (to_fake, to_exact)
 
 
+def test_int8_goodness_program_keeps_each_weight_integer_inside_its_product(tiny_spec):
+    """infer_goodness multiplies the first layer's label columns on their own (the labelled
+    copies share the image's product): the export stores those columns as an initializer of
+    their own and leaves their small product in float32, so every int8 weight is read by its one
+    product only. A dequantized weight that a Slice also read would be made in float32 on every
+    call (onnxruntime then cannot fuse it into the integer product: 2x the time at batch 1)."""
+    model = load_model(tiny_spec)
+    params, _ = init_state(model, 0)
+    _, x, _ = load_model_split(model, None, "train")
+    proto = quantize(export_onnx(model, params, "goodness", "test"), "int8", x[:200])
+    readers = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    weights = {n.output[0] for n in proto.graph.node
+               if n.op_type == "DequantizeLinear" and n.input[0].endswith(".weight_quantized")}
+    assert weights and all(len(readers[w]) == 1 and readers[w][0].op_type in ("Gemm", "MatMul") for w in weights)
+    assert not [n for n in proto.graph.node if n.op_type == "Slice" and n.input[0].endswith(".weight")]
+
+
 def test_int8_bundle_runs_int8_by_default_and_float32_on_request(trained_tiny, tmp_path):
     bundle = tmp_path / "int8"
     result = invoke("build", trained_tiny, "--target", "x86-cpu", "-o", bundle, "--dtype", "int8",
