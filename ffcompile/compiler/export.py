@@ -100,7 +100,7 @@ def _fold_weight_slices(graph) -> None:
     their own) as initializers of their own, marked ``WEIGHT_SLICE``. Each weight is then read by
     its product alone, and int8 quantization keeps it integer inside that product: a dequantized
     weight that a Slice also reads is made in float32 on every call (measured: int8
-    infer_goodness of a 2 x 500 net at one row, 0.21 instead of 0.10 ms)."""
+    infer_goodness of a 2 x 500 net at one row, 0.206 ms against 0.123 ms folded)."""
     values = {t.name: t for t in graph.initializer}
     for node in list(graph.node):
         if node.op_type != "Slice" or not all(name in values for name in node.input):

@@ -67,7 +67,7 @@ def _int8(proto: onnx.ModelProto, rows: np.ndarray) -> onnx.ModelProto:
     # products with a slice of a weight (a first layer's label columns, 10 inputs: export.py)
     # stay float32: nothing to gain in time, and one more rounding of their inputs
     slices = {t.name for t in proto.graph.initializer if t.doc_string.startswith(WEIGHT_SLICE)}
-    few = [n.name for n in proto.graph.node if n.op_type in ("MatMul", "Gemm") and slices & set(n.input)]
+    slice_products = [n.name for n in proto.graph.node if n.op_type in ("MatMul", "Gemm") and slices & set(n.input)]
     quiet = logging.getLogger()
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # the quantizer logs advice about models it was not given
@@ -77,7 +77,7 @@ def _int8(proto: onnx.ModelProto, rows: np.ndarray) -> onnx.ModelProto:
             onnx.save(proto, source)
             quantize_static(str(source), str(out), Rows(), quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=few,
+                            op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=slice_products,
                             calibrate_method=CalibrationMethod.MinMax,
                             calibration_providers=["CPUExecutionProvider"],
                             extra_options={"WeightSymmetric": True, "ActivationSymmetric": False,

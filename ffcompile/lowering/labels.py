@@ -10,12 +10,6 @@ from ..core.program import Value
 from ..core.spec import Model
 
 
-def with_label(b: Builder, x: Value, label_rows: Value, model: Model) -> Value:
-    """Replace the first N inputs of each row by ``label_rows`` [rows, N]."""
-    classes = model.input.label.classes
-    return b.concat([label_rows, b.slice(x, 1, classes, x.shape[1])], axis=1)
-
-
 def constant_label(b: Builder, x: Value, row, model: Model) -> Value:
     """The same label ``row`` [N] for every row of x [rows, N], made from x's own first N inputs
     (0 * x + row): no batch-sized constant, so the program's ONNX form takes any batch."""
@@ -26,10 +20,6 @@ def constant_label(b: Builder, x: Value, row, model: Model) -> Value:
 def neutral_label(b: Builder, x: Value, model: Model) -> Value:
     label = model.input.label
     return constant_label(b, x, [label.neutral] * label.classes, model)
-
-
-def with_neutral_label(b: Builder, x: Value, model: Model) -> Value:
-    return with_label(b, x, neutral_label(b, x, model), model)
 
 
 def sample_wrong_labels(b: Builder, weights: Value, labels: Value, u: Value, min_prob: float) -> Value:

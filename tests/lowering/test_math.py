@@ -9,9 +9,10 @@ import pytest
 
 from ffcompile.reference.interpreter import TorchProgram
 from ffcompile.lowering import labels as lbl
-from ffcompile.lowering.layer import local_gradient, normalize
+from ffcompile.lowering import build_program
+from ffcompile.lowering.layer import LabelledRows, SharedImage, local_gradient, normalize
 from ffcompile.core.builder import Builder
-from ffcompile.core.spec import DenseLayer, Goodness, InputSpec, Model, Normalization, Readout
+from ffcompile.core.spec import DenseLayer, Goodness, InputSpec, Model, Normalization, Readout, load_model
 
 SMALL = Model(name="m", input=InputSpec(size=16, image_shape=(4, 4)), layers=(DenseLayer("h1", 3),),
               goodness=Goodness(threshold_per_unit=1.0), readout=Readout(softmax_layers=("h1",)))
@@ -30,8 +31,8 @@ def test_label_embedding_replaces_first_pixels():
 
     def build(b):
         xv, yv = b.input("x", (3, 16)), b.input("y", (3,), "int64")
-        b.output("pos", lbl.with_label(b, xv, b.one_hot(yv, 10), model))
-        b.output("neutral", lbl.with_neutral_label(b, xv, model))
+        b.output("pos", LabelledRows(SharedImage(xv, 10, 1), [b.one_hot(yv, 10)]).whole(b))
+        b.output("neutral", LabelledRows(SharedImage(xv, 10, 1), [lbl.neutral_label(b, xv, model)]).whole(b))
 
     out = run(build, {"x": x, "y": y})
     assert np.array_equal(out["pos"][:, :10], np.eye(10, dtype=np.float32)[y])
@@ -217,8 +218,6 @@ def test_labelled_passes_multiply_the_image_by_the_first_layer_once(name, passes
     (infer_goodness), differ only in the label's inputs: the first layer multiplies the batch's
     rows by its weights once, the label blocks by its first 10 columns. A single pass
     (infer_softmax's neutral one) multiplies its whole rows, the label's columns with the rest."""
-    from ffcompile.core.spec import load_model
-    from ffcompile.lowering import build_program
     model = load_model(str(Path(__file__).parents[2] / "models" / "mnist-small.toml"))
     batch, units = 8, model.layers[0].size
     program = build_program(model, name, batch)
@@ -232,8 +231,6 @@ def test_labelled_blocks_add_the_shared_product_by_broadcasting():
     """The positive and negative blocks add x W^T by broadcasting over the blocks: no copies of it
     side by side, which onnxruntime would hold as one more [2B, units] tensor (at batch 1000 of
     Hinton's 4 x 2000 net, 16 MB: its step's working memory would exceed half of backprop's)."""
-    from ffcompile.core.spec import load_model
-    from ffcompile.lowering import build_program
     model = load_model(str(Path(__file__).parents[2] / "models" / "mnist-small.toml"))
     program = build_program(model, "train_step", 8)
     assert not [n for n in program.nodes if n.op == "concat" and len(n.inputs) > 1 and len(set(n.inputs)) == 1
